@@ -1,0 +1,109 @@
+"""Shared fixtures: an in-process server on 127.0.0.1 and a raw JSON client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+
+from wsserver.config import ServerConfig
+from wsserver.server import Server
+
+#: Fast defaults for tests: unpaced simulated provider, no keepalive pings.
+TEST_CONFIG = {
+    "host": "127.0.0.1",
+    "port": 0,
+    "sim_tokens_per_s": 0.0,
+    "sim_ttft_ms": 0.0,
+    "ping_interval": 0.0,
+}
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[[], Any]]:
+    """Async tests run on asyncio; those marked ``both_loops`` on uvloop too."""
+    if item.get_closest_marker("both_loops"):
+        import uvloop
+
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
+
+
+@pytest.fixture
+def make_server() -> Callable[..., Any]:
+    """``async with make_server(max_streams=2) as server: ...``"""
+
+    def factory(**overrides: Any) -> Server:
+        return Server(ServerConfig(**{**TEST_CONFIG, **overrides}))
+
+    return factory
+
+
+@pytest.fixture
+async def server(make_server: Callable[..., Server]) -> AsyncIterator[Server]:
+    async with make_server() as srv:
+        yield srv
+
+
+class RawClient:
+    """A thin JSON client for protocol tests: send dicts or raw text, read frames."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+
+    async def send(self, message: dict[str, Any] | str | bytes) -> None:
+        if isinstance(message, dict):
+            await self.ws.send(orjson.dumps(message).decode())
+        else:
+            await self.ws.send(message)
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        async with asyncio.timeout(timeout):
+            return orjson.loads(await self.ws.recv())  # type: ignore[no-any-return]
+
+    async def recv_until(
+        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0, limit: int = 100_000
+    ) -> list[dict[str, Any]]:
+        """Frames up to and including the first one matching ``predicate``."""
+        frames: list[dict[str, Any]] = []
+        async with asyncio.timeout(timeout):
+            for _ in range(limit):
+                frame = orjson.loads(await self.ws.recv())
+                frames.append(frame)
+                if predicate(frame):
+                    return frames
+        raise AssertionError(f"no matching frame in {limit} frames")
+
+    async def hello(self, **fields: Any) -> dict[str, Any]:
+        await self.send({"type": "hello", "protocol": 1, **fields})
+        welcome = await self.recv()
+        assert welcome["type"] == "welcome", welcome
+        return welcome
+
+
+@pytest.fixture
+def raw_client(server: Server) -> Callable[..., Any]:
+    """``async with raw_client() as c: await c.hello()`` against the test server."""
+
+    class _Ctx:
+        def __init__(self, hello: bool = False, **kwargs: Any) -> None:
+            self._hello = hello
+            self._kwargs = kwargs
+
+        async def __aenter__(self) -> RawClient:
+            self._cm = connect(server.url, compression=None, **self._kwargs)
+            client = RawClient(await self._cm.__aenter__())
+            if self._hello:
+                await client.hello()
+            return client
+
+        async def __aexit__(self, *exc: Any) -> None:
+            await self._cm.__aexit__(*exc)
+
+    return _Ctx
+
+
+USER_HI = [{"role": "user", "content": "hi"}]

@@ -1,0 +1,322 @@
+"""The session core, driven with no socket (PROTOCOL.md sections 3 and 5)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+import pytest
+
+from wsserver.errors import ProtocolError
+from wsserver.messages import decode_client, decode_server
+from wsserver.providers import Providers, SimulatedProvider
+from wsserver.session import Session, StartGeneration, StopGeneration, StreamState
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_session(**kwargs: Any) -> Session:
+    providers = Providers([SimulatedProvider()], default="simulated")
+    kwargs.setdefault("clock", FakeClock())
+    return Session("sess", providers=providers, **kwargs)
+
+
+def feed(session: Session, message: dict[str, Any]) -> list[Any]:
+    return session.handle(decode_client(orjson.dumps(message)))
+
+
+def frames(session: Session) -> list[dict[str, Any]]:
+    out = [orjson.loads(f) for f in session.take_output()]
+    for frame in out:
+        decode_server(orjson.dumps(frame))  # every frame is a valid server message
+    return out
+
+
+def start(session: Session, **fields: Any) -> Any:
+    actions = feed(session, {"type": "generate", "messages": HI, **fields})
+    assert len(actions) == 1 and isinstance(actions[0], StartGeneration)
+    return actions[0].stream
+
+
+class TestSequencing:
+    def test_seq_starts_at_one_and_is_contiguous(self) -> None:
+        s = make_session(coalesce=False)
+        a = start(s, id="r1")
+        s.stream_delta(a, "x", 1)
+        feed(s, {"type": "cancel", "stream": "nope", "id": "r2"})
+        s.stream_delta(a, "y", 1)
+        out = frames(s)
+        assert [f["seq"] for f in out] == [1, 2, 3, 4]
+        assert s.seq == 4
+
+    def test_seq_continues_across_takes(self) -> None:
+        s = make_session()
+        a = start(s)
+        assert [f["seq"] for f in frames(s)] == [1]
+        s.stream_delta(a, "x", 1)
+        s.stream_end(a, "complete")
+        assert [f["seq"] for f in frames(s)] == [2, 3]
+
+    def test_errors_after_hello_carry_seq(self) -> None:
+        s = make_session()
+        with pytest.raises(ProtocolError) as exc:
+            decode_client(b"{")
+        s.reject(exc.value)
+        (frame,) = frames(s)
+        assert frame == {"type": "error", "seq": 1, "code": "bad_json", "message": frame["message"]}
+
+    def test_on_output_fires_once_per_batch(self) -> None:
+        calls = []
+        s = make_session(on_output=lambda: calls.append(1))
+        a = start(s)
+        s.stream_delta(a, "x", 1)
+        s.stream_delta(a, "y", 1)
+        assert len(calls) == 1
+        s.take_output()
+        s.stream_delta(a, "z", 1)
+        assert len(calls) == 2
+
+
+class TestStreams:
+    def test_start_echoes_ref_and_names_provider(self) -> None:
+        s = make_session()
+        start(s, id="r1")
+        (frame,) = frames(s)
+        assert frame == {
+            "type": "stream.start",
+            "seq": 1,
+            "stream": "s1",
+            "ref": "r1",
+            "provider": "simulated",
+            "model": "sim-1",
+        }
+
+    def test_server_assigned_ids_skip_client_chosen_ones(self) -> None:
+        s = make_session()
+        start(s, stream="s1")
+        b = start(s)
+        assert b.id == "s2"
+
+    def test_client_chosen_id_reused_is_stream_exists(self) -> None:
+        s = make_session()
+        a = start(s, stream="mine")
+        s.stream_end(a, "complete")
+        frames(s)
+        assert feed(s, {"type": "generate", "stream": "mine", "messages": HI, "id": "r2"}) == []
+        (err,) = frames(s)
+        assert (err["code"], err["ref"], err["stream"]) == ("stream_exists", "r2", "mine")
+
+    def test_max_streams(self) -> None:
+        s = make_session(max_streams=2)
+        a = start(s)
+        start(s)
+        assert feed(s, {"type": "generate", "messages": HI, "id": "r3"}) == []
+        assert frames(s)[-1]["code"] == "too_many_streams"
+        s.stream_end(a, "complete")  # a slot frees up when a stream ends
+        start(s)
+
+    def test_delta_index_counts_frames(self) -> None:
+        s = make_session(coalesce=False)
+        a = start(s)
+        for text in ("a", "b", "c"):
+            s.stream_delta(a, text, 1)
+        deltas = [f for f in frames(s) if f["type"] == "stream.delta"]
+        assert [(d["index"], d["text"]) for d in deltas] == [(0, "a"), (1, "b"), (2, "c")]
+
+    def test_end_reports_usage_ttft_and_duration(self) -> None:
+        clock = FakeClock()
+        s = make_session(clock=clock)
+        a = start(s)
+        s.stream_usage(a, input_tokens=7)
+        clock.now += 0.25
+        s.stream_delta(a, "x", 2)
+        clock.now += 0.75
+        s.stream_usage(a, output_tokens=2)
+        s.stream_end(a, "complete")
+        end = frames(s)[-1]
+        assert end["reason"] == "complete"
+        assert end["usage"] == {"input_tokens": 7, "output_tokens": 2}
+        assert end["ttft_ms"] == 250.0
+        assert end["duration_ms"] == 1000.0
+
+    def test_usage_without_provider_report_is_estimated(self) -> None:
+        s = make_session()
+        a = start(s)
+        s.stream_delta(a, "xyz")  # no token count
+        s.stream_end(a, "error", ("provider_error", "boom"))
+        end = frames(s)[-1]
+        assert end["usage"]["estimated"] is True
+        assert end["usage"]["output_tokens"] == 1
+        assert end["error"] == {"code": "provider_error", "message": "boom"}
+
+    def test_end_without_tokens_has_no_ttft(self) -> None:
+        s = make_session()
+        a = start(s)
+        s.stream_end(a, "cancelled")
+        end = frames(s)[-1]
+        assert "ttft_ms" not in end
+        assert end["usage"]["output_tokens"] == 0
+
+    def test_exactly_one_end_and_nothing_after_it(self) -> None:
+        s = make_session()
+        a = start(s)
+        assert s.stream_end(a, "complete") is True
+        assert s.stream_end(a, "error", ("internal", "x")) is False
+        s.stream_delta(a, "late", 1)
+        s.stream_usage(a, output_tokens=99)
+        out = frames(s)
+        assert [f["type"] for f in out] == ["stream.start", "stream.end"]
+        assert out[-1]["usage"]["output_tokens"] == 0
+
+
+class TestCancel:
+    def test_cancel_ends_at_once_then_ok(self) -> None:
+        s = make_session()
+        a = start(s)
+        s.stream_delta(a, "one", 1)
+        actions = feed(s, {"type": "cancel", "stream": a.id, "id": "c1"})
+        assert actions == [StopGeneration(a.id)]
+        assert a.state is StreamState.ENDED
+        s.stream_delta(a, "two", 1)  # the task had not noticed yet
+        out = frames(s)
+        assert [f["type"] for f in out] == ["stream.start", "stream.delta", "stream.end", "ok"]
+        assert out[2]["reason"] == "cancelled"
+        assert out[2]["usage"]["output_tokens"] == 1  # the partial usage
+        assert out[3]["ref"] == "c1"
+
+    def test_cancel_without_id_gets_no_ok(self) -> None:
+        s = make_session()
+        a = start(s)
+        feed(s, {"type": "cancel", "stream": a.id})
+        assert [f["type"] for f in frames(s)] == ["stream.start", "stream.end"]
+
+    @pytest.mark.parametrize("finished", [False, True])
+    def test_cancel_unknown_or_finished_stream(self, finished: bool) -> None:
+        s = make_session()
+        a = start(s)
+        if finished:
+            s.stream_end(a, "complete")
+        target = a.id if finished else "ghost"
+        assert feed(s, {"type": "cancel", "stream": target, "id": "c1"}) == []
+        err = frames(s)[-1]
+        assert (err["type"], err["code"], err["stream"], err["ref"]) == (
+            "error",
+            "unknown_stream",
+            target,
+            "c1",
+        )
+        if not finished:
+            assert a.state is StreamState.RUNNING  # harms nothing
+
+    def test_close_stops_every_stream(self) -> None:
+        s = make_session()
+        a, b = start(s), start(s)
+        assert s.close() == [StopGeneration(a.id), StopGeneration(b.id)]
+        assert not s.streams
+
+
+class TestIdempotency:
+    def test_repeated_generate_id_starts_nothing(self) -> None:
+        s = make_session()
+        start(s, id="g1")
+        assert feed(s, {"type": "generate", "messages": HI, "id": "g1"}) == []
+        err = frames(s)[-1]
+        assert (err["code"], err["ref"], err["stream"]) == ("duplicate_request", "g1", "s1")
+        assert len(s.streams) == 1
+
+    def test_repeated_id_of_a_failed_request_is_still_duplicate(self) -> None:
+        s = make_session()
+        feed(s, {"type": "cancel", "stream": "ghost", "id": "x"})
+        feed(s, {"type": "cancel", "stream": "ghost", "id": "x"})
+        codes = [f["code"] for f in frames(s)]
+        assert codes == ["unknown_stream", "duplicate_request"]
+
+    def test_remembered_ids_are_bounded(self) -> None:
+        s = make_session(remember_ids=3)
+        for i in range(5):
+            feed(s, {"type": "ack", "seq": 0, "id": f"a{i}"})
+        assert list(s._answered) == ["a2", "a3", "a4"]
+
+
+class TestAck:
+    def test_ack_moves_forward_only(self) -> None:
+        s = make_session()
+        start(s)
+        frames(s)
+        feed(s, {"type": "ack", "seq": 1, "id": "k1"})
+        feed(s, {"type": "ack", "seq": 0})
+        assert s.acked == 1
+        assert frames(s)[0] == {"type": "ok", "seq": 2, "ref": "k1"}
+
+    def test_ack_beyond_last_seq_is_bad_message(self) -> None:
+        s = make_session()
+        feed(s, {"type": "ack", "seq": 5})
+        err = frames(s)[0]
+        assert (err["code"], err["field"]) == ("bad_message", "seq")
+
+
+class TestNotYetImplemented:
+    @pytest.mark.parametrize(
+        "message",
+        [
+            {"type": "interrupt", "stream": "s1"},
+            {"type": "subscribe", "channel": "c"},
+            {"type": "unsubscribe", "channel": "c"},
+            {"type": "publish", "channel": "c", "data": 1},
+            {"type": "send", "to": "a", "data": 1},
+        ],
+    )
+    def test_answered_not_implemented(self, message: dict[str, Any]) -> None:
+        s = make_session()
+        assert feed(s, {**message, "id": "q"}) == []
+        err = frames(s)[0]
+        assert (err["code"], err["ref"]) == ("not_implemented", "q")
+
+    def test_generate_into_channel_not_implemented(self) -> None:
+        s = make_session()
+        assert feed(s, {"type": "generate", "messages": HI, "channel": "c"}) == []
+        assert frames(s)[0]["code"] == "not_implemented"
+
+
+class TestCoalescing:
+    def test_pending_deltas_of_a_stream_merge(self) -> None:
+        s = make_session()
+        a = start(s)
+        frames(s)
+        for text in ("a", "b", "c"):
+            s.stream_delta(a, text, 1)
+        (delta,) = frames(s)
+        assert (delta["index"], delta["text"], delta["seq"]) == (0, "abc", 2)
+
+    def test_merge_never_crosses_a_frame_of_the_same_stream(self) -> None:
+        s = make_session()
+        a, b = start(s), start(s)
+        frames(s)
+        s.stream_delta(a, "a1", 1)
+        s.stream_delta(b, "b1", 1)
+        s.stream_delta(a, "a2", 1)
+        s.stream_end(a, "complete")
+        s.stream_delta(b, "b2", 1)
+        out = frames(s)
+        summary = [(f["type"], f["stream"], f.get("text")) for f in out]
+        assert summary == [
+            ("stream.delta", "s1", "a1a2"),
+            ("stream.delta", "s2", "b1b2"),
+            ("stream.end", "s1", None),
+        ]
+        assert [f["seq"] for f in out] == [3, 4, 5]
+
+    def test_no_coalescing_when_disabled(self) -> None:
+        s = make_session(coalesce=False)
+        a = start(s)
+        s.stream_delta(a, "a", 1)
+        s.stream_delta(a, "b", 1)
+        assert len(frames(s)) == 3

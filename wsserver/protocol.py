@@ -1,0 +1,183 @@
+"""The per-connection protocol state machine (sans-I/O).
+
+``ServerProtocol`` owns what happens on one WebSocket connection before and
+after ``hello``: the hello gate, protocol version negotiation, ``ping``, and
+the routing of everything else to the :class:`~wsserver.session.Session`.
+Frames in (``receive_text``/``receive_binary``), frames out
+(``data_to_send``), and actions for the transport (start/stop a generation,
+close the connection). Like :mod:`wsserver.session`, it does no I/O.
+
+States::
+
+    AWAITING_HELLO --hello--> OPEN --(close)--> CLOSED
+          |  any other message: error not_hello, close 4400
+          |  unsupported protocol: error unsupported_protocol, close 4001
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import CloseCode, ErrorCode, ProtocolError
+from .messages import (
+    SUPPORTED_PROTOCOLS,
+    Error,
+    Hello,
+    Pong,
+    Welcome,
+    decode_client,
+    encode,
+)
+from .session import Action, Session
+
+__all__ = ["CloseConnection", "ConnState", "ServerProtocol"]
+
+
+class ConnState(enum.IntEnum):
+    AWAITING_HELLO = 0
+    OPEN = 1
+    CLOSED = 2
+
+
+@dataclass(frozen=True, slots=True)
+class CloseConnection:
+    code: int
+    reason: str
+
+
+class ServerProtocol:
+    """One connection's protocol state.
+
+    Args:
+        open_session: builds the session for a valid ``hello``; returns the
+            session and whether it was resumed.
+        welcome: the static fields of ``welcome`` (``heartbeat_ms``,
+            ``limits``, ``server``).
+    """
+
+    def __init__(
+        self,
+        *,
+        open_session: Callable[[Hello], tuple[Session, bool]],
+        welcome: dict[str, Any],
+    ) -> None:
+        self.state = ConnState.AWAITING_HELLO
+        self.session: Session | None = None
+        self._open_session = open_session
+        self._welcome = welcome
+        self._out: list[bytes] = []  # frames that carry no seq
+
+    # ------------------------------------------------------------------ input
+
+    def receive_text(self, data: str | bytes) -> list[Action | CloseConnection]:
+        if self.state is ConnState.CLOSED:
+            return []
+        try:
+            msg = decode_client(data)
+        except ProtocolError as exc:
+            self._reject(exc)
+            return []
+        if self.state is ConnState.AWAITING_HELLO:
+            return self._hello(msg)
+        assert self.session is not None
+        msg_type = msg.type
+        if msg_type == "ping":
+            self._out.append(encode(Pong(ref=msg.id)))
+            return []
+        if msg_type == "hello":
+            self._reject(
+                ProtocolError(
+                    ErrorCode.DUPLICATE_HELLO,
+                    "hello was already received on this connection",
+                    ref=msg.id,
+                )
+            )
+            return []
+        return list(self.session.handle(msg))
+
+    def receive_binary(self, data: bytes) -> list[Action | CloseConnection]:
+        if self.state is ConnState.CLOSED:
+            return []
+        self._reject(
+            ProtocolError(
+                ErrorCode.BINARY_FRAME,
+                "binary frames are not part of protocol v1; send JSON in text frames",
+            )
+        )
+        return []
+
+    def _hello(self, msg: Any) -> list[Action | CloseConnection]:
+        if msg.type != "hello":
+            return self._violate(
+                ProtocolError(
+                    ErrorCode.NOT_HELLO,
+                    f"the first message must be hello, got {msg.type!r}",
+                    ref=msg.id,
+                ),
+                CloseCode.PROTOCOL_VIOLATION,
+                "expected hello",
+            )
+        if msg.protocol not in SUPPORTED_PROTOCOLS:
+            supported = list(SUPPORTED_PROTOCOLS)
+            return self._violate(
+                ProtocolError(
+                    ErrorCode.UNSUPPORTED_PROTOCOL,
+                    f"protocol {msg.protocol} is not supported; supported: {supported}",
+                    ref=msg.id,
+                    extra={"supported": supported},
+                ),
+                CloseCode.UNSUPPORTED_PROTOCOL,
+                "unsupported protocol",
+            )
+        session, resumed = self._open_session(msg)
+        self.session = session
+        self.state = ConnState.OPEN
+        self._out.append(
+            encode(
+                Welcome(
+                    protocol=msg.protocol,
+                    session=session.id,
+                    resumed=resumed,
+                    **self._welcome,
+                )
+            )
+        )
+        return []
+
+    def _violate(
+        self, exc: ProtocolError, code: int, reason: str
+    ) -> list[Action | CloseConnection]:
+        self._reject(exc)
+        return [*self.close(), CloseConnection(code, reason)]
+
+    def _reject(self, exc: ProtocolError) -> None:
+        if self.session is not None:
+            self.session.reject(exc)
+        else:
+            fields = {"ref": exc.ref, "field": exc.field, **exc.extra}
+            self._out.append(
+                encode(Error(code=str(exc.code), message=exc.message, **fields))
+            )
+
+    # ----------------------------------------------------------------- output
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self._out) or (self.session is not None and self.session.has_output)
+
+    def data_to_send(self) -> list[bytes]:
+        out = self._out
+        self._out = []
+        if self.session is not None:
+            out.extend(self.session.take_output())
+        return out
+
+    def close(self) -> list[Action]:
+        """The connection is gone (or going): stop what belongs to it."""
+        if self.state is ConnState.CLOSED:
+            return []
+        self.state = ConnState.CLOSED
+        return self.session.close() if self.session is not None else []

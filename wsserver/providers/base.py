@@ -1,0 +1,126 @@
+"""The provider interface: what every LLM backend implements.
+
+A provider turns a :class:`GenerationRequest` into an async iterator of
+:data:`ProviderEvent` values. The stream runner (:mod:`wsserver.streams`)
+consumes it inside one task per generation; cancelling that task raises
+``CancelledError`` at the provider's current ``await``, and the provider MUST
+then close whatever it reads from (the upstream HTTP response), because that
+is what stops the bill. Write providers as async generators with
+``try/finally`` or ``async with`` around the upstream stream.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..messages import ChatMessage, GenerateParams
+
+__all__ = [
+    "Finish",
+    "GenerationRequest",
+    "Provider",
+    "ProviderEvent",
+    "ProviderFailure",
+    "ProviderUnavailable",
+    "Providers",
+    "TextDelta",
+    "UsageReport",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """A piece of the answer. ``tokens`` is its exact token count when known."""
+
+    text: str
+    tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    """Token usage so far. Values are cumulative: a later report overwrites."""
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """Why the provider stopped (the last event of a stream that was not cut)."""
+
+    reason: Literal["complete", "length"]
+
+
+ProviderEvent = TextDelta | UsageReport | Finish
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationRequest:
+    messages: Sequence[ChatMessage]
+    model: str
+    params: GenerateParams = field(default_factory=GenerateParams)
+
+
+class ProviderFailure(Exception):
+    """The provider failed; ``message`` is safe to show to the client."""
+
+    def __init__(self, message: str, *, code: str = "provider_error") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ProviderUnavailable(Exception):
+    """The requested provider is not configured; the message says what to set."""
+
+
+class Provider(abc.ABC):
+    """One LLM backend."""
+
+    #: The name clients use in ``generate.provider``.
+    name: str
+    #: The model used when ``generate.model`` is absent.
+    default_model: str
+
+    @abc.abstractmethod
+    def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
+        """Yield the events of one generation."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release clients and connection pools (called at server shutdown)."""
+
+
+class Providers:
+    """The providers a server offers, and the default one."""
+
+    def __init__(self, providers: Sequence[Provider], *, default: str) -> None:
+        self._by_name: dict[str, Provider] = {p.name: p for p in providers}
+        self.default = default
+
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._by_name)
+
+    def resolve(self, name: str | None, model: str | None) -> tuple[str, str]:
+        """Return ``(provider, model)`` for a request, or raise ProviderUnavailable."""
+        name = name or self.default
+        provider = self._by_name.get(name)
+        if provider is None:
+            raise ProviderUnavailable(
+                f"provider {name!r} is not configured on this server; "
+                f"available: {', '.join(self.names) or 'none'}"
+            )
+        return name, model or provider.default_model
+
+    def __getitem__(self, name: str) -> Provider:
+        return self._by_name[name]
+
+    def as_mapping(self) -> Mapping[str, Provider]:
+        return dict(self._by_name)
+
+    async def aclose(self) -> None:
+        for provider in self._by_name.values():
+            await provider.aclose()

@@ -1,0 +1,109 @@
+"""The ``simulated`` provider: deterministic text, no key, no network.
+
+The reply is a function of the conversation alone (same messages, same
+text). It begins with a short echo of the latest user message's words, so a
+test or a person at the demo page can tell which input it answers, and goes
+on with filler sentences drawn from a fixed vocabulary by a generator seeded
+with a hash of the conversation. One token is one word with its leading space
+(or one punctuation mark), and the reported usage counts exactly those.
+
+Parameters (``generate.params``, else the provider's defaults):
+``max_tokens`` caps the reply (reason ``length``); ``reply_tokens`` sets the
+natural length of the reply exactly (default: whole sentences adding up to
+24 to 70 tokens, derived from the conversation); ``ttft_ms`` delays the first token; ``tokens_per_s``
+paces the rest (0 = as fast as possible, yielding to the event loop after
+every token so that other streams and connections keep moving).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import re
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import orjson
+
+from ..messages import ChatMessage
+from .base import Finish, GenerationRequest, Provider, ProviderEvent, TextDelta, UsageReport
+
+__all__ = ["SimulatedProvider", "count_tokens", "simulated_reply"]
+
+_ECHO_WORDS = 8
+_WORDS = (
+    "the a stream token socket session server client model answer question channel agent "
+    "message reply replay cancel steer resume order time fast slow small large simple clear "
+    "every each one two three many data text frame protocol sequence offset history network "
+    "works keeps sends reads writes waits starts ends moves flows arrives returns carries "
+    "quietly quickly exactly safely again together always never often here there now then"
+).split()
+_TOKEN = re.compile(r"\s*[\w'’-]+|\s*[^\w\s]")
+
+
+def count_tokens(text: str) -> int:
+    """Tokens of ``text`` the way the simulated provider counts them."""
+    return len(_TOKEN.findall(text))
+
+
+def simulated_reply(messages: Sequence[ChatMessage], reply_tokens: int | None = None) -> list[str]:
+    """The tokens of the reply to ``messages`` (deterministic)."""
+    canonical = orjson.dumps([[m.role, m.content] for m in messages])
+    rng = random.Random(hashlib.sha256(canonical).digest())
+    last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
+    words = last_user.split()
+    quoted = " ".join(words[:_ECHO_WORDS]) + (" …" if len(words) > _ECHO_WORDS else "")
+    tokens = _TOKEN.findall(f'You said "{quoted}".' if quoted else "You said nothing.")
+    target = reply_tokens if reply_tokens is not None else rng.randint(24, 64)
+    while len(tokens) < target:  # whole sentences; cut only for an exact reply_tokens
+        sentence = [rng.choice(_WORDS) for _ in range(rng.randint(4, 11))]
+        sentence[0] = sentence[0].capitalize()
+        tokens.extend(" " + w for w in sentence)
+        tokens.append(rng.choice(".!?") if rng.random() < 0.3 else ".")
+    return tokens[:reply_tokens] if reply_tokens is not None else tokens
+
+
+class SimulatedProvider(Provider):
+    """Deterministic local provider for demos, tests and benchmarks."""
+
+    name = "simulated"
+
+    def __init__(
+        self,
+        *,
+        tokens_per_s: float = 40.0,
+        ttft_ms: float = 150.0,
+        default_model: str = "sim-1",
+    ) -> None:
+        self.tokens_per_s = tokens_per_s
+        self.ttft_ms = ttft_ms
+        self.default_model = default_model
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
+        params = request.params
+        rate = params.tokens_per_s if params.tokens_per_s is not None else self.tokens_per_s
+        ttft = params.ttft_ms if params.ttft_ms is not None else self.ttft_ms
+        tokens = simulated_reply(request.messages, params.reply_tokens)
+        reason = "complete"
+        if params.max_tokens is not None and params.max_tokens < len(tokens):
+            tokens, reason = tokens[: params.max_tokens], "length"
+
+        yield UsageReport(input_tokens=sum(count_tokens(m.content) + 3 for m in request.messages))
+        if ttft > 0:
+            await asyncio.sleep(ttft / 1000)
+        sleep = asyncio.sleep
+        if rate > 0:
+            interval = 1.0 / rate
+            start = time.monotonic()
+            for i, token in enumerate(tokens):
+                if i:  # the first token comes right after ttft
+                    delay = start + i * interval - time.monotonic()
+                    await sleep(delay if delay > 0 else 0)
+                yield TextDelta(token, 1)
+        else:
+            for token in tokens:
+                yield TextDelta(token, 1)
+                await sleep(0)  # as fast as possible, but never starve the loop
+        yield UsageReport(output_tokens=len(tokens))
+        yield Finish(reason)  # type: ignore[arg-type]

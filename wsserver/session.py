@@ -1,0 +1,421 @@
+"""The session core: sequencing, the stream registry and the request rules.
+
+No I/O happens here. Decoded client messages go in through :meth:`Session.handle`,
+the stream runner reports provider events through ``stream_delta``,
+``stream_usage`` and ``stream_end``, and the transport takes the encoded frames
+out with :meth:`Session.take_output`. ``handle`` returns :class:`Action`
+values (start or stop a generation) for the transport to carry out.
+
+Sequencing happens when frames are *taken*, not when they are produced: if
+the socket lags, the pending deltas of one stream are merged into one frame
+before they get a ``seq`` (DESIGN "Decisions v1"), so ``seq`` stays contiguous
+and a slow reader gets fewer, larger frames instead of an ever longer queue.
+A merged delta never moves past another frame of its own stream, so a stream's
+frames stay in order and no delta follows its ``stream.end``.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pydantic import BaseModel
+
+from .errors import ErrorCode, ProtocolError
+from .messages import (
+    Ack,
+    Cancel,
+    ChatMessage,
+    Error,
+    ErrorInfo,
+    Generate,
+    GenerateParams,
+    Ok,
+    StreamEnd,
+    StreamStart,
+    Usage,
+    encode,
+    encode_delta,
+)
+
+__all__ = [
+    "Action",
+    "Session",
+    "StartGeneration",
+    "StopGeneration",
+    "Stream",
+    "StreamState",
+]
+
+
+class StreamState(enum.IntEnum):
+    RUNNING = 0
+    ENDED = 1
+
+
+@dataclass(slots=True, eq=False)
+class Stream:
+    """One generation, as the session sees it."""
+
+    id: str
+    ref: str | None
+    provider: str
+    model: str
+    messages: tuple[ChatMessage, ...]
+    params: GenerateParams
+    started_at: float
+    state: StreamState = StreamState.RUNNING
+    reason: str | None = None
+    first_token_at: float | None = None
+    parts: list[str] = field(default_factory=list)
+    next_index: int = 0  # index of the next delta frame (assigned when taken)
+    input_tokens: int | None = None  # as reported by the provider
+    output_tokens: int | None = None  # as reported by the provider
+    counted_tokens: int = 0  # sum of TextDelta.tokens
+    exact_count: bool = True  # every delta carried its token count
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+@dataclass(frozen=True, slots=True)
+class StartGeneration:
+    stream: Stream
+
+
+@dataclass(frozen=True, slots=True)
+class StopGeneration:
+    stream_id: str
+
+
+Action = StartGeneration | StopGeneration
+
+
+class ProviderCatalog(Protocol):
+    def resolve(self, name: str | None, model: str | None) -> tuple[str, str]:
+        """Return ``(provider, model)`` or raise an exception whose str() is for the client."""
+
+
+_DELTA = 0
+_FRAME = 1
+_NOT_YET = frozenset({"interrupt", "subscribe", "unsubscribe", "publish", "send"})
+
+
+class Session:
+    """The state of one session: seq, streams and the ids it has answered.
+
+    Args:
+        session_id: the public session id (sent in ``welcome``).
+        providers: resolves ``generate.provider``/``model``.
+        max_streams: concurrent running streams allowed (``too_many_streams``).
+        remember_ids: how many answered request ids are remembered for
+            ``duplicate_request`` (oldest forgotten first).
+        coalesce: merge a stream's pending deltas when the socket lags.
+        clock: monotonic clock in seconds (injectable for tests).
+        on_output: called when output becomes pending (the transport's wake-up).
+    """
+
+    def __init__(
+        self,
+        session_id: str,
+        *,
+        providers: ProviderCatalog,
+        max_streams: int = 8,
+        remember_ids: int = 10_000,
+        coalesce: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        on_output: Callable[[], Any] | None = None,
+    ) -> None:
+        self.id = session_id
+        self.providers = providers
+        self.max_streams = max_streams
+        self.remember_ids = remember_ids
+        self.coalesce = coalesce
+        self.clock = clock
+        self.on_output = on_output
+        #: Last seq handed out (0 before the first frame).
+        self.seq = 0
+        #: Highest seq the client acknowledged.
+        self.acked = 0
+        #: Running streams by id.
+        self.streams: dict[str, Stream] = {}
+        self._used_stream_ids: set[str] = set()
+        self._auto_ids = itertools.count(1)
+        self._answered: OrderedDict[str, str | None] = OrderedDict()
+        self._pending: list[tuple[Any, ...]] = []
+
+    # ------------------------------------------------------------------ input
+
+    def handle(self, msg: BaseModel) -> list[Action]:
+        """Apply one decoded client request (anything but hello and ping)."""
+        request_id: str | None = getattr(msg, "id", None)
+        if request_id is not None and request_id in self._answered:
+            stream = self._answered[request_id]
+            self._emit_error(
+                ErrorCode.DUPLICATE_REQUEST,
+                f"request id {request_id!r} was already answered; it has no second effect",
+                ref=request_id,
+                stream=stream,
+            )
+            return []
+        msg_type = msg.type  # type: ignore[attr-defined]
+        actions: list[Action] = []
+        stream_id: str | None = None
+        if msg_type == "generate":
+            stream_id, actions = self._generate(msg)  # type: ignore[arg-type]
+        elif msg_type == "cancel":
+            actions = self._cancel(msg)  # type: ignore[arg-type]
+        elif msg_type == "ack":
+            self._ack(msg)  # type: ignore[arg-type]
+        elif msg_type in _NOT_YET:
+            self._emit_error(
+                ErrorCode.NOT_IMPLEMENTED,
+                f"{msg_type!r} is part of protocol v1 but not implemented by this server yet",
+                ref=request_id,
+            )
+        else:  # pragma: no cover - the protocol layer routes hello and ping
+            raise AssertionError(f"unexpected message type {msg_type}")
+        if request_id is not None:
+            self._remember(request_id, stream_id)
+        return actions
+
+    def reject(self, exc: ProtocolError) -> None:
+        """Answer a message that could not be decoded or is not allowed."""
+        self._emit_error(exc.code, exc.message, ref=exc.ref, field=exc.field, **exc.extra)
+
+    def _remember(self, request_id: str, stream_id: str | None) -> None:
+        self._answered[request_id] = stream_id
+        if len(self._answered) > self.remember_ids:
+            self._answered.popitem(last=False)
+
+    def _generate(self, msg: Generate) -> tuple[str | None, list[Action]]:
+        ref = msg.id
+        if msg.channel is not None:
+            self._emit_error(
+                ErrorCode.NOT_IMPLEMENTED,
+                "publishing a stream to a channel is not implemented by this server yet",
+                ref=ref,
+            )
+            return None, []
+        try:
+            provider, model = self.providers.resolve(msg.provider, msg.model)
+        except Exception as exc:  # the catalog's message is meant for the client
+            self._emit_error(ErrorCode.PROVIDER_UNAVAILABLE, str(exc), ref=ref)
+            return None, []
+        if msg.stream is not None:
+            if msg.stream in self._used_stream_ids:
+                self._emit_error(
+                    ErrorCode.STREAM_EXISTS,
+                    f"stream id {msg.stream!r} is already used in this session",
+                    ref=ref,
+                    stream=msg.stream,
+                )
+                return None, []
+            stream_id = msg.stream
+        else:
+            stream_id = self._next_stream_id()
+        if len(self.streams) >= self.max_streams:
+            self._emit_error(
+                ErrorCode.TOO_MANY_STREAMS,
+                f"at most {self.max_streams} streams may run at once in a session",
+                ref=ref,
+            )
+            return None, []
+        stream = Stream(
+            id=stream_id,
+            ref=ref,
+            provider=provider,
+            model=model,
+            messages=tuple(msg.messages),
+            params=msg.params,
+            started_at=self.clock(),
+        )
+        self._used_stream_ids.add(stream_id)
+        self.streams[stream_id] = stream
+        self._emit(
+            stream,
+            StreamStart,
+            {"stream": stream_id, "ref": ref, "provider": provider, "model": model},
+        )
+        return stream_id, [StartGeneration(stream)]
+
+    def _next_stream_id(self) -> str:
+        while True:
+            candidate = f"s{next(self._auto_ids)}"
+            if candidate not in self._used_stream_ids:
+                return candidate
+
+    def _cancel(self, msg: Cancel) -> list[Action]:
+        stream = self.streams.get(msg.stream)
+        if stream is None:
+            state = "already ended" if msg.stream in self._used_stream_ids else "unknown"
+            self._emit_error(
+                ErrorCode.UNKNOWN_STREAM,
+                f"stream {msg.stream!r} is {state}",
+                ref=msg.id,
+                stream=msg.stream,
+            )
+            return []
+        self.stream_end(stream, "cancelled")
+        if msg.id is not None:
+            self._emit(None, Ok, {"ref": msg.id})
+        return [StopGeneration(stream.id)]
+
+    def _ack(self, msg: Ack) -> None:
+        if msg.seq > self.seq:
+            self._emit_error(
+                ErrorCode.BAD_MESSAGE,
+                f"field 'seq': ack {msg.seq} is beyond the last seq sent ({self.seq})",
+                ref=msg.id,
+                field="seq",
+            )
+            return
+        if msg.seq > self.acked:
+            self.acked = msg.seq
+        if msg.id is not None:
+            self._emit(None, Ok, {"ref": msg.id})
+
+    # ------------------------------------------------------- provider events
+
+    def stream_delta(self, stream: Stream, text: str, tokens: int | None = None) -> None:
+        """The provider produced ``text``; ignored once the stream has ended."""
+        if stream.state is not StreamState.RUNNING or not text:
+            return
+        if stream.first_token_at is None:
+            stream.first_token_at = self.clock()
+        stream.parts.append(text)
+        if tokens is None:
+            stream.exact_count = False
+            stream.counted_tokens += 1
+        else:
+            stream.counted_tokens += tokens
+        if not self._pending and self.on_output is not None:
+            self.on_output()
+        self._pending.append((_DELTA, stream, text))
+
+    def stream_usage(
+        self, stream: Stream, input_tokens: int | None = None, output_tokens: int | None = None
+    ) -> None:
+        if stream.state is not StreamState.RUNNING:
+            return
+        if input_tokens is not None:
+            stream.input_tokens = input_tokens
+        if output_tokens is not None:
+            stream.output_tokens = output_tokens
+
+    def stream_end(
+        self, stream: Stream, reason: str, error: tuple[str, str] | None = None
+    ) -> bool:
+        """End ``stream`` with ``reason``; returns False if it had already ended."""
+        if stream.state is not StreamState.RUNNING:
+            return False
+        stream.state = StreamState.ENDED
+        stream.reason = reason
+        del self.streams[stream.id]
+        now = self.clock()
+        payload: dict[str, Any] = {
+            "stream": stream.id,
+            "reason": reason,
+            "usage": self._usage(stream),
+            "ttft_ms": _ms(stream.first_token_at - stream.started_at)
+            if stream.first_token_at is not None
+            else None,
+            "duration_ms": _ms(now - stream.started_at),
+        }
+        if error is not None:
+            payload["error"] = ErrorInfo(code=error[0], message=error[1])
+        self._emit(stream, StreamEnd, payload)
+        return True
+
+    @staticmethod
+    def _usage(stream: Stream) -> Usage:
+        estimated = False
+        input_tokens = stream.input_tokens
+        if input_tokens is None:  # rough: ~4 characters a token
+            input_tokens = sum(len(m.content) // 4 + 3 for m in stream.messages)
+            estimated = True
+        output_tokens = stream.output_tokens
+        if output_tokens is None:
+            output_tokens = stream.counted_tokens
+            estimated = estimated or not stream.exact_count
+        return Usage(
+            input_tokens=input_tokens, output_tokens=output_tokens, estimated=estimated or None
+        )
+
+    def close(self) -> list[Action]:
+        """End the session: every running stream is stopped (reason ``cancelled``)."""
+        actions: list[Action] = []
+        for stream in list(self.streams.values()):
+            self.stream_end(stream, "cancelled")
+            actions.append(StopGeneration(stream.id))
+        return actions
+
+    # ----------------------------------------------------------------- output
+
+    def _emit(self, stream: Stream | None, model: type[BaseModel], fields: dict[str, Any]) -> None:
+        if not self._pending and self.on_output is not None:
+            self.on_output()
+        self._pending.append((_FRAME, stream, model, fields))
+
+    def _emit_error(self, code: str, message: str, **fields: Any) -> None:
+        fields = {k: v for k, v in fields.items() if v is not None}
+        self._emit(None, Error, {"code": str(code), "message": message, **fields})
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self._pending)
+
+    def take_output(self) -> list[bytes]:
+        """Sequence and encode everything pending, in order."""
+        pending = self._pending
+        if not pending:
+            return []
+        self._pending = []
+        if self.coalesce and len(pending) > 1:
+            pending = _coalesce(pending)
+        out: list[bytes] = []
+        seq = self.seq
+        for item in pending:
+            seq += 1
+            if item[0] == _DELTA:
+                stream = item[1]
+                text = item[2] if isinstance(item[2], str) else "".join(item[2])
+                out.append(encode_delta(seq, stream.id, stream.next_index, text))
+                stream.next_index += 1
+            else:
+                out.append(encode(item[2](seq=seq, **item[3])))
+        self.seq = seq
+        return out
+
+
+def _coalesce(pending: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """Merge each stream's consecutive deltas (no other frame of it in between)."""
+    merged: list[tuple[Any, ...]] = []
+    open_delta: dict[Stream, int] = {}
+    for item in pending:
+        stream = item[1]
+        if item[0] == _DELTA:
+            j = open_delta.get(stream)
+            if j is None:
+                open_delta[stream] = len(merged)
+                merged.append(item)
+            else:
+                prev = merged[j]
+                parts = prev[2] if isinstance(prev[2], list) else [prev[2]]
+                parts.append(item[2])
+                merged[j] = (_DELTA, stream, parts)
+        else:
+            if stream is not None:
+                open_delta.pop(stream, None)
+            merged.append(item)
+    return merged
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)

@@ -1,0 +1,57 @@
+"""Running one generation: the glue between a provider and the session core.
+
+:func:`run_generation` is the body of the task the transport starts for each
+``StartGeneration`` action. It reads the provider's events and reports them to
+the session; it never touches a socket. Cancelling the task (``cancel``,
+connection loss) raises ``CancelledError`` inside the provider, whose own
+``finally`` closes the upstream; the session has usually ended the stream
+already, so late events are ignored there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from .errors import ErrorCode
+from .providers.base import (
+    Finish,
+    GenerationRequest,
+    Provider,
+    ProviderFailure,
+    TextDelta,
+    UsageReport,
+)
+from .session import Session, Stream
+
+__all__ = ["run_generation"]
+
+logger = logging.getLogger("wsserver.streams")
+
+
+async def run_generation(session: Session, stream: Stream, provider: Provider) -> None:
+    request = GenerationRequest(messages=stream.messages, model=stream.model, params=stream.params)
+    reason = "complete"
+    delta, usage = session.stream_delta, session.stream_usage
+    try:
+        events = provider.stream(request)
+        try:
+            async for event in events:
+                if type(event) is TextDelta:
+                    delta(stream, event.text, event.tokens)
+                elif type(event) is UsageReport:
+                    usage(stream, event.input_tokens, event.output_tokens)
+                elif type(event) is Finish:
+                    reason = event.reason
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+    except asyncio.CancelledError:
+        session.stream_end(stream, "cancelled")
+        raise
+    except ProviderFailure as exc:
+        session.stream_end(stream, "error", (exc.code, exc.message))
+    except Exception:
+        logger.exception("stream %s: provider %s failed", stream.id, provider.name)
+        session.stream_end(stream, "error", (ErrorCode.INTERNAL.value, "internal error"))
+    else:
+        session.stream_end(stream, reason)
