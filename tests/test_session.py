@@ -320,3 +320,12 @@ class TestCoalescing:
         s.stream_delta(a, "a", 1)
         s.stream_delta(a, "b", 1)
         assert len(frames(s)) == 3
+
+
+def test_unsequenced_frames_keep_their_place() -> None:
+    s = make_session()
+    feed(s, {"type": "cancel", "stream": "ghost"})
+    s.emit_unsequenced(b'{"type":"pong","ref":"p"}')
+    feed(s, {"type": "ack", "seq": 0, "id": "k"})
+    out = [orjson.loads(f) for f in s.take_output()]
+    assert [(f["type"], f.get("seq")) for f in out] == [("error", 1), ("pong", None), ("ok", 2)]

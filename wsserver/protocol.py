@@ -85,7 +85,8 @@ class ServerProtocol:
         assert self.session is not None
         msg_type = msg.type
         if msg_type == "ping":
-            self._out.append(encode(Pong(ref=msg.id)))
+            # queued with the session's frames: replies leave in request order
+            self.session.emit_unsequenced(encode(Pong(ref=msg.id)))
             return []
         if msg_type == "hello":
             self._reject(
@@ -167,6 +168,11 @@ class ServerProtocol:
     @property
     def has_output(self) -> bool:
         return bool(self._out) or (self.session is not None and self.session.has_output)
+
+    @property
+    def backlog(self) -> int:
+        """Frames produced but not yet taken by :meth:`data_to_send`."""
+        return len(self._out) + (self.session.backlog if self.session is not None else 0)
 
     def data_to_send(self) -> list[bytes]:
         out = self._out

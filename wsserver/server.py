@@ -51,6 +51,14 @@ __all__ = ["Server", "default_providers"]
 logger = logging.getLogger("wsserver.server")
 
 WS_PATHS = frozenset({"/", "/ws"})
+#: Frames waiting for the writer beyond which the reader stops reading the
+#: client's requests until the writer has caught up. A client that sends
+#: requests but never reads the answers thus meets TCP backpressure instead
+#: of growing the server's memory.
+MAX_BACKLOG = 1024
+#: How long a cancelled generation may take to clean up when its connection
+#: closes (providers close their upstream response in that time).
+STOP_GRACE_S = 5.0
 
 
 def default_providers(config: ServerConfig) -> Providers:
@@ -193,15 +201,17 @@ class _Connection:
         self.server = server
         self.ws = ws
         self.wake = asyncio.Event()
+        self.drained = asyncio.Event()  # set each time the writer finished a batch
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.close_with: CloseConnection | None = None
+        self._writer: asyncio.Task[None] | None = None
         self.proto = ServerProtocol(
             open_session=lambda hello: server._new_session(hello, self.wake.set),
             welcome=server.welcome,
         )
 
     async def run(self) -> None:
-        writer = asyncio.get_running_loop().create_task(self._write_loop())
+        writer = self._writer = asyncio.get_running_loop().create_task(self._write_loop())
         try:
             await self._read_loop()
         except ConnectionClosed:
@@ -211,13 +221,15 @@ class _Connection:
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
+            await self._await_streams()
         if self.close_with is not None:
             with contextlib.suppress(ConnectionClosed):
                 await self._flush()
                 await self.ws.close(self.close_with.code, self.close_with.reason)
 
     async def _read_loop(self) -> None:
-        ws, proto = self.ws, self.proto
+        ws, proto, writer = self.ws, self.proto, self._writer
+        assert writer is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.server.config.hello_timeout
         while self.close_with is None:
@@ -238,6 +250,9 @@ class _Connection:
                 self._apply(actions)
             if proto.has_output:
                 self.wake.set()
+                while proto.backlog >= MAX_BACKLOG and not writer.done():
+                    self.drained.clear()
+                    await self.drained.wait()
 
     def _apply(self, actions: list[Any]) -> None:
         for action in actions:
@@ -259,14 +274,25 @@ class _Connection:
                 self.close_with = action
 
     async def _write_loop(self) -> None:
-        wake = self.wake
+        wake, drained = self.wake, self.drained
         try:
             while True:
                 await wake.wait()
                 wake.clear()
                 await self._flush()
+                drained.set()
         except ConnectionClosed:
             pass
+        finally:
+            drained.set()  # wake a waiting reader: it sees the writer is done
+
+    async def _await_streams(self) -> None:
+        tasks = list(self.tasks.values())
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE_S)
+        for task in pending:
+            logger.warning("stream task %s did not stop within %.0f s", task.get_name(), STOP_GRACE_S)
 
     async def _flush(self) -> None:
         send = self.ws.send

@@ -104,6 +104,7 @@ class ProviderCatalog(Protocol):
 
 _DELTA = 0
 _FRAME = 1
+_RAW = 2  # an encoded frame that carries no seq (pong)
 _NOT_YET = frozenset({"interrupt", "subscribe", "unsubscribe", "publish", "send"})
 
 
@@ -363,6 +364,12 @@ class Session:
             self.on_output()
         self._pending.append((_FRAME, stream, model, fields))
 
+    def emit_unsequenced(self, frame: bytes) -> None:
+        """Queue a frame that carries no ``seq`` (``pong``) in order with the rest."""
+        if not self._pending and self.on_output is not None:
+            self.on_output()
+        self._pending.append((_RAW, None, frame))
+
     def _emit_error(self, code: str, message: str, **fields: Any) -> None:
         fields = {k: v for k, v in fields.items() if v is not None}
         self._emit(None, Error, {"code": str(code), "message": message, **fields})
@@ -370,6 +377,10 @@ class Session:
     @property
     def has_output(self) -> bool:
         return bool(self._pending)
+
+    @property
+    def backlog(self) -> int:
+        return len(self._pending)
 
     def take_output(self) -> list[bytes]:
         """Sequence and encode everything pending, in order."""
@@ -382,6 +393,9 @@ class Session:
         out: list[bytes] = []
         seq = self.seq
         for item in pending:
+            if item[0] == _RAW:
+                out.append(item[2])
+                continue
             seq += 1
             if item[0] == _DELTA:
                 stream = item[1]
