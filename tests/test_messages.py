@@ -23,7 +23,7 @@ from wsserver.messages import (
     encode,
     encode_delta,
 )
-from wsserver.protocol import CloseConnection, ServerProtocol
+from wsserver.protocol import CloseConnection, Opened, ServerProtocol
 from wsserver.providers import Providers, SimulatedProvider
 from wsserver.session import Session
 
@@ -40,7 +40,7 @@ def vectors(kind: str) -> list[Any]:
 def new_protocol() -> ServerProtocol:
     providers = Providers([SimulatedProvider()], default="simulated")
     return ServerProtocol(
-        open_session=lambda hello: (Session("sess", providers=providers), False),
+        open_session=lambda hello: Opened(Session("sess", providers=providers), False),
         welcome={"heartbeat_ms": 0, "limits": {}, "server": "test"},
     )
 

@@ -874,14 +874,21 @@ async def test_client_dropping_tcp_mid_stream(server: Server) -> None:
             await asyncio.sleep(0.01)
 
 
-async def test_client_closing_mid_stream(server: Server) -> None:
-    async with open_raw(server) as c:
-        await c.send(generate(id="g", tokens_per_s=500, reply_tokens=10_000))
-        await c.recv_until(lambda f: f["type"] == "stream.delta")
-    # the closing handshake ended the connection and its stream task
-    async with asyncio.timeout(1.0):
-        while server.connections or any(
-            t.get_name().startswith("stream:") for t in asyncio.all_tasks()
-        ):
-            await asyncio.sleep(0.01)
-    await assert_server_serves(server)
+async def test_client_closing_mid_stream_detaches_and_expiry_stops(make_server: Any) -> None:
+    async with make_server(session_ttl=0.3) as server:
+        async with open_raw(server) as c:
+            await c.send(generate(id="g", tokens_per_s=500, reply_tokens=10_000))
+            await c.recv_until(lambda f: f["type"] == "stream.delta")
+        # a closed socket cancels nothing: the session and its stream go on ...
+        async with asyncio.timeout(1.0):
+            while server.connections:
+                await asyncio.sleep(0.01)
+        (live,) = server.sessions.values()
+        assert live.conn is None and len(live.tasks) == 1
+        # ... until session_ttl passes with nothing attached
+        async with asyncio.timeout(2.0):
+            while server.sessions or any(
+                t.get_name().startswith("stream:") for t in asyncio.all_tasks()
+            ):
+                await asyncio.sleep(0.01)
+        await assert_server_serves(server)

@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from wsserver.errors import ProtocolError
-from wsserver.messages import decode_client, decode_server
+from wsserver.messages import ChatMessage, decode_client, decode_server
 from wsserver.providers import Providers, SimulatedProvider
 from wsserver.session import Session, StartGeneration, StopGeneration, StreamState
 
@@ -267,7 +267,6 @@ class TestNotYetImplemented:
     @pytest.mark.parametrize(
         "message",
         [
-            {"type": "interrupt", "stream": "s1"},
             {"type": "subscribe", "channel": "c"},
             {"type": "unsubscribe", "channel": "c"},
             {"type": "publish", "channel": "c", "data": 1},
@@ -329,3 +328,143 @@ def test_unsequenced_frames_keep_their_place() -> None:
     feed(s, {"type": "ack", "seq": 0, "id": "k"})
     out = [orjson.loads(f) for f in s.take_output()]
     assert [(f["type"], f.get("seq")) for f in out] == [("error", 1), ("pong", None), ("ok", 2)]
+
+
+class TestReplayLog:
+    def test_every_sequenced_frame_is_logged(self) -> None:
+        s = make_session(coalesce=False)
+        a = start(s)
+        s.stream_delta(a, "x", 1)
+        s.emit_unsequenced(b'{"type":"pong"}')
+        out = s.take_output()
+        assert [seq for seq, _ in s.log] == [1, 2]
+        assert [f for _, f in s.log] == [out[0], out[1]]
+        assert s.log_bytes == len(out[0]) + len(out[1])
+
+    def test_ack_trims_the_log(self) -> None:
+        s = make_session(coalesce=False)
+        a = start(s)
+        for t in "abc":
+            s.stream_delta(a, t, 1)
+        s.take_output()
+        feed(s, {"type": "ack", "seq": 3})
+        s.take_output()
+        assert [seq for seq, _ in s.log] == [4]
+        assert s.log_bytes == len(s.log[0][1])
+
+    def test_bounds_drop_the_oldest(self) -> None:
+        s = make_session(coalesce=False, max_log_messages=3)
+        a = start(s)
+        for t in "abcde":
+            s.stream_delta(a, t, 1)
+        s.take_output()
+        assert [seq for seq, _ in s.log] == [4, 5, 6]
+        s2 = make_session(coalesce=False, max_log_bytes=200)
+        b = start(s2)
+        for t in "abcdefgh":
+            s2.stream_delta(b, t, 1)
+        s2.take_output()
+        assert s2.log_bytes <= 200 and s2.log[-1][0] == 9
+
+    def test_replay_after(self) -> None:
+        s = make_session(coalesce=False, max_log_messages=4)
+        a = start(s)
+        for t in "abc":
+            s.stream_delta(a, t, 1)
+        out = s.take_output()  # seq 1..4, all in the log
+        assert s.replay_after(0) == out
+        assert s.replay_after(2) == out[2:]
+        assert s.replay_after(4) == []
+        assert s.replay_after(5) is None  # never sent
+        s.stream_delta(a, "d", 1)
+        s.take_output()  # seq 5 pushes seq 1 out
+        assert s.replay_after(0) is None
+        assert s.replay_after(1) is not None
+
+    def test_replay_behind_an_ack_fails(self) -> None:
+        s = make_session()
+        start(s)
+        s.take_output()
+        feed(s, {"type": "ack", "seq": 1})
+        s.take_output()
+        assert s.replay_after(0) is None
+        assert s.replay_after(1) == []
+
+    def test_snapshot_holds_everything_so_far(self) -> None:
+        s = make_session(coalesce=False)
+        a = start(s)
+        s.stream_delta(a, "one", 1)
+        s.take_output()
+        s.stream_delta(a, " two", 1)  # pending, not yet sequenced
+        s.snapshot()
+        (snap,) = frames(s)
+        assert snap == {"type": "stream.snapshot", "seq": 4, "stream": "s1", "text": "one two", "index": 2}
+        s.stream_delta(a, " three", 1)
+        (delta,) = frames(s)
+        assert delta["index"] == 2
+
+
+class TestInterrupt:
+    def test_interrupt_with_input_steers(self) -> None:
+        s = make_session()
+        a = start(s, params={"max_tokens": 9})
+        s.stream_delta(a, "partial", 1)
+        actions = feed(s, {"type": "interrupt", "stream": a.id, "input": "shorter", "id": "i1"})
+        assert actions[0] == StopGeneration(a.id)
+        steered = actions[1].stream
+        out = frames(s)
+        end, start_frame = out[-2], out[-1]
+        assert (end["type"], end["reason"], end["usage"]["output_tokens"]) == ("stream.end", "interrupted", 1)
+        assert start_frame["type"] == "stream.start"
+        assert (start_frame["stream"], start_frame["ref"], start_frame["steered_from"]) == ("s2", "i1", "s1")
+        assert [(m.role, m.content) for m in steered.messages] == [
+            ("user", "hi"),
+            ("assistant", "partial"),
+            ("user", "shorter"),
+        ]
+        assert steered.params == a.params and steered.provider == a.provider
+
+    def test_interrupt_before_first_token_adds_no_empty_message(self) -> None:
+        s = make_session()
+        a = start(s)
+        actions = feed(s, {"type": "interrupt", "stream": a.id, "input": "again", "new_stream": "b"})
+        steered = actions[1].stream
+        assert steered.id == "b"
+        assert [(m.role, m.content) for m in steered.messages] == [("user", "hi"), ("user", "again")]
+
+    def test_interrupt_without_input_stops_and_answers_ok(self) -> None:
+        s = make_session()
+        a = start(s)
+        assert feed(s, {"type": "interrupt", "stream": a.id, "id": "i"}) == [StopGeneration(a.id)]
+        assert [(f["type"], f.get("reason")) for f in frames(s)[1:]] == [
+            ("stream.end", "interrupted"),
+            ("ok", None),
+        ]
+
+    def test_interrupt_racing_the_natural_end_still_steers(self) -> None:
+        s = make_session()
+        a = start(s)
+        s.stream_delta(a, "done.", 1)
+        s.stream_end(a, "complete")
+        actions = feed(s, {"type": "interrupt", "stream": a.id, "input": "more"})
+        assert len(actions) == 1 and isinstance(actions[0], StartGeneration)
+        assert actions[0].stream.messages[-2:] == (
+            ChatMessage(role="assistant", content="done."),
+            ChatMessage(role="user", content="more"),
+        )
+        assert feed(s, {"type": "interrupt", "stream": a.id, "id": "k"}) == []
+        assert frames(s)[-1]["type"] == "ok"
+
+    def test_interrupt_of_unknown_stream(self) -> None:
+        s = make_session()
+        assert feed(s, {"type": "interrupt", "stream": "ghost", "input": "x", "id": "i"}) == []
+        err = frames(s)[0]
+        assert (err["code"], err["stream"], err["ref"]) == ("unknown_stream", "ghost", "i")
+
+    def test_new_stream_id_taken_does_nothing(self) -> None:
+        s = make_session()
+        a = start(s)
+        start(s, stream="taken")
+        assert feed(s, {"type": "interrupt", "stream": a.id, "input": "x", "new_stream": "taken"}) == []
+        assert a.state is StreamState.RUNNING
+        assert frames(s)[-1]["code"] == "stream_exists"

@@ -9,16 +9,21 @@ close the connection). Like :mod:`wsserver.session`, it does no I/O.
 
 States::
 
-    AWAITING_HELLO --hello--> OPEN --(close)--> CLOSED
+    AWAITING_HELLO --hello--> OPEN --(close / taken over)--> CLOSED
           |  any other message: error not_hello, close 4400
           |  unsupported protocol: error unsupported_protocol, close 4001
+
+The session is not the connection's: opening, resuming and ending sessions
+is left to the ``open_session`` callback and the transport. When the
+connection closes (or another connection takes the session over) the
+protocol lets go of the session and takes no more output from it.
 """
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import CloseCode, ErrorCode, ProtocolError
@@ -33,7 +38,7 @@ from .messages import (
 )
 from .session import Action, Session
 
-__all__ = ["CloseConnection", "ConnState", "ServerProtocol"]
+__all__ = ["CloseConnection", "ConnState", "Opened", "ServerProtocol"]
 
 
 class ConnState(enum.IntEnum):
@@ -48,12 +53,23 @@ class CloseConnection:
     reason: str
 
 
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """What ``open_session`` decided for a ``hello``."""
+
+    session: Session
+    resumed: bool
+    #: Frames sent before ``welcome`` (an ``error resume_failed``).
+    before: list[bytes] = field(default_factory=list)
+    #: Frames sent right after ``welcome`` (the replay).
+    after: list[bytes] = field(default_factory=list)
+
+
 class ServerProtocol:
     """One connection's protocol state.
 
     Args:
-        open_session: builds the session for a valid ``hello``; returns the
-            session and whether it was resumed.
+        open_session: opens or resumes the session for a valid ``hello``.
         welcome: the static fields of ``welcome`` (``heartbeat_ms``,
             ``limits``, ``server``).
     """
@@ -61,7 +77,7 @@ class ServerProtocol:
     def __init__(
         self,
         *,
-        open_session: Callable[[Hello], tuple[Session, bool]],
+        open_session: Callable[[Hello], Opened],
         welcome: dict[str, Any],
     ) -> None:
         self.state = ConnState.AWAITING_HELLO
@@ -133,26 +149,29 @@ class ServerProtocol:
                 CloseCode.UNSUPPORTED_PROTOCOL,
                 "unsupported protocol",
             )
-        session, resumed = self._open_session(msg)
-        self.session = session
+        opened = self._open_session(msg)
+        self.session = opened.session
         self.state = ConnState.OPEN
+        self._out.extend(opened.before)
         self._out.append(
             encode(
                 Welcome(
                     protocol=msg.protocol,
-                    session=session.id,
-                    resumed=resumed,
+                    session=opened.session.id,
+                    resumed=opened.resumed,
                     **self._welcome,
                 )
             )
         )
+        self._out.extend(opened.after)
         return []
 
     def _violate(
         self, exc: ProtocolError, code: int, reason: str
     ) -> list[Action | CloseConnection]:
         self._reject(exc)
-        return [*self.close(), CloseConnection(code, reason)]
+        self.state = ConnState.CLOSED
+        return [CloseConnection(code, reason)]
 
     def _reject(self, exc: ProtocolError) -> None:
         if self.session is not None:
@@ -181,9 +200,12 @@ class ServerProtocol:
             out.extend(self.session.take_output())
         return out
 
-    def close(self) -> list[Action]:
-        """The connection is gone (or going): stop what belongs to it."""
-        if self.state is ConnState.CLOSED:
-            return []
+    def release(self) -> Session | None:
+        """The connection is closing or was taken over: let go of the session.
+
+        Returns the session it held (if any). No more input is processed and
+        no more output is taken from the session after this.
+        """
+        session, self.session = self.session, None
         self.state = ConnState.CLOSED
-        return self.session.close() if self.session is not None else []
+        return session

@@ -9,7 +9,10 @@ Per connection there are two tasks and one task per running stream:
   protocol (sequenced and, when the socket lags, coalesced there) and sends
   them in order. A single writer is what keeps frames in ``seq`` order, since
   several stream tasks produce output concurrently;
-* each generation runs :func:`~wsserver.streams.run_generation`.
+* each generation runs :func:`~wsserver.streams.run_generation` in a task
+  that belongs to the session (:class:`_LiveSession`), not to the
+  connection: a dropped socket detaches the session and its streams go on
+  until ``session_ttl`` passes with nothing attached.
 
 Where this layer leaks: ``await ws.send()`` does not yield to the event loop
 until the write buffer passes ``write_limit``, so a stream task that never
@@ -39,9 +42,9 @@ from websockets.http11 import Request, Response
 
 from . import __version__
 from .config import ServerConfig
-from .errors import CloseCode
-from .messages import SUBPROTOCOL, Hello
-from .protocol import CloseConnection, ConnState, ServerProtocol
+from .errors import CloseCode, ErrorCode
+from .messages import SUBPROTOCOL, Error, Hello, encode
+from .protocol import CloseConnection, ConnState, Opened, ServerProtocol
 from .providers import Providers, SimulatedProvider
 from .session import Session, StartGeneration, StopGeneration
 from .streams import run_generation
@@ -56,8 +59,8 @@ WS_PATHS = frozenset({"/", "/ws"})
 #: requests but never reads the answers thus meets TCP backpressure instead
 #: of growing the server's memory.
 MAX_BACKLOG = 1024
-#: How long a cancelled generation may take to clean up when its connection
-#: closes (providers close their upstream response in that time).
+#: How long cancelled generations may take to clean up at shutdown
+#: (providers close their upstream response in that time).
 STOP_GRACE_S = 5.0
 
 
@@ -91,6 +94,8 @@ class Server:
         self.providers = providers or default_providers(self.config)
         self._ws_server: _WSServer | None = None
         self.connections: set[_Connection] = set()
+        #: Live sessions by id, attached or not.
+        self.sessions: dict[str, _LiveSession] = {}
         self.welcome = {
             "heartbeat_ms": self.config.heartbeat_ms,
             "limits": {
@@ -137,6 +142,13 @@ class Server:
         self._ws_server.close()
         await self._ws_server.wait_closed()
         self._ws_server = None
+        tasks = [t for live in self.sessions.values() for t in live.tasks.values()]
+        for live in list(self.sessions.values()):
+            live.end("error", (ErrorCode.SHUTDOWN.value, "the server is shutting down"))
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=STOP_GRACE_S)
+            for task in stuck:
+                logger.warning("stream task %s did not stop in %.0f s", task.get_name(), STOP_GRACE_S)
         await self.providers.aclose()
 
     async def serve_forever(self) -> None:
@@ -181,17 +193,126 @@ class Server:
         finally:
             self.connections.discard(conn)
 
-    def _new_session(self, hello: Hello, on_output: Any) -> tuple[Session, bool]:
-        # Resume arrives with session persistence; until then every hello,
-        # with or without `session`, opens a fresh session (resumed: false).
+    def _open_session(self, hello: Hello, conn: _Connection) -> Opened:
+        """Resume the session ``hello`` names if possible, else open a fresh one."""
+        before: list[bytes] = []
+        live = self.sessions.get(hello.session) if hello.session else None
+        if live is not None:
+            live.attach(conn)  # takes the session over from another connection
+            session = live.session
+            session.take_output()  # sequence what is pending: the replay covers it
+            if hello.snapshot:
+                session.snapshot()
+                return Opened(session, True)
+            replay = session.replay_after(hello.last_seq or 0)
+            if replay is not None:
+                return Opened(session, True, after=replay)
+            before.append(
+                encode(
+                    Error(
+                        code=ErrorCode.RESUME_FAILED.value,
+                        message=(
+                            f"cannot resume after seq {hello.last_seq or 0}: the session's "
+                            "replay log no longer reaches back that far; a new session was opened"
+                        ),
+                    )
+                )
+            )
+            live.detach(conn)
+            live.end("cancelled")
         session = Session(
-            secrets.token_urlsafe(16),
+            secrets.token_urlsafe(16),  # 128 bits: unguessable
             providers=self.providers,
             max_streams=self.config.max_streams,
+            max_log_messages=self.config.replay_max_messages,
+            max_log_bytes=self.config.replay_max_bytes,
             coalesce=self.config.coalesce,
-            on_output=on_output,
         )
-        return session, False
+        live = _LiveSession(self, session)
+        self.sessions[session.id] = live
+        live.attach(conn)
+        return Opened(session, False, before=before)
+
+
+class _LiveSession:
+    """A session at run time: its generation tasks, its connection, its expiry.
+
+    The session outlives its connection: while detached its streams go on and
+    their frames are sequenced straight into the replay log; ``session_ttl``
+    after the last detach the session ends (streams stopped with
+    ``error expired``, upstreams closed) and its memory is released.
+    """
+
+    def __init__(self, server: Server, session: Session) -> None:
+        self.server = server
+        self.session = session
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.conn: _Connection | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self._drain_scheduled = False
+        session.on_output = self.wake
+
+    def wake(self) -> None:
+        """Output is pending: the writer sends it, or (detached) the log takes it."""
+        conn = self.conn
+        if conn is not None:
+            conn.wake.set()
+        elif not self._drain_scheduled:
+            self._drain_scheduled = True
+            asyncio.get_running_loop().call_soon(self._drain_detached)
+
+    def _drain_detached(self) -> None:
+        self._drain_scheduled = False
+        if self.conn is None:
+            self.session.take_output()  # sequenced into the replay log only
+
+    def attach(self, conn: _Connection) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        old, self.conn = self.conn, conn
+        conn.live = self
+        if old is not None and old is not conn:
+            old.take_over()
+
+    def detach(self, conn: _Connection) -> None:
+        if self.conn is not conn:
+            return  # taken over already
+        self.conn = None
+        if self.server.sessions.get(self.session.id) is self:
+            loop = asyncio.get_running_loop()
+            self._expiry = loop.call_later(self.server.config.session_ttl, self.expire)
+        if self.session.has_output:
+            self.wake()
+
+    def expire(self) -> None:
+        self._expiry = None
+        self.end("error", (ErrorCode.EXPIRED.value, "the session expired with no connection attached"))
+
+    def end(self, reason: str, error: tuple[str, str] | None = None) -> None:
+        """Stop every stream and forget the session."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
+        if self.server.sessions.get(self.session.id) is self:
+            del self.server.sessions[self.session.id]
+        self.apply(self.session.close(reason, error))
+        self.session.on_output = None
+
+    def apply(self, actions: list[Any]) -> None:
+        for action in actions:
+            if type(action) is StartGeneration:
+                stream = action.stream
+                task = asyncio.get_running_loop().create_task(
+                    run_generation(self.session, stream, self.server.providers[stream.provider]),
+                    name=f"stream:{stream.id}",
+                )
+                self.tasks[stream.id] = task
+                task.add_done_callback(lambda _t, sid=stream.id: self.tasks.pop(sid, None))
+            elif type(action) is StopGeneration:
+                task = self.tasks.get(action.stream_id)
+                if task is not None:
+                    task.cancel()
 
 
 class _Connection:
@@ -202,11 +323,11 @@ class _Connection:
         self.ws = ws
         self.wake = asyncio.Event()
         self.drained = asyncio.Event()  # set each time the writer finished a batch
-        self.tasks: dict[str, asyncio.Task[None]] = {}
         self.close_with: CloseConnection | None = None
+        self.live: _LiveSession | None = None
         self._writer: asyncio.Task[None] | None = None
         self.proto = ServerProtocol(
-            open_session=lambda hello: server._new_session(hello, self.wake.set),
+            open_session=lambda hello: server._open_session(hello, self),
             welcome=server.welcome,
         )
 
@@ -217,15 +338,29 @@ class _Connection:
         except ConnectionClosed:
             pass
         finally:
-            self._apply(self.proto.close())
+            if self.close_with is not None:  # a violation: send the error first
+                with contextlib.suppress(ConnectionClosed):
+                    writer.cancel()
+                    await self._flush()
+            self.proto.release()
+            if self.live is not None:
+                self.live.detach(self)  # a dropped socket never cancels anything
             writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
-            await self._await_streams()
         if self.close_with is not None:
             with contextlib.suppress(ConnectionClosed):
-                await self._flush()
                 await self.ws.close(self.close_with.code, self.close_with.reason)
+
+    def take_over(self) -> None:
+        """Another connection resumed this one's session: close with 4000."""
+        self.proto.release()
+        self.live = None
+        if self.close_with is None:
+            self.close_with = CloseConnection(CloseCode.SESSION_TAKEN_OVER, "session taken over")
+            asyncio.get_running_loop().create_task(
+                self.ws.close(CloseCode.SESSION_TAKEN_OVER, "session taken over")
+            )
 
     async def _read_loop(self) -> None:
         ws, proto, writer = self.ws, self.proto, self._writer
@@ -246,32 +381,16 @@ class _Connection:
                 actions = proto.receive_text(data)
             else:
                 actions = proto.receive_binary(data)
-            if actions:
-                self._apply(actions)
+            for action in actions:
+                if type(action) is CloseConnection:
+                    self.close_with = action
+                elif self.live is not None:
+                    self.live.apply([action])
             if proto.has_output:
                 self.wake.set()
                 while proto.backlog >= MAX_BACKLOG and not writer.done():
                     self.drained.clear()
                     await self.drained.wait()
-
-    def _apply(self, actions: list[Any]) -> None:
-        for action in actions:
-            if type(action) is StartGeneration:
-                stream = action.stream
-                session = self.proto.session
-                assert session is not None
-                task = asyncio.get_running_loop().create_task(
-                    run_generation(session, stream, self.server.providers[stream.provider]),
-                    name=f"stream:{stream.id}",
-                )
-                self.tasks[stream.id] = task
-                task.add_done_callback(lambda _t, sid=stream.id: self.tasks.pop(sid, None))
-            elif type(action) is StopGeneration:
-                task = self.tasks.get(action.stream_id)
-                if task is not None:
-                    task.cancel()
-            elif type(action) is CloseConnection:
-                self.close_with = action
 
     async def _write_loop(self) -> None:
         wake, drained = self.wake, self.drained
@@ -285,14 +404,6 @@ class _Connection:
             pass
         finally:
             drained.set()  # wake a waiting reader: it sees the writer is done
-
-    async def _await_streams(self) -> None:
-        tasks = list(self.tasks.values())
-        if not tasks:
-            return
-        _, pending = await asyncio.wait(tasks, timeout=STOP_GRACE_S)
-        for task in pending:
-            logger.warning("stream task %s did not stop within %.0f s", task.get_name(), STOP_GRACE_S)
 
     async def _flush(self) -> None:
         send = self.ws.send

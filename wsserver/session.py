@@ -1,4 +1,5 @@
-"""The session core: sequencing, the stream registry and the request rules.
+"""The session core: sequencing, the replay log, the stream registry and the
+request rules (generate, cancel, interrupt, ack).
 
 No I/O happens here. Decoded client messages go in through :meth:`Session.handle`,
 the stream runner reports provider events through ``stream_delta``,
@@ -12,6 +13,14 @@ before they get a ``seq`` (DESIGN "Decisions v1"), so ``seq`` stays contiguous
 and a slow reader gets fewer, larger frames instead of an ever longer queue.
 A merged delta never moves past another frame of its own stream, so a stream's
 frames stay in order and no delta follows its ``stream.end``.
+
+Every sequenced frame also enters the *replay log*, bounded by frames and by
+bytes, trimmed by ``ack``. A resume replays the log after the client's
+``last_seq`` (:meth:`Session.replay_after`); a snapshot resume replaces the
+history with one ``stream.snapshot`` per running stream
+(:meth:`Session.snapshot`). Attaching and detaching connections, and the
+session's expiry, are the transport's business: the core neither knows nor
+cares whether a socket is attached.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from __future__ import annotations
 import enum
 import itertools
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -35,8 +44,10 @@ from .messages import (
     ErrorInfo,
     Generate,
     GenerateParams,
+    Interrupt,
     Ok,
     StreamEnd,
+    StreamSnapshot,
     StreamStart,
     Usage,
     encode,
@@ -69,6 +80,8 @@ class Stream:
     messages: tuple[ChatMessage, ...]
     params: GenerateParams
     started_at: float
+    channel: str | None = None
+    steered_from: str | None = None
     state: StreamState = StreamState.RUNNING
     reason: str | None = None
     first_token_at: float | None = None
@@ -82,6 +95,13 @@ class Stream:
     @property
     def text(self) -> str:
         return "".join(self.parts)
+
+    def conversation(self) -> tuple[ChatMessage, ...]:
+        """The request's messages plus the answer so far (if any)."""
+        text = self.text
+        if not text:  # an interrupt before the first token adds no empty message
+            return self.messages
+        return (*self.messages, ChatMessage(role="assistant", content=text))
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +125,10 @@ class ProviderCatalog(Protocol):
 _DELTA = 0
 _FRAME = 1
 _RAW = 2  # an encoded frame that carries no seq (pong)
-_NOT_YET = frozenset({"interrupt", "subscribe", "unsubscribe", "publish", "send"})
+_NOT_YET = frozenset({"subscribe", "unsubscribe", "publish", "send"})
+#: Ended streams kept so that an interrupt racing the natural end still finds
+#: the conversation to continue.
+RECENT_STREAMS = 64
 
 
 class Session:
@@ -117,6 +140,8 @@ class Session:
         max_streams: concurrent running streams allowed (``too_many_streams``).
         remember_ids: how many answered request ids are remembered for
             ``duplicate_request`` (oldest forgotten first).
+        max_log_messages, max_log_bytes: bounds of the replay log; beyond
+            them the oldest frames are dropped, acknowledged or not.
         coalesce: merge a stream's pending deltas when the socket lags.
         clock: monotonic clock in seconds (injectable for tests).
         on_output: called when output becomes pending (the transport's wake-up).
@@ -129,6 +154,8 @@ class Session:
         providers: ProviderCatalog,
         max_streams: int = 8,
         remember_ids: int = 10_000,
+        max_log_messages: int = 10_000,
+        max_log_bytes: int = 4 << 20,
         coalesce: bool = True,
         clock: Callable[[], float] = time.monotonic,
         on_output: Callable[[], Any] | None = None,
@@ -137,6 +164,8 @@ class Session:
         self.providers = providers
         self.max_streams = max_streams
         self.remember_ids = remember_ids
+        self.max_log_messages = max_log_messages
+        self.max_log_bytes = max_log_bytes
         self.coalesce = coalesce
         self.clock = clock
         self.on_output = on_output
@@ -149,7 +178,12 @@ class Session:
         self._used_stream_ids: set[str] = set()
         self._auto_ids = itertools.count(1)
         self._answered: OrderedDict[str, str | None] = OrderedDict()
+        self._recent: OrderedDict[str, Stream] = OrderedDict()
         self._pending: list[tuple[Any, ...]] = []
+        #: The replay log: (seq, frame) of every sequenced frame not yet
+        #: acknowledged, oldest first, within the bounds.
+        self.log: deque[tuple[int, bytes]] = deque()
+        self.log_bytes = 0
 
     # ------------------------------------------------------------------ input
 
@@ -172,6 +206,8 @@ class Session:
             stream_id, actions = self._generate(msg)  # type: ignore[arg-type]
         elif msg_type == "cancel":
             actions = self._cancel(msg)  # type: ignore[arg-type]
+        elif msg_type == "interrupt":
+            stream_id, actions = self._interrupt(msg)  # type: ignore[arg-type]
         elif msg_type == "ack":
             self._ack(msg)  # type: ignore[arg-type]
         elif msg_type in _NOT_YET:
@@ -209,42 +245,55 @@ class Session:
         except Exception as exc:  # the catalog's message is meant for the client
             self._emit_error(ErrorCode.PROVIDER_UNAVAILABLE, str(exc), ref=ref)
             return None, []
-        if msg.stream is not None:
-            if msg.stream in self._used_stream_ids:
-                self._emit_error(
-                    ErrorCode.STREAM_EXISTS,
-                    f"stream id {msg.stream!r} is already used in this session",
-                    ref=ref,
-                    stream=msg.stream,
-                )
-                return None, []
-            stream_id = msg.stream
-        else:
-            stream_id = self._next_stream_id()
+        stream_id = self._claim_stream_id(msg.stream, ref)
+        if stream_id is None:
+            return None, []
+        stream = self._start_stream(
+            stream_id,
+            ref=ref,
+            provider=provider,
+            model=model,
+            messages=tuple(msg.messages),
+            params=msg.params,
+            channel=msg.channel,
+        )
+        return stream_id, [StartGeneration(stream)]
+
+    def _claim_stream_id(self, wanted: str | None, ref: str | None) -> str | None:
+        """The id for a new stream, or None after answering why there is none."""
+        if wanted is not None and wanted in self._used_stream_ids:
+            self._emit_error(
+                ErrorCode.STREAM_EXISTS,
+                f"stream id {wanted!r} is already used in this session",
+                ref=ref,
+                stream=wanted,
+            )
+            return None
         if len(self.streams) >= self.max_streams:
             self._emit_error(
                 ErrorCode.TOO_MANY_STREAMS,
                 f"at most {self.max_streams} streams may run at once in a session",
                 ref=ref,
             )
-            return None, []
-        stream = Stream(
-            id=stream_id,
-            ref=ref,
-            provider=provider,
-            model=model,
-            messages=tuple(msg.messages),
-            params=msg.params,
-            started_at=self.clock(),
-        )
+            return None
+        return wanted if wanted is not None else self._next_stream_id()
+
+    def _start_stream(self, stream_id: str, **fields: Any) -> Stream:
+        stream = Stream(id=stream_id, started_at=self.clock(), **fields)
         self._used_stream_ids.add(stream_id)
         self.streams[stream_id] = stream
         self._emit(
             stream,
             StreamStart,
-            {"stream": stream_id, "ref": ref, "provider": provider, "model": model},
+            {
+                "stream": stream_id,
+                "ref": stream.ref,
+                "provider": stream.provider,
+                "model": stream.model,
+                "steered_from": stream.steered_from,
+            },
         )
-        return stream_id, [StartGeneration(stream)]
+        return stream
 
     def _next_stream_id(self) -> str:
         while True:
@@ -268,6 +317,52 @@ class Session:
             self._emit(None, Ok, {"ref": msg.id})
         return [StopGeneration(stream.id)]
 
+    def _interrupt(self, msg: Interrupt) -> tuple[str | None, list[Action]]:
+        stream = self.streams.get(msg.stream) or self._recent.get(msg.stream)
+        if stream is None:
+            self._emit_error(
+                ErrorCode.UNKNOWN_STREAM,
+                f"stream {msg.stream!r} is unknown",
+                ref=msg.id,
+                stream=msg.stream,
+            )
+            return None, []
+        new_id: str | None = None
+        if msg.input is not None:
+            if msg.new_stream is not None and msg.new_stream in self._used_stream_ids:
+                self._emit_error(
+                    ErrorCode.STREAM_EXISTS,
+                    f"stream id {msg.new_stream!r} is already used in this session",
+                    ref=msg.id,
+                    stream=msg.new_stream,
+                )
+                return None, []
+        actions: list[Action] = []
+        if stream.state is StreamState.RUNNING:
+            self.stream_end(stream, "interrupted")
+            actions.append(StopGeneration(stream.id))
+        if msg.input is None:
+            if msg.id is not None:
+                self._emit(None, Ok, {"ref": msg.id})
+            return None, actions
+        # The interrupted stream freed its slot, so only a stream that had
+        # already ended can meet the limit here.
+        new_id = self._claim_stream_id(msg.new_stream, msg.id)
+        if new_id is None:
+            return None, actions
+        steered = self._start_stream(
+            new_id,
+            ref=msg.id,
+            provider=stream.provider,
+            model=stream.model,
+            messages=(*stream.conversation(), ChatMessage(role="user", content=msg.input)),
+            params=stream.params,
+            channel=stream.channel,
+            steered_from=stream.id,
+        )
+        actions.append(StartGeneration(steered))
+        return new_id, actions
+
     def _ack(self, msg: Ack) -> None:
         if msg.seq > self.seq:
             self._emit_error(
@@ -279,6 +374,9 @@ class Session:
             return
         if msg.seq > self.acked:
             self.acked = msg.seq
+            log = self.log
+            while log and log[0][0] <= msg.seq:
+                self.log_bytes -= len(log.popleft()[1])
         if msg.id is not None:
             self._emit(None, Ok, {"ref": msg.id})
 
@@ -319,6 +417,9 @@ class Session:
         stream.state = StreamState.ENDED
         stream.reason = reason
         del self.streams[stream.id]
+        self._recent[stream.id] = stream
+        if len(self._recent) > RECENT_STREAMS:
+            self._recent.popitem(last=False)
         now = self.clock()
         payload: dict[str, Any] = {
             "stream": stream.id,
@@ -349,13 +450,45 @@ class Session:
             input_tokens=input_tokens, output_tokens=output_tokens, estimated=estimated or None
         )
 
-    def close(self) -> list[Action]:
-        """End the session: every running stream is stopped (reason ``cancelled``)."""
+    def close(self, reason: str = "cancelled", error: tuple[str, str] | None = None) -> list[Action]:
+        """End the session: every running stream is stopped with ``reason``."""
         actions: list[Action] = []
         for stream in list(self.streams.values()):
-            self.stream_end(stream, "cancelled")
+            self.stream_end(stream, reason, error)
             actions.append(StopGeneration(stream.id))
         return actions
+
+    # ---------------------------------------------------------------- resume
+
+    def replay_after(self, last_seq: int) -> list[bytes] | None:
+        """The frames after ``last_seq``, or None if the log cannot provide them.
+
+        Call :meth:`take_output` first if frames are pending: the replay
+        covers what has been sequenced, and later frames follow it live.
+        """
+        if last_seq > self.seq or last_seq < self.acked:
+            return None  # claims frames never sent, or goes back behind an ack
+        log = self.log
+        first = log[0][0] if log else self.seq + 1
+        if first > last_seq + 1:
+            return None  # trimmed by the bounds
+        if not log or log[-1][0] <= last_seq:
+            return []
+        return [frame for seq, frame in log if seq > last_seq]
+
+    def snapshot(self) -> None:
+        """Queue one ``stream.snapshot`` per running stream (for a refreshed page).
+
+        Pending frames are sequenced into the log first, so each snapshot's
+        text holds every delta so far and its ``index`` is the next delta's.
+        """
+        self.take_output()
+        for stream in self.streams.values():
+            self._emit(
+                stream,
+                StreamSnapshot,
+                {"stream": stream.id, "text": stream.text, "index": stream.next_index},
+            )
 
     # ----------------------------------------------------------------- output
 
@@ -392,6 +525,7 @@ class Session:
             pending = _coalesce(pending)
         out: list[bytes] = []
         seq = self.seq
+        log, log_bytes = self.log, self.log_bytes
         for item in pending:
             if item[0] == _RAW:
                 out.append(item[2])
@@ -400,11 +534,17 @@ class Session:
             if item[0] == _DELTA:
                 stream = item[1]
                 text = item[2] if isinstance(item[2], str) else "".join(item[2])
-                out.append(encode_delta(seq, stream.id, stream.next_index, text))
+                frame = encode_delta(seq, stream.id, stream.next_index, text)
                 stream.next_index += 1
             else:
-                out.append(encode(item[2](seq=seq, **item[3])))
+                frame = encode(item[2](seq=seq, **item[3]))
+            out.append(frame)
+            log.append((seq, frame))
+            log_bytes += len(frame)
+        while log and (len(log) > self.max_log_messages or log_bytes > self.max_log_bytes):
+            log_bytes -= len(log.popleft()[1])
         self.seq = seq
+        self.log_bytes = log_bytes
         return out
 
 
