@@ -213,7 +213,7 @@ async def test_server_shutdown_while_streaming(make_server: Any) -> None:
     srv = make_server()
     await srv.start()
     try:
-        async with asyncio.timeout(10), wsserver.connect(srv.url) as c:
+        async with asyncio.timeout(10), wsserver.connect(srv.url, reconnect=False) as c:
             stream = await c.generate(USER_HI, params={"tokens_per_s": 100, "reply_tokens": 1000})
             got = 0
             closing: asyncio.Future[None] | None = None

@@ -86,7 +86,10 @@ async def _stdin_lines() -> Callable[[], Awaitable[bytes]]:
     return reader.readline
 
 
-async def chat(url: str, *, provider: str | None, model: str | None, params: dict[str, Any], system: str | None) -> int:
+async def chat(
+    url: str, *, provider: str | None, model: str | None, params: dict[str, Any], system: str | None
+) -> int:
+    """A terminal chat. Interactive: a line typed while an answer streams steers it."""
     from .client import ClientStream, connect
     from .errors import ConnectionLost, ServerError, StreamFailed
 
@@ -96,6 +99,7 @@ async def chat(url: str, *, provider: str | None, model: str | None, params: dic
     current: list[ClientStream] = []
     last_interrupt = [0.0]
     interactive = sys.stdin.isatty()
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
 
     def on_sigint() -> None:
         now = time.monotonic()
@@ -108,46 +112,100 @@ async def chat(url: str, *, provider: str | None, model: str | None, params: dic
             print("\n[Ctrl-C again to quit, or Ctrl-D]", flush=True)
         last_interrupt[0] = now
 
+    down = [False]
+
+    def on_state(state: str, detail: str) -> None:
+        if state == "reconnecting" and not down[0]:
+            down[0] = True
+            print("\n[connection lost — reconnecting]", flush=True)
+        elif state == "open" and down[0]:
+            down[0] = False
+            print(f"[reconnected: {detail}]", flush=True)
+
+    async def show(stream: ClientStream) -> None:
+        try:
+            async for piece in stream:
+                print(piece, end="", flush=True)
+        except StreamFailed as exc:
+            print(f"\n[stream failed: {exc.code}: {exc.message}]", flush=True)
+        except ConnectionLost as exc:
+            print(f"\n[stream lost: {exc}]", flush=True)
+            return
+        result = stream.result
+        assert result is not None
+        if result.text and result.reason != "interrupted":  # a steer records its own
+            history.append({"role": "assistant", "content": result.text})
+        ttft = f"{result.ttft_ms:.0f} ms" if result.ttft_ms is not None else "–"
+        print(
+            f"\n[{result.reason} · {result.usage.input_tokens} in / "
+            f"{result.usage.output_tokens} out tokens · ttft {ttft} · "
+            f"{result.duration_ms / 1000:.2f} s]",
+            flush=True,
+        )
+
     readline = await _stdin_lines()
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+
+    async def read_lines() -> None:
+        while line := await readline():
+            text = line.decode(errors="replace").strip()
+            if text:
+                lines.put_nowait(text)
+        lines.put_nowait(None)
+
+    reader = loop.create_task(read_lines())
+    printer: asyncio.Task[None] | None = None
     try:
-        async with connect(url) as client:
+        async with connect(url, on_state=on_state) as client:
             loop.add_signal_handler(signal.SIGINT, on_sigint)
-            print(f"connected to {url} (session {client.session}); Ctrl-C cancels, twice quits", flush=True)
-            history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+            hint = "; type while it answers to steer" if interactive else ""
+            print(f"connected to {url} (session {client.session}); Ctrl-C cancels, twice quits{hint}", flush=True)
+            next_line = loop.create_task(lines.get())
             while True:
-                if interactive:
-                    print("> ", end="", flush=True)
-                line = await readline()
-                if not line:
+                if printer is not None and not interactive:
+                    await printer  # piped input: one answer at a time, no steering
+                    printer = None
+                if printer is not None:
+                    done, _ = await asyncio.wait({next_line, printer}, return_when=asyncio.FIRST_COMPLETED)
+                    if next_line not in done:
+                        printer = None
+                        continue
+                else:
+                    if interactive:
+                        print("> ", end="", flush=True)
+                    await next_line
+                text = next_line.result()
+                next_line = loop.create_task(lines.get())
+                if text is None:  # end of input
+                    if printer is not None:
+                        await printer
                     break
-                text = line.decode(errors="replace").strip()
-                if not text:
-                    continue
-                history.append({"role": "user", "content": text})
                 try:
-                    stream = await client.generate(history, provider=provider, model=model, params=params or None)
+                    if printer is not None and current and current[0].result is None:
+                        old = current[0]
+                        print("\n[steering]", flush=True)
+                        steered = await old.interrupt(text)
+                        await printer  # the old answer ends as interrupted
+                        if old.text:
+                            history.append({"role": "assistant", "content": old.text})
+                        history.append({"role": "user", "content": text})
+                        assert steered is not None
+                        stream = steered
+                    else:
+                        if printer is not None:
+                            await printer
+                        history.append({"role": "user", "content": text})
+                        try:
+                            stream = await client.generate(history, provider=provider, model=model, params=params or None)
+                        except ServerError:
+                            history.pop()
+                            raise
                 except ServerError as exc:
                     print(f"[error {exc.code}: {exc.message}]", flush=True)
-                    history.pop()
                     continue
                 current[:] = [stream]
-                try:
-                    async for piece in stream:
-                        print(piece, end="", flush=True)
-                except StreamFailed as exc:
-                    print(f"\n[stream failed: {exc.code}: {exc.message}]", flush=True)
-                current.clear()
-                result = stream.result
-                assert result is not None
-                if result.text:
-                    history.append({"role": "assistant", "content": result.text})
-                ttft = f"{result.ttft_ms:.0f} ms" if result.ttft_ms is not None else "–"
-                print(
-                    f"\n[{result.reason} · {result.usage.input_tokens} in / "
-                    f"{result.usage.output_tokens} out tokens · ttft {ttft} · "
-                    f"{result.duration_ms / 1000:.2f} s]",
-                    flush=True,
-                )
+                printer = loop.create_task(show(stream))
+            next_line.cancel()
     except asyncio.CancelledError:
         print("\nbye", flush=True)
         return 0
@@ -158,6 +216,9 @@ async def chat(url: str, *, provider: str | None, model: str | None, params: dic
         print(f"wsserver chat: cannot connect to {url}: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
+        reader.cancel()
+        if printer is not None:
+            printer.cancel()
         with contextlib.suppress(Exception):
             loop.remove_signal_handler(signal.SIGINT)
     return 0

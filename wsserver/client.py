@@ -8,12 +8,26 @@
             print(text, end="", flush=True)
         print(stream.result.reason, stream.result.usage)
 
-One reader task per client dispatches frames: replies go to the request that
-carries the matching ``id`` (``ref``), stream frames to their stream. Every
-request sent by this client carries an ``id``, so each has exactly one answer.
-Errors arrive as :class:`~wsserver.errors.ServerError` (with ``.code``) on the
-call that caused them; a stream that ends with reason ``error`` raises
-:class:`~wsserver.errors.StreamFailed` from its iterator.
+One reader task per connection dispatches frames: replies go to the request
+that carries the matching ``id`` (``ref``), stream frames to their stream.
+Every request sent by this client carries an ``id``, so each has exactly one
+answer. Errors arrive as :class:`~wsserver.errors.ServerError` (with
+``.code``) on the call that caused them; a stream that ends with reason
+``error`` raises :class:`~wsserver.errors.StreamFailed` from its iterator.
+
+Reconnection: when the connection drops, the client reconnects by itself
+with full-jitter exponential backoff (the first retry is jittered too, so a
+server restart is not met by every client at once) and resumes its session
+with ``hello {session, last_seq}``. The server replays what was missed, the
+client drops anything it has already seen (``seq <= last_seq``), and
+requests whose answers had not arrived are re-sent with the same ``id``
+(the server never acts twice on an id), so a caller iterating a stream sees
+no gap and no duplicate across any number of reconnects. If the session
+cannot be resumed (expired, or its log fell short), running streams and
+pending requests fail with :class:`~wsserver.errors.ConnectionLost` and the
+client carries on with a fresh session. It does not reconnect after close
+codes that say retrying is pointless or harmful (4000 session taken over,
+4001, 4400, 4401, 4403, 1008), nor after :meth:`Client.close`.
 """
 
 from __future__ import annotations
@@ -21,24 +35,36 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 import time
-from collections.abc import AsyncIterator, Generator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from .errors import ConnectionLost, ServerError, StreamFailed, server_error
+from .errors import CloseCode, ConnectionLost, ServerError, StreamFailed, server_error
 from .messages import PROTOCOL_VERSION, SUBPROTOCOL
 
-__all__ = ["Client", "ClientStream", "StreamResult", "Usage", "connect"]
+__all__ = ["Backoff", "Client", "ClientStream", "StreamResult", "Usage", "connect"]
 
 logger = logging.getLogger("wsserver.client")
 
 _END = object()
+#: Close codes after which reconnecting would be pointless or harmful.
+NO_RECONNECT = frozenset(
+    {
+        CloseCode.SESSION_TAKEN_OVER,
+        CloseCode.UNSUPPORTED_PROTOCOL,
+        CloseCode.PROTOCOL_VIOLATION,
+        CloseCode.UNAUTHORIZED,
+        CloseCode.FORBIDDEN,
+        CloseCode.POLICY,
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +87,21 @@ class StreamResult:
     error_message: str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Full-jitter exponential backoff: attempt n waits uniform(0, min(cap, base * 2**n)).
+
+    ``give_up_after`` bounds the total time spent reconnecting (None: never give up).
+    """
+
+    base: float = 0.25
+    cap: float = 10.0
+    give_up_after: float | None = 60.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.cap, self.base * (2**attempt)))
+
+
 class ClientStream:
     """One generation: an async iterator of text pieces.
 
@@ -74,6 +115,7 @@ class ClientStream:
         self.id: str | None = None
         self.provider: str | None = None
         self.model: str | None = None
+        self.steered_from: str | None = None
         self.result: StreamResult | None = None
         self._parts: list[str] = []
         self._queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -113,10 +155,29 @@ class ClientStream:
             if exc.code != "unknown_stream":  # ended meanwhile: nothing to do
                 raise
 
+    async def interrupt(self, text: str | None = None) -> ClientStream | None:
+        """Steer: stop this stream where it is and, with ``text``, continue the
+        conversation (so far, plus ``text`` as the user's words) in a new stream,
+        which is returned. Without ``text`` it only stops (reason ``interrupted``).
+        """
+        assert self.id is not None
+        message: dict[str, Any] = {"type": "interrupt", "stream": self.id}
+        if text is None:
+            await self._client.request(message)
+            return None
+        message["input"] = text
+        return await self._client._start_stream(message)
+
     # called by the client's reader
     def _feed(self, text: str) -> None:
         self._parts.append(text)
         self._queue.put_nowait(text)
+
+    def _snapshot(self, text: str) -> None:
+        # The server's text so far: deliver only what this handle has not seen.
+        seen = self.text
+        if text.startswith(seen) and len(text) > len(seen):
+            self._feed(text[len(seen) :])
 
     def _end(self, frame: Mapping[str, Any]) -> None:
         usage = frame.get("usage") or {}
@@ -141,27 +202,60 @@ class ClientStream:
         self._queue.put_nowait(_END)
 
     def _lost(self, exc: BaseException) -> None:
-        if self.result is None:
+        if self.result is None and self._failure is None:
             self._failure = exc
             self._queue.put_nowait(_END)
 
 
 class Client:
-    """A connection to a wsserver. Create it with :func:`connect`."""
+    """A connection to a wsserver, reconnecting and resuming by itself.
 
-    def __init__(self, url: str, *, request_timeout: float = 30.0, **ws_options: Any) -> None:
+    Create it with :func:`connect`. ``state`` is one of ``connecting``,
+    ``open``, ``reconnecting`` and ``closed``; ``on_state(state, detail)`` is
+    called on every change (``detail`` says ``resumed`` or ``new session``
+    when a reconnect succeeds).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        request_timeout: float = 30.0,
+        reconnect: bool = True,
+        backoff: Backoff = Backoff(),
+        ack_every: int = 256,
+        hello: Mapping[str, Any] | None = None,
+        on_state: Callable[[str, str], Any] | None = None,
+        **ws_options: Any,
+    ) -> None:
         self.url = url
         self.request_timeout = request_timeout
+        self.reconnect = reconnect
+        self.backoff = backoff
+        self.ack_every = ack_every
+        self.on_state = on_state
+        self._hello_extra = dict(hello or {})
         self._ws_options = {"compression": None, "max_size": None, **ws_options}
         self._ws: ClientConnection | None = None
         self._ids = itertools.count(1)
-        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        # request id -> (future, encoded request), until answered
+        self._pending: dict[str, tuple[asyncio.Future[dict[str, Any]], bytes]] = {}
+        self._resent: set[str] = set()
         self._by_ref: dict[str, ClientStream] = {}
         self._streams: dict[str, ClientStream] = {}
-        self._reader: asyncio.Task[None] | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._closing = False
+        self._final_error: ConnectionLost | None = None
+        self._acked = 0
+        self.state = "connecting"
         self.welcome: dict[str, Any] = {}
-        #: Highest ``seq`` received (what a resume would send as ``last_seq``).
+        #: Highest ``seq`` received (what a resume sends as ``last_seq``).
         self.last_seq = 0
+        #: How many times the connection was re-established.
+        self.reconnects = 0
+        #: Requests re-sent after a resume because their answer had not come.
+        self.resent_requests = 0
         #: ``error`` frames that answered no request of ours (e.g. bad input).
         self.unsolicited_errors: list[ServerError] = []
 
@@ -169,29 +263,119 @@ class Client:
     def session(self) -> str | None:
         return self.welcome.get("session")
 
-    async def _open(self, hello: Mapping[str, Any] | None = None) -> Client:
-        self._ws = await ws_connect(self.url, subprotocols=[SUBPROTOCOL], **self._ws_options)
-        try:
-            hello_msg = {"type": "hello", "protocol": PROTOCOL_VERSION, **(hello or {})}
-            await self._ws.send(orjson.dumps(hello_msg), text=True)
-            async with asyncio.timeout(self.request_timeout):
-                frame = orjson.loads(await self._ws.recv())
-            if frame.get("type") == "error":
-                raise server_error(frame)
-            if frame.get("type") != "welcome":
-                raise ServerError("bad_message", f"expected welcome, got {frame.get('type')!r}")
-        except BaseException:
-            await self._ws.close()
-            raise
-        self.welcome = frame
-        self._reader = asyncio.get_running_loop().create_task(self._read_loop())
+    def _set_state(self, state: str, detail: str = "") -> None:
+        self.state = state
+        if self.on_state is not None:
+            try:
+                self.on_state(state, detail)
+            except Exception:  # a UI callback must not break the client
+                logger.exception("on_state callback failed")
+
+    # ------------------------------------------------------------ connecting
+
+    async def _open(self) -> Client:
+        await self._handshake(resume=False)
+        self._supervisor = asyncio.get_running_loop().create_task(self._supervise())
         return self
 
+    async def _handshake(self, *, resume: bool) -> bool:
+        """Connect and say hello; returns whether the session was resumed."""
+        ws = await ws_connect(self.url, subprotocols=[SUBPROTOCOL], **self._ws_options)
+        try:
+            hello: dict[str, Any] = {"type": "hello", "protocol": PROTOCOL_VERSION, **self._hello_extra}
+            if resume and self.session:
+                hello.update(session=self.session, last_seq=self.last_seq)
+            await ws.send(orjson.dumps(hello), text=True)
+            async with asyncio.timeout(self.request_timeout):
+                while True:
+                    frame = orjson.loads(await ws.recv())
+                    kind = frame.get("type")
+                    if kind == "welcome":
+                        break
+                    if kind == "error" and frame.get("code") == "resume_failed":
+                        logger.info("resume failed: %s", frame.get("message"))
+                        continue
+                    if kind == "error":
+                        raise server_error(frame)
+                    raise ServerError("bad_message", f"expected welcome, got {kind!r}")
+        except BaseException:
+            await ws.close()
+            raise
+        resumed = bool(frame.get("resumed"))
+        if not resumed:
+            self._session_lost()
+        self.welcome = frame
+        self._ws = ws
+        self._set_state("open", "resumed" if resumed else "new session")
+        self._connected.set()
+        if resumed:
+            for request_id, (future, data) in list(self._pending.items()):
+                if not future.done():  # its answer never came: ask again, same id
+                    self._resent.add(request_id)
+                    self.resent_requests += 1
+                    await ws.send(data, text=True)
+        return resumed
+
+    def _session_lost(self) -> None:
+        """A fresh session: what belonged to the old one cannot complete."""
+        if not self.welcome:
+            return  # the first connection
+        lost = ConnectionLost(None, "the session was lost (expired or not resumable)")
+        self._fail_all(lost)
+        self.last_seq = self._acked = 0
+
+    def _fail_all(self, exc: ConnectionLost) -> None:
+        for future, _ in self._pending.values():
+            if not future.done():
+                future.set_exception(exc)
+        self._pending.clear()
+        for handle in [*self._streams.values(), *self._by_ref.values()]:
+            handle._lost(exc)
+        self._streams.clear()
+
+    async def _supervise(self) -> None:
+        """Read until the connection drops, then reconnect and resume."""
+        while True:
+            closed = await self._read_loop()
+            self._connected.clear()
+            code = closed.code
+            if self._closing or not self.reconnect or code in NO_RECONNECT:
+                break
+            self._set_state("reconnecting", closed.reason)
+            if not await self._reconnect():
+                break
+        self._final_error = closed
+        self._fail_all(closed)
+        self._set_state("closed", closed.reason)
+        self._connected.set()  # wake waiting requests: they see the final error
+
+    async def _reconnect(self) -> bool:
+        started = time.monotonic()
+        for attempt in itertools.count():
+            give_up = self.backoff.give_up_after
+            if give_up is not None and time.monotonic() - started > give_up:
+                return False
+            await asyncio.sleep(self.backoff.delay(attempt))
+            if self._closing:
+                return False
+            try:
+                await self._handshake(resume=True)
+            except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError) as exc:
+                logger.debug("reconnect attempt %d failed: %r", attempt + 1, exc)
+                continue
+            except ServerError as exc:  # refused after hello: retrying will not help
+                logger.warning("reconnect refused: %s", exc)
+                return False
+            self.reconnects += 1
+            return True
+        raise AssertionError("unreachable")
+
     async def close(self) -> None:
+        self._closing = True
         if self._ws is not None:
             await self._ws.close()
-        if self._reader is not None:
-            await self._reader
+        if self._supervisor is not None:
+            await self._supervisor
 
     async def __aenter__(self) -> Client:
         return self
@@ -212,21 +396,39 @@ class Client:
     async def request(self, message: dict[str, Any]) -> dict[str, Any]:
         """Send ``message`` with a fresh ``id`` and return its reply frame.
 
-        Raises :class:`ServerError` when the reply is ``error``.
+        Waits while the client is reconnecting; raises :class:`ServerError`
+        when the reply is ``error`` and :class:`ConnectionLost` when the
+        client has given up.
         """
-        if self._ws is None or self._reader is None or self._reader.done():
-            raise ConnectionLost(None, "not connected")
+        if self.state == "closed":
+            raise self._final_error or ConnectionLost(None, "closed")
         request_id = message.setdefault("id", self._next_id())
+        data = orjson.dumps(message)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
+        self._pending[request_id] = (future, data)
         try:
-            await self._ws.send(orjson.dumps(message), text=True)
             async with asyncio.timeout(self.request_timeout):
+                await self._connected.wait()
+                if self.state == "open" and self._ws is not None:
+                    try:
+                        await self._ws.send(data, text=True)
+                    except ConnectionClosed:
+                        pass  # re-sent with the same id once resumed
                 return await future
-        except ConnectionClosed as exc:
-            raise self._lost_error(exc) from None
         finally:
             self._pending.pop(request_id, None)
+
+    async def _start_stream(self, message: dict[str, Any]) -> ClientStream:
+        request_id = message.setdefault("id", self._next_id())
+        handle = ClientStream(self, request_id)
+        self._by_ref[request_id] = handle
+        try:
+            start = await self.request(message)
+        finally:
+            self._by_ref.pop(request_id, None)
+        handle.provider, handle.model = start.get("provider"), start.get("model")
+        handle.steered_from = start.get("steered_from")
+        return handle
 
     async def generate(
         self,
@@ -238,20 +440,12 @@ class Client:
         params: Mapping[str, Any] | None = None,
     ) -> ClientStream:
         """Start a generation; returns once the server accepted it (``stream.start``)."""
-        request_id = self._next_id()
-        msg: dict[str, Any] = {"type": "generate", "id": request_id, "messages": list(messages)}
+        msg: dict[str, Any] = {"type": "generate", "messages": list(messages)}
         options = {"stream": stream, "provider": provider, "model": model}
         msg.update({k: v for k, v in options.items() if v is not None})
         if params is not None:
             msg["params"] = dict(params)
-        handle = ClientStream(self, request_id)
-        self._by_ref[request_id] = handle
-        try:
-            start = await self.request(msg)
-        finally:
-            self._by_ref.pop(request_id, None)
-        handle.provider, handle.model = start.get("provider"), start.get("model")
-        return handle
+        return await self._start_stream(msg)
 
     async def ping(self) -> float:
         """Round trip of an application-level ping, in seconds."""
@@ -261,36 +455,30 @@ class Client:
 
     # ---------------------------------------------------------------- reader
 
-    async def _read_loop(self) -> None:
-        assert self._ws is not None
-        exc: BaseException
+    async def _read_loop(self) -> ConnectionLost:
+        ws = self._ws
+        assert ws is not None
         try:
-            async for raw in self._ws:
+            async for raw in ws:
                 self._dispatch(orjson.loads(raw))
-            exc = self._lost_error(None)
-        except ConnectionClosed as closed:
-            exc = self._lost_error(closed)
+        except ConnectionClosed:
+            pass
         except Exception as error:  # a bug or garbage from the server
             logger.exception("client reader failed")
-            exc = ConnectionLost(None, f"client reader failed: {error!r}")
-            await self._ws.close(1011)
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(exc)
-        for handle in self._streams.values():
-            handle._lost(exc)
-        self._streams.clear()
-
-    def _lost_error(self, closed: ConnectionClosed | None) -> ConnectionLost:
-        if closed is not None and closed.rcvd is not None:
-            return ConnectionLost(closed.rcvd.code, closed.rcvd.reason)
-        ws = self._ws
-        return ConnectionLost(ws.close_code, ws.close_reason or "") if ws else ConnectionLost(None)
+            await ws.close(1011)
+            return ConnectionLost(1011, f"client reader failed: {error!r}")
+        # close_code is the code the server sent, or 1006 if the TCP connection dropped
+        return ConnectionLost(ws.close_code, ws.close_reason or "")
 
     def _dispatch(self, frame: dict[str, Any]) -> None:
         seq = frame.get("seq")
         if seq is not None:
+            if seq <= self.last_seq:
+                return  # already seen (a replay overlapping what arrived)
             self.last_seq = seq
+            if seq - self._acked >= self.ack_every and self._ws is not None:
+                self._acked = seq
+                asyncio.get_running_loop().create_task(self._send_ack(seq))
         kind = frame.get("type")
         if kind == "stream.delta":
             handle = self._streams.get(frame["stream"])
@@ -302,37 +490,52 @@ class Client:
             if handle is not None:
                 handle.id = frame["stream"]
                 self._streams[handle.id] = handle
+        elif kind == "stream.snapshot":
+            handle = self._streams.get(frame["stream"])
+            if handle is not None:
+                handle._snapshot(frame["text"])
         elif kind == "stream.end":
             handle = self._streams.pop(frame["stream"], None)
             if handle is not None:
                 handle._end(frame)
         ref = frame.get("ref")
         if ref is not None:
-            future = self._pending.get(ref)
-            if future is not None and not future.done():
+            entry = self._pending.get(ref)
+            if entry is not None and not entry[0].done():
                 if kind == "error":
-                    future.set_exception(server_error(frame))
+                    entry[0].set_exception(server_error(frame))
                 else:
-                    future.set_result(frame)
+                    entry[0].set_result(frame)
+                return
+            if kind == "error" and frame.get("code") == "duplicate_request" and ref in self._resent:
+                self._resent.discard(ref)  # our re-send after a resume: answered already
                 return
         if kind == "error":
             error = server_error(frame)
             self.unsolicited_errors.append(error)
             logger.warning("server error: %s", error)
 
+    async def _send_ack(self, seq: int) -> None:
+        ws = self._ws
+        if ws is None:
+            return
+        try:
+            await ws.send(orjson.dumps({"type": "ack", "seq": seq}), text=True)
+        except ConnectionClosed:
+            pass
+
 
 class _Connecting:
     """``await connect(...)`` or ``async with connect(...) as client``."""
 
-    def __init__(self, client: Client, hello: Mapping[str, Any] | None) -> None:
+    def __init__(self, client: Client) -> None:
         self._client = client
-        self._hello = hello
 
     def __await__(self) -> Generator[Any, None, Client]:
-        return self._client._open(self._hello).__await__()
+        return self._client._open().__await__()
 
     async def __aenter__(self) -> Client:
-        return await self._client._open(self._hello)
+        return await self._client._open()
 
     async def __aexit__(self, *exc: object) -> None:
         await self._client.close()
@@ -343,11 +546,27 @@ def connect(
     *,
     hello: Mapping[str, Any] | None = None,
     request_timeout: float = 30.0,
+    reconnect: bool = True,
+    backoff: Backoff = Backoff(),
+    ack_every: int = 256,
+    on_state: Callable[[str, str], Any] | None = None,
     **ws_options: Any,
 ) -> _Connecting:
     """Open a client: ``async with connect(url) as client: ...``.
 
-    ``hello`` adds fields to the ``hello`` message; ``ws_options`` go to
+    ``hello`` adds fields to the ``hello`` message; ``reconnect=False`` turns
+    automatic reconnection off; ``ws_options`` go to
     :func:`websockets.asyncio.client.connect`.
     """
-    return _Connecting(Client(url, request_timeout=request_timeout, **ws_options), hello)
+    return _Connecting(
+        Client(
+            url,
+            request_timeout=request_timeout,
+            reconnect=reconnect,
+            backoff=backoff,
+            ack_every=ack_every,
+            hello=hello,
+            on_state=on_state,
+            **ws_options,
+        )
+    )

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections.abc import Mapping
 from http import HTTPStatus
 from importlib import resources
 from typing import Any
@@ -276,6 +277,7 @@ class _LiveSession:
             old.take_over()
 
     def detach(self, conn: _Connection) -> None:
+        conn.live = None
         if self.conn is not conn:
             return  # taken over already
         self.conn = None
