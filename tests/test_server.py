@@ -892,3 +892,11 @@ async def test_client_closing_mid_stream_detaches_and_expiry_stops(make_server: 
             ):
                 await asyncio.sleep(0.01)
         await assert_server_serves(server)
+
+
+async def test_static_files_and_no_traversal(server: Server) -> None:
+    status, headers, body = await asyncio.to_thread(_http_get, f"http://127.0.0.1:{server.port}/client/index.js")
+    assert status == 200 and "javascript" in headers.get("Content-Type", "")
+    for bad in ("/client/../../pyproject.toml", "/static/../server.py", "/client/.hidden.js", "/static/nope.js"):
+        status, _, _ = await asyncio.to_thread(_http_get, f"http://127.0.0.1:{server.port}{bad}")
+        assert status == 404, bad

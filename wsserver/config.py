@@ -18,8 +18,16 @@ from typing import Any
 __all__ = ["ServerConfig", "add_arguments", "env_name", "from_args"]
 
 
-def _opt(default: Any, help: str, *, flag: str | None = None, choices: tuple[str, ...] = ()) -> Any:
-    return field(default=default, metadata={"help": help, "flag": flag, "choices": choices})
+def _opt(
+    default: Any,
+    help: str,
+    *,
+    flag: str | None = None,
+    choices: tuple[str, ...] = (),
+    secret: bool = False,
+) -> Any:
+    # secret: kept out of repr() so a logged config never shows a key
+    return field(default=default, repr=not secret, metadata={"help": help, "flag": flag, "choices": choices})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +51,39 @@ class ServerConfig:
     replay_max_bytes: int = _opt(4 << 20, "replay log bound per session, in bytes")
     sim_tokens_per_s: float = _opt(40.0, "simulated provider: tokens per second (0 = unpaced)")
     sim_ttft_ms: float = _opt(150.0, "simulated provider: time to first token in ms")
+    # Real providers (see README "Real providers"). A provider is offered when
+    # its key or base URL is set here or in the SDK's own variable
+    # (OPENAI_API_KEY / OPENAI_BASE_URL, ANTHROPIC_API_KEY / ANTHROPIC_BASE_URL).
+    base_url: str | None = _opt(
+        None, "upstream base URL of the default provider (--provider); --openai-base-url etc. win"
+    )
+    openai_api_key: str | None = _opt(
+        None, "OpenAI API key (else OPENAI_API_KEY; prefer the environment to a flag)", secret=True
+    )
+    openai_base_url: str | None = _opt(
+        None,
+        "OpenAI-compatible endpoint incl. /v1 (else OPENAI_BASE_URL); no key needed for local servers",
+    )
+    openai_model: str = _opt("gpt-5-mini", "openai provider: default model")
+    openai_api: str = _opt(
+        "chat", "openai provider: Chat Completions or Responses API", choices=("chat", "responses")
+    )
+    anthropic_api_key: str | None = _opt(
+        None, "Anthropic API key (else ANTHROPIC_API_KEY; prefer the environment)", secret=True
+    )
+    anthropic_base_url: str | None = _opt(None, "Anthropic endpoint (else ANTHROPIC_BASE_URL)")
+    anthropic_model: str = _opt("claude-haiku-4-5", "anthropic provider: default model")
+    anthropic_max_tokens: int = _opt(
+        4096, "anthropic provider: max_tokens when a generate sets none (the API requires one)"
+    )
+    provider_retries: int = _opt(
+        2, "retries of a failed upstream request (429/529/5xx/connection) before the first token"
+    )
+    provider_backoff: float = _opt(0.5, "first retry delay in s (doubles each retry) without retry-after")
+    provider_retry_max: float = _opt(10.0, "longest retry delay in s (caps the upstream's retry-after)")
+    provider_timeout: float = _opt(
+        120.0, "upstream timeout in s: connecting (at most 10) and between bytes of the answer"
+    )
     loop: str = _opt("auto", "event loop", choices=("auto", "asyncio", "uvloop"))
     log_level: str = _opt("info", "logging level", choices=("debug", "info", "warning", "error"))
 

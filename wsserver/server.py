@@ -32,7 +32,6 @@ import logging
 import secrets
 from collections.abc import Mapping
 from http import HTTPStatus
-from importlib import resources
 from typing import Any
 
 from websockets.asyncio.server import Server as _WSServer
@@ -48,6 +47,7 @@ from .messages import SUBPROTOCOL, Error, Hello, encode
 from .protocol import CloseConnection, ConnState, Opened, ServerProtocol
 from .providers import Providers, SimulatedProvider
 from .session import Session, StartGeneration, StopGeneration
+from .static import StaticFiles
 from .streams import run_generation
 
 __all__ = ["Server", "default_providers"]
@@ -65,14 +65,32 @@ MAX_BACKLOG = 1024
 STOP_GRACE_S = 5.0
 
 
-def default_providers(config: ServerConfig) -> Providers:
-    """The providers a server offers out of the box."""
+def default_providers(config: ServerConfig, environ: Mapping[str, str] | None = None) -> Providers:
+    """The providers a server offers out of the box.
+
+    ``simulated`` always; ``openai`` and ``anthropic`` when a key or a base URL
+    is set in ``config`` or in the SDKs' own variables in ``environ``
+    (``os.environ`` by default), see :mod:`wsserver.providers.setup`. Their
+    SDKs are imported only then. Known providers that are not configured
+    answer ``provider_unavailable`` with what to set; the server starts anyway,
+    also when the default provider is one of them (logged as a warning).
+    """
+    from .providers.setup import real_providers
+
     simulated = SimulatedProvider(
         tokens_per_s=config.sim_tokens_per_s,
         ttft_ms=config.sim_ttft_ms,
         default_model=config.model if config.provider == "simulated" and config.model else "sim-1",
     )
-    return Providers([simulated], default=config.provider)
+    real, unconfigured = real_providers(config, environ)
+    providers = Providers([simulated, *real], default=config.provider, unconfigured=unconfigured)
+    if config.provider not in providers.names:
+        logger.warning(
+            "default provider %r is not available (%s); generate requests without a provider will fail",
+            config.provider,
+            unconfigured.get(config.provider) or f"available: {', '.join(providers.names)}",
+        )
+    return providers
 
 
 def _select_subprotocol(connection: ServerConnection, offered: Any) -> str | None:
@@ -106,7 +124,7 @@ class Server:
             },
             "server": f"wsserver/{__version__}",
         }
-        self._page = resources.files("wsserver").joinpath("static/index.html").read_bytes()
+        self._static = StaticFiles()
 
     async def start(self) -> None:
         cfg = self.config
@@ -173,15 +191,17 @@ class Server:
             return connection.respond(HTTPStatus.NOT_FOUND, "no WebSocket endpoint here; use /\n")
         if path == "/healthz":
             return connection.respond(HTTPStatus.OK, "OK\n")
-        if path == "/":
+        found = self._static.get(path)
+        if found is not None:
+            content_type, body = found
             headers = Headers(
                 [
-                    ("Content-Type", "text/html; charset=utf-8"),
-                    ("Content-Length", str(len(self._page))),
+                    ("Content-Type", content_type),
+                    ("Content-Length", str(len(body))),
                     ("Cache-Control", "no-cache"),
                 ]
             )
-            return Response(200, "OK", headers, self._page)
+            return Response(200, "OK", headers, body)
         return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
 
     # ------------------------------------------------------------ WebSocket

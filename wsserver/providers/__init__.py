@@ -1,5 +1,8 @@
-"""LLM providers. ``simulated`` is built in and needs no key or network."""
+"""LLM providers. ``simulated`` is built in and needs no key or network;
+``openai`` and ``anthropic`` stream from the real APIs (their SDKs are
+imported only when such a provider is constructed)."""
 
+from .anthropic_provider import AnthropicProvider
 from .base import (
     Finish,
     GenerationRequest,
@@ -11,16 +14,21 @@ from .base import (
     TextDelta,
     UsageReport,
 )
+from .openai_provider import OpenAIProvider
 from .simulated import SimulatedProvider, simulated_reply
+from .upstream import RetryPolicy
 
 __all__ = [
+    "AnthropicProvider",
     "Finish",
     "GenerationRequest",
+    "OpenAIProvider",
     "Provider",
     "ProviderEvent",
     "ProviderFailure",
     "ProviderUnavailable",
     "Providers",
+    "RetryPolicy",
     "SimulatedProvider",
     "TextDelta",
     "UsageReport",

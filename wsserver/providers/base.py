@@ -94,11 +94,26 @@ class Provider(abc.ABC):
 
 
 class Providers:
-    """The providers a server offers, and the default one."""
+    """The providers a server offers, and the default one.
 
-    def __init__(self, providers: Sequence[Provider], *, default: str) -> None:
+    ``unconfigured`` maps the names of known providers that are not set up on
+    this server to what to set (``"set OPENAI_API_KEY (or --openai-api-key /
+    --openai-base-url)"``); asking for one of them gets ``provider_unavailable``
+    with that hint instead of the list of available providers.
+    """
+
+    def __init__(
+        self,
+        providers: Sequence[Provider],
+        *,
+        default: str,
+        unconfigured: Mapping[str, str] | None = None,
+    ) -> None:
         self._by_name: dict[str, Provider] = {p.name: p for p in providers}
         self.default = default
+        self.unconfigured: dict[str, str] = {
+            name: hint for name, hint in (unconfigured or {}).items() if name not in self._by_name
+        }
 
     @property
     def names(self) -> list[str]:
@@ -109,6 +124,9 @@ class Providers:
         name = name or self.default
         provider = self._by_name.get(name)
         if provider is None:
+            hint = self.unconfigured.get(name)
+            if hint is not None:
+                raise ProviderUnavailable(f"provider {name!r} is not configured: {hint}")
             raise ProviderUnavailable(
                 f"provider {name!r} is not configured on this server; "
                 f"available: {', '.join(self.names) or 'none'}"

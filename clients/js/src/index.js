@@ -1,0 +1,1 @@
+// placeholder: the client module arrives with the JS client
