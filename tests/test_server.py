@@ -706,14 +706,6 @@ async def test_hello_timeout(make_server: Any) -> None:
             await assert_alive(c)
 
 
-async def test_unimplemented_request(raw_client: Any) -> None:
-    async with raw_client(hello=True) as c:
-        await c.send({"type": "subscribe", "channel": "news", "id": "sub"})
-        err = error_of(await c.recv(), "not_implemented")
-        assert err["ref"] == "sub"
-        await assert_alive(c)
-
-
 # ------------------------------------------------------------------- abuse
 
 

@@ -263,7 +263,9 @@ class TestAck:
         assert (err["code"], err["field"]) == ("bad_message", "seq")
 
 
-class TestNotYetImplemented:
+class TestWithoutHub:
+    """A session built without a hub (no messaging) says so."""
+
     @pytest.mark.parametrize(
         "message",
         [

@@ -49,7 +49,18 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from .errors import CloseCode, ConnectionLost, ServerError, StreamFailed, server_error
 from .messages import PROTOCOL_VERSION, SUBPROTOCOL
 
-__all__ = ["Backoff", "Client", "ClientStream", "StreamResult", "Usage", "connect"]
+__all__ = [
+    "Backoff",
+    "ChannelMessage",
+    "Client",
+    "ClientStream",
+    "DirectMessage",
+    "Presence",
+    "StreamResult",
+    "Subscription",
+    "Usage",
+    "connect",
+]
 
 logger = logging.getLogger("wsserver.client")
 
@@ -100,6 +111,113 @@ class Backoff:
 
     def delay(self, attempt: int) -> float:
         return random.uniform(0, min(self.cap, self.base * (2**attempt)))
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelMessage:
+    """A publication on a channel (``data`` is any JSON; for a stream published
+    into the channel it is the stream frame, e.g. ``{"type": "stream.delta", ...}``)."""
+
+    channel: str
+    offset: int
+    sender: str
+    data: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """Someone joined or left a channel."""
+
+    channel: str
+    offset: int
+    joined: str | None = None
+    left: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DirectMessage:
+    sender: str
+    data: Any
+
+
+class Subscription:
+    """A channel subscription: an async iterator of :class:`ChannelMessage` and
+    :class:`Presence` items, in offset order, each once.
+
+    After a reconnect the client re-subscribes with ``since`` = the last
+    offset seen and the channel's ``epoch``; if the server could not recover
+    the gap, ``recovered`` is False (refetch your state) and delivery goes on
+    from the channel's current position. ``members`` is kept up to date from
+    presence events.
+    """
+
+    def __init__(self, client: Client, channel: str, since: int | None, epoch: str | None) -> None:
+        self._client = client
+        self.channel = channel
+        self.offset = since or 0
+        self.epoch = epoch
+        self.recovered: bool | None = None
+        self.members: set[str] = set()
+        self._since = since
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._failure: BaseException | None = None
+
+    def __aiter__(self) -> AsyncIterator[ChannelMessage | Presence]:
+        return self
+
+    async def __anext__(self) -> ChannelMessage | Presence:
+        item = await self._queue.get()
+        if item is _END:
+            self._queue.put_nowait(_END)
+            if self._failure is not None:
+                raise self._failure
+            raise StopAsyncIteration
+        return item  # type: ignore[no-any-return]
+
+    async def next(self, timeout: float | None = None) -> ChannelMessage | Presence:
+        async with asyncio.timeout(timeout):
+            return await self.__anext__()
+
+    async def unsubscribe(self) -> None:
+        self._client._subscriptions.pop(self.channel, None)
+        await self._client.request({"type": "unsubscribe", "channel": self.channel})
+        self._queue.put_nowait(_END)
+
+    def _request(self) -> dict[str, Any]:
+        msg: dict[str, Any] = {"type": "subscribe", "channel": self.channel}
+        if self._since is not None:
+            msg["since"] = self._since
+        if self.epoch is not None:
+            msg["epoch"] = self.epoch
+        return msg
+
+    # called by the client's reader
+    def _subscribed(self, frame: Mapping[str, Any]) -> None:
+        self.recovered = bool(frame.get("recovered"))
+        self.members = set(frame.get("members") or ())
+        self.epoch = frame.get("epoch")
+        if not self.recovered:  # nothing replayed: go on from the current position
+            self.offset = frame.get("offset", 0)
+        self._since = self.offset  # what a re-subscription asks for
+
+    def _deliver(self, frame: Mapping[str, Any]) -> None:
+        offset = frame.get("offset", 0)
+        if offset <= self.offset:
+            return  # seen already
+        self.offset = self._since = offset
+        if frame["type"] == "presence":
+            joined, left = frame.get("joined"), frame.get("left")
+            if joined:
+                self.members.add(joined)
+            if left:
+                self.members.discard(left)
+            self._queue.put_nowait(Presence(self.channel, offset, joined, left))
+        else:
+            self._queue.put_nowait(ChannelMessage(self.channel, offset, frame.get("from", ""), frame.get("data")))
+
+    def _lost(self, exc: BaseException) -> None:
+        self._failure = exc
+        self._queue.put_nowait(_END)
 
 
 class ClientStream:
@@ -242,6 +360,9 @@ class Client:
         self._pending: dict[str, tuple[asyncio.Future[dict[str, Any]], bytes]] = {}
         self._resent: set[str] = set()
         self._by_ref: dict[str, ClientStream] = {}
+        self._subscriptions: dict[str, Subscription] = {}
+        #: Direct messages (``send``) to this client's agent, in order.
+        self.inbox: asyncio.Queue[DirectMessage] = asyncio.Queue()
         self._streams: dict[str, ClientStream] = {}
         self._supervisor: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
@@ -308,6 +429,9 @@ class Client:
         self._ws = ws
         self._set_state("open", "resumed" if resumed else "new session")
         self._connected.set()
+        for sub in self._subscriptions.values():  # recover every channel by offset
+            resub = {**sub._request(), "id": self._next_id()}
+            await ws.send(orjson.dumps(resub), text=True)
         if resumed:
             for request_id, (future, data) in list(self._pending.items()):
                 if not future.done():  # its answer never came: ask again, same id
@@ -346,6 +470,8 @@ class Client:
                 break
         self._final_error = closed
         self._fail_all(closed)
+        for sub in self._subscriptions.values():
+            sub._lost(closed)
         self._set_state("closed", closed.reason)
         self._connected.set()  # wake waiting requests: they see the final error
 
@@ -438,14 +564,40 @@ class Client:
         provider: str | None = None,
         model: str | None = None,
         params: Mapping[str, Any] | None = None,
+        channel: str | None = None,
     ) -> ClientStream:
-        """Start a generation; returns once the server accepted it (``stream.start``)."""
+        """Start a generation; returns once the server accepted it (``stream.start``).
+
+        With ``channel``, the stream's frames are also published to that channel.
+        """
         msg: dict[str, Any] = {"type": "generate", "messages": list(messages)}
-        options = {"stream": stream, "provider": provider, "model": model}
+        options = {"stream": stream, "provider": provider, "model": model, "channel": channel}
         msg.update({k: v for k, v in options.items() if v is not None})
         if params is not None:
             msg["params"] = dict(params)
         return await self._start_stream(msg)
+
+    async def subscribe(
+        self, channel: str, *, since: int | None = None, epoch: str | None = None
+    ) -> Subscription:
+        """Subscribe to ``channel``; with ``since`` (and ``epoch``), first get what was missed."""
+        sub = Subscription(self, channel, since, epoch)
+        self._subscriptions[channel] = sub
+        try:
+            await self.request(sub._request())
+        except BaseException:
+            self._subscriptions.pop(channel, None)
+            raise
+        return sub
+
+    async def publish(self, channel: str, data: Any) -> int:
+        """Publish ``data`` (any JSON) on ``channel``; returns its offset."""
+        reply = await self.request({"type": "publish", "channel": channel, "data": data})
+        return int(reply["offset"])
+
+    async def send(self, to: str, data: Any) -> None:
+        """Send ``data`` straight to the agent named ``to``."""
+        await self.request({"type": "send", "to": to, "data": data})
 
     async def ping(self) -> float:
         """Round trip of an application-level ping, in seconds."""
@@ -480,6 +632,19 @@ class Client:
                 self._acked = seq
                 asyncio.get_running_loop().create_task(self._send_ack(seq))
         kind = frame.get("type")
+        channel = frame.get("channel")
+        if channel is not None and kind in ("message", "presence"):
+            sub = self._subscriptions.get(channel)
+            if sub is not None:
+                sub._deliver(frame)
+            return
+        if kind == "message":
+            self.inbox.put_nowait(DirectMessage(frame.get("from", ""), frame.get("data")))
+            return
+        if kind == "subscribed":
+            sub = self._subscriptions.get(frame.get("channel", ""))
+            if sub is not None:
+                sub._subscribed(frame)
         if kind == "stream.delta":
             handle = self._streams.get(frame["stream"])
             if handle is not None:

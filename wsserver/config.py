@@ -49,6 +49,14 @@ class ServerConfig:
     session_ttl: float = _opt(120.0, "seconds a session outlives its connection (resume window)")
     replay_max_messages: int = _opt(10_000, "replay log bound per session, in frames")
     replay_max_bytes: int = _opt(4 << 20, "replay log bound per session, in bytes")
+    max_subscriptions: int = _opt(100, "channel subscriptions per session (too_many_subscriptions beyond)")
+    publish_rate: float = _opt(100.0, "publish + send per session per second (burst 2x; rate_limited beyond)")
+    max_data_bytes: int = _opt(64 * 1024, "largest publish/send data, encoded (message_too_large beyond)")
+    channel_history: int = _opt(1000, "messages each channel keeps for recovery by offset")
+    channel_history_ttl: float = _opt(300.0, "seconds a channel message stays recoverable")
+    slow_consumer_bytes: int = _opt(
+        4 << 20, "close a connection with 1013 when this much output waits for it (slow consumer)"
+    )
     sim_tokens_per_s: float = _opt(40.0, "simulated provider: tokens per second (0 = unpaced)")
     sim_ttft_ms: float = _opt(150.0, "simulated provider: time to first token in ms")
     # Real providers (see README "Real providers"). A provider is offered when

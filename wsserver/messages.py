@@ -104,7 +104,7 @@ class Hello(_Client):
     last_seq: NonNegativeInt | None = None
     snapshot: bool = False
     token: str | None = Field(None, max_length=8192)
-    agent: Name | None = None
+    agent: str | None = Field(None, max_length=1024)  # checked: bad_name
 
 
 class ChatMessage(_Strict):
@@ -134,7 +134,7 @@ class Generate(_Client):
     provider: Name | None = None
     model: str | None = Field(None, max_length=256)
     params: GenerateParams = GenerateParams()
-    channel: Name | None = None
+    channel: str | None = Field(None, max_length=1024)  # checked: bad_name
 
 
 class Cancel(_Client):
@@ -158,27 +158,32 @@ class Ping(_Client):
     type: Literal["ping"]
 
 
+# Channel and agent names are checked by the server (error bad_name), not by
+# the schema, so that a bad name gets its own error code.
+ChannelName = Annotated[str, StringConstraints(max_length=1024)]
+
+
 class Subscribe(_Client):
     type: Literal["subscribe"]
-    channel: Name
+    channel: ChannelName
     since: NonNegativeInt | None = None
     epoch: str | None = Field(None, max_length=128)
 
 
 class Unsubscribe(_Client):
     type: Literal["unsubscribe"]
-    channel: Name
+    channel: ChannelName
 
 
 class Publish(_Client):
     type: Literal["publish"]
-    channel: Name
+    channel: ChannelName
     data: Any
 
 
 class Send(_Client):
     type: Literal["send"]
-    to: Name
+    to: ChannelName
     data: Any
 
 
@@ -269,6 +274,7 @@ class Subscribed(_Server):
     epoch: str
     offset: NonNegativeInt
     recovered: bool
+    members: list[str] = []
 
 
 class Presence(_Server):

@@ -12,6 +12,7 @@ States::
     AWAITING_HELLO --hello--> OPEN --(close / taken over)--> CLOSED
           |  any other message: error not_hello, close 4400
           |  unsupported protocol: error unsupported_protocol, close 4001
+          |  a refused hello (bad_name, agent_name_taken): error, still AWAITING_HELLO
 
 The session is not the connection's: opening, resuming and ending sessions
 is left to the ``open_session`` callback and the transport. When the
@@ -149,7 +150,11 @@ class ServerProtocol:
                 CloseCode.UNSUPPORTED_PROTOCOL,
                 "unsupported protocol",
             )
-        opened = self._open_session(msg)
+        try:
+            opened = self._open_session(msg)
+        except ProtocolError as exc:  # e.g. agent_name_taken: the client may say hello again
+            self._reject(exc)
+            return []
         self.session = opened.session
         self.state = ConnState.OPEN
         self._out.extend(opened.before)

@@ -35,18 +35,19 @@ from http import HTTPStatus
 from typing import Any
 
 from websockets.asyncio.server import Server as _WSServer
-from websockets.asyncio.server import ServerConnection, serve
+from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from . import __version__
 from .config import ServerConfig
-from .errors import CloseCode, ErrorCode
+from .errors import CloseCode, ErrorCode, ProtocolError
+from .hub import Hub, valid_name
 from .messages import SUBPROTOCOL, Error, Hello, encode
 from .protocol import CloseConnection, ConnState, Opened, ServerProtocol
 from .providers import Providers, SimulatedProvider
-from .session import Session, StartGeneration, StopGeneration
+from .session import MessagingLimits, Session, StartGeneration, StopGeneration
 from .static import StaticFiles
 from .streams import run_generation
 
@@ -115,12 +116,29 @@ class Server:
         self.connections: set[_Connection] = set()
         #: Live sessions by id, attached or not.
         self.sessions: dict[str, _LiveSession] = {}
+        cfg = self.config
+        self.hub = Hub(
+            deliver=self._deliver,
+            history_size=cfg.channel_history,
+            history_ttl=cfg.channel_history_ttl,
+        )
+        self.limits = MessagingLimits(
+            max_subscriptions=cfg.max_subscriptions,
+            max_data_bytes=cfg.max_data_bytes,
+            publish_rate=cfg.publish_rate,
+            publish_burst=cfg.publish_rate * 2,
+        )
+        #: Counters for operators (exported as metrics by the hardening work).
+        self.stats = {"slow_consumer_disconnects": 0}
+        self._monitor: asyncio.Task[None] | None = None
         self.welcome = {
             "heartbeat_ms": self.config.heartbeat_ms,
             "limits": {
                 "max_streams": self.config.max_streams,
                 "max_message_bytes": self.config.max_size,
                 "max_id_length": 64,
+                "max_subscriptions": self.config.max_subscriptions,
+                "max_data_bytes": self.config.max_data_bytes,
             },
             "server": f"wsserver/{__version__}",
         }
@@ -143,6 +161,7 @@ class Server:
             close_timeout=cfg.close_timeout,
             server_header=f"wsserver/{__version__}",
         )
+        self._monitor = asyncio.get_running_loop().create_task(self._watch())
         logger.info("listening on ws://%s:%d/", cfg.host, self.port)
 
     @property
@@ -158,6 +177,8 @@ class Server:
         """Close every connection (1001) and stop listening."""
         if self._ws_server is None:
             return
+        if self._monitor is not None:
+            self._monitor.cancel()
         self._ws_server.close()
         await self._ws_server.wait_closed()
         self._ws_server = None
@@ -217,6 +238,13 @@ class Server:
     def _open_session(self, hello: Hello, conn: _Connection) -> Opened:
         """Resume the session ``hello`` names if possible, else open a fresh one."""
         before: list[bytes] = []
+        if hello.agent is not None and not valid_name(hello.agent):
+            raise ProtocolError(
+                ErrorCode.BAD_NAME,
+                "an agent name is 1 to 128 characters of A-Z a-z 0-9 _ . : -",
+                field="agent",
+                ref=hello.id,
+            )
         live = self.sessions.get(hello.session) if hello.session else None
         if live is not None:
             live.attach(conn)  # takes the session over from another connection
@@ -241,6 +269,13 @@ class Server:
             )
             live.detach(conn)
             live.end("cancelled")
+        if hello.agent is not None and hello.agent in self.hub.agents:
+            raise ProtocolError(
+                ErrorCode.AGENT_NAME_TAKEN,
+                f"agent name {hello.agent!r} is held by another session; resume that "
+                "session or choose another name",
+                ref=hello.id,
+            )
         session = Session(
             secrets.token_urlsafe(16),  # 128 bits: unguessable
             providers=self.providers,
@@ -248,11 +283,54 @@ class Server:
             max_log_messages=self.config.replay_max_messages,
             max_log_bytes=self.config.replay_max_bytes,
             coalesce=self.config.coalesce,
+            hub=self.hub,
+            agent=hello.agent,
+            limits=self.limits,
         )
+        if hello.agent is not None:
+            self.hub.claim_agent(hello.agent, session)
         live = _LiveSession(self, session)
         self.sessions[session.id] = live
         live.attach(conn)
         return Opened(session, False, before=before)
+
+
+    def _deliver(self, channel: str, frame: bytes, sessions: list[Session]) -> None:
+        """Send one encoded channel frame to the attached ones among ``sessions``.
+
+        A connection whose writer is idle gets it through ``broadcast()`` (no
+        per-subscriber encoding, no per-subscriber task); one with frames
+        still queued gets it queued behind them, so nothing overtakes. A
+        detached session gets nothing, and neither does a resumed one until it
+        subscribes again: it recovers by offset then, and live traffic that
+        arrived before its recovery would otherwise overtake the recovered
+        messages.
+        """
+        direct = []
+        lives = self.sessions
+        for session in sessions:
+            live = lives.get(session.id)
+            conn = live.conn if live is not None else None
+            if conn is None or channel in session.paused:
+                continue
+            if conn.busy or session.has_output:
+                session.emit_unsequenced(frame)
+            else:
+                direct.append(conn.ws)
+        if direct:
+            broadcast(direct, frame, text=True)
+
+    async def _watch(self) -> None:
+        """Every 0.25 s: close slow consumers (1013) and forget idle channels."""
+        limit = self.config.slow_consumer_bytes
+        while True:
+            await asyncio.sleep(0.25)
+            for conn in list(self.connections):
+                if conn.pending_bytes() > limit:
+                    self.stats["slow_consumer_disconnects"] += 1
+                    logger.warning("closing a slow consumer (1013): %d bytes waiting", conn.pending_bytes())
+                    conn.close_slow()
+            self.hub.sweep()
 
 
 class _LiveSession:
@@ -301,6 +379,7 @@ class _LiveSession:
         if self.conn is not conn:
             return  # taken over already
         self.conn = None
+        self.session.paused.update(self.session.subscriptions)
         if self.server.sessions.get(self.session.id) is self:
             loop = asyncio.get_running_loop()
             self._expiry = loop.call_later(self.server.config.session_ttl, self.expire)
@@ -319,6 +398,7 @@ class _LiveSession:
         if self.server.sessions.get(self.session.id) is self:
             del self.server.sessions[self.session.id]
         self.apply(self.session.close(reason, error))
+        self.server.hub.leave_all(self.session)
         self.session.on_output = None
 
     def apply(self, actions: list[Any]) -> None:
@@ -347,6 +427,8 @@ class _Connection:
         self.drained = asyncio.Event()  # set each time the writer finished a batch
         self.close_with: CloseConnection | None = None
         self.live: _LiveSession | None = None
+        self.busy = False  # the writer is sending a batch
+        self._flush_on_close = False
         self._writer: asyncio.Task[None] | None = None
         self.proto = ServerProtocol(
             open_session=lambda hello: server._open_session(hello, self),
@@ -360,7 +442,7 @@ class _Connection:
         except ConnectionClosed:
             pass
         finally:
-            if self.close_with is not None:  # a violation: send the error first
+            if self._flush_on_close:  # a violation: send the error first
                 with contextlib.suppress(ConnectionClosed):
                     writer.cancel()
                     await self._flush()
@@ -406,6 +488,7 @@ class _Connection:
             for action in actions:
                 if type(action) is CloseConnection:
                     self.close_with = action
+                    self._flush_on_close = True
                 elif self.live is not None:
                     self.live.apply([action])
             if proto.has_output:
@@ -429,5 +512,26 @@ class _Connection:
 
     async def _flush(self) -> None:
         send = self.ws.send
-        for frame in self.proto.data_to_send():
-            await send(frame, text=True)
+        self.busy = True
+        try:
+            for frame in self.proto.data_to_send():
+                await send(frame, text=True)
+        finally:
+            self.busy = False
+
+    def pending_bytes(self) -> int:
+        """Output waiting for this client: the transport's write buffer, the
+        encoded frames queued in its session, and ~64 bytes per other frame."""
+        transport = self.ws.transport
+        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        session = self.proto.session
+        queued = session.pending_raw_bytes if session is not None else 0
+        return buffered + queued + 64 * self.proto.backlog
+
+    def close_slow(self) -> None:
+        """A slow consumer: close with 1013 (aborted after close_timeout)."""
+        if self.close_with is None:
+            self.close_with = CloseConnection(CloseCode.TRY_AGAIN_LATER, "slow consumer")
+            asyncio.get_running_loop().create_task(
+                self.ws.close(CloseCode.TRY_AGAIN_LATER, "slow consumer")
+            )

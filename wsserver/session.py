@@ -27,15 +27,18 @@ from __future__ import annotations
 
 import enum
 import itertools
+import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import orjson
 from pydantic import BaseModel
 
 from .errors import ErrorCode, ProtocolError
+from .hub import Hub, valid_name
 from .messages import (
     Ack,
     Cancel,
@@ -45,10 +48,16 @@ from .messages import (
     Generate,
     GenerateParams,
     Interrupt,
+    Message,
     Ok,
+    Publish,
+    Send,
     StreamEnd,
     StreamSnapshot,
     StreamStart,
+    Subscribe,
+    Subscribed,
+    Unsubscribe,
     Usage,
     encode,
     encode_delta,
@@ -82,6 +91,7 @@ class Stream:
     started_at: float
     channel: str | None = None
     steered_from: str | None = None
+    channel_index: int = 0  # index of the next delta published to the channel
     state: StreamState = StreamState.RUNNING
     reason: str | None = None
     first_token_at: float | None = None
@@ -117,6 +127,35 @@ class StopGeneration:
 Action = StartGeneration | StopGeneration
 
 
+@dataclass(frozen=True, slots=True)
+class MessagingLimits:
+    max_subscriptions: int = 100
+    max_data_bytes: int = 64 * 1024
+    publish_rate: float = 100.0  # publications and direct messages per second
+    publish_burst: float = 200.0
+
+
+class TokenBucket:
+    """``take(now)`` returns 0 if a token was available, else seconds to wait."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp: float | None = None
+
+    def take(self, now: float) -> float:
+        if self.rate <= 0:
+            return 0.0
+        if self.stamp is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+
 class ProviderCatalog(Protocol):
     def resolve(self, name: str | None, model: str | None) -> tuple[str, str]:
         """Return ``(provider, model)`` or raise an exception whose str() is for the client."""
@@ -125,7 +164,6 @@ class ProviderCatalog(Protocol):
 _DELTA = 0
 _FRAME = 1
 _RAW = 2  # an encoded frame that carries no seq (pong)
-_NOT_YET = frozenset({"subscribe", "unsubscribe", "publish", "send"})
 #: Ended streams kept so that an interrupt racing the natural end still finds
 #: the conversation to continue.
 RECENT_STREAMS = 64
@@ -159,6 +197,9 @@ class Session:
         coalesce: bool = True,
         clock: Callable[[], float] = time.monotonic,
         on_output: Callable[[], Any] | None = None,
+        hub: Hub | None = None,
+        agent: str | None = None,
+        limits: MessagingLimits = MessagingLimits(),
     ) -> None:
         self.id = session_id
         self.providers = providers
@@ -180,10 +221,22 @@ class Session:
         self._answered: OrderedDict[str, str | None] = OrderedDict()
         self._recent: OrderedDict[str, Stream] = OrderedDict()
         self._pending: list[tuple[Any, ...]] = []
+        #: Bytes of encoded frames waiting in the queue (channel traffic, pong).
+        self.pending_raw_bytes = 0
         #: The replay log: (seq, frame) of every sequenced frame not yet
         #: acknowledged, oldest first, within the bounds.
         self.log: deque[tuple[int, bytes]] = deque()
         self.log_bytes = 0
+        self.hub = hub
+        self.agent = agent
+        #: ``from`` of an agent without a name; never the session id.
+        self.public_id = "anon-" + secrets.token_hex(6)
+        self.limits = limits
+        self.subscriptions: set[str] = set()
+        #: Subscriptions that get no live traffic until the client subscribes
+        #: again (recovering by offset): those of a detached session.
+        self.paused: set[str] = set()
+        self._publish_bucket = TokenBucket(limits.publish_rate, limits.publish_burst)
 
     # ------------------------------------------------------------------ input
 
@@ -210,12 +263,14 @@ class Session:
             stream_id, actions = self._interrupt(msg)  # type: ignore[arg-type]
         elif msg_type == "ack":
             self._ack(msg)  # type: ignore[arg-type]
-        elif msg_type in _NOT_YET:
-            self._emit_error(
-                ErrorCode.NOT_IMPLEMENTED,
-                f"{msg_type!r} is part of protocol v1 but not implemented by this server yet",
-                ref=request_id,
-            )
+        elif msg_type == "subscribe":
+            self._subscribe(msg)  # type: ignore[arg-type]
+        elif msg_type == "unsubscribe":
+            self._unsubscribe(msg)  # type: ignore[arg-type]
+        elif msg_type == "publish":
+            self._publish(msg)  # type: ignore[arg-type]
+        elif msg_type == "send":
+            self._send(msg)  # type: ignore[arg-type]
         else:  # pragma: no cover - the protocol layer routes hello and ping
             raise AssertionError(f"unexpected message type {msg_type}")
         if request_id is not None:
@@ -233,12 +288,7 @@ class Session:
 
     def _generate(self, msg: Generate) -> tuple[str | None, list[Action]]:
         ref = msg.id
-        if msg.channel is not None:
-            self._emit_error(
-                ErrorCode.NOT_IMPLEMENTED,
-                "publishing a stream to a channel is not implemented by this server yet",
-                ref=ref,
-            )
+        if msg.channel is not None and not self._check_channel(msg.channel, ref):
             return None, []
         try:
             provider, model = self.providers.resolve(msg.provider, msg.model)
@@ -282,17 +332,16 @@ class Session:
         stream = Stream(id=stream_id, started_at=self.clock(), **fields)
         self._used_stream_ids.add(stream_id)
         self.streams[stream_id] = stream
-        self._emit(
-            stream,
-            StreamStart,
-            {
-                "stream": stream_id,
-                "ref": stream.ref,
-                "provider": stream.provider,
-                "model": stream.model,
-                "steered_from": stream.steered_from,
-            },
-        )
+        start = {
+            "stream": stream_id,
+            "ref": stream.ref,
+            "provider": stream.provider,
+            "model": stream.model,
+            "steered_from": stream.steered_from,
+        }
+        self._emit(stream, StreamStart, start)
+        if stream.channel is not None:  # (the requester's ref means nothing to watchers)
+            self._to_channel(stream, StreamStart(seq=1, **{**start, "ref": None}))
         return stream
 
     def _next_stream_id(self) -> str:
@@ -363,6 +412,137 @@ class Session:
         actions.append(StartGeneration(steered))
         return new_id, actions
 
+    # ------------------------------------------------------------- messaging
+
+    @property
+    def name(self) -> str:
+        """What others see as ``from``: the agent name, else a random public id."""
+        return self.agent if self.agent is not None else self.public_id
+
+    def _check_channel(self, channel: str, ref: str | None) -> bool:
+        if self.hub is None:
+            self._emit_error(ErrorCode.NOT_IMPLEMENTED, "channels are not enabled", ref=ref)
+            return False
+        if not valid_name(channel):
+            self._emit_error(
+                ErrorCode.BAD_NAME,
+                "a channel name is 1 to 128 characters of A-Z a-z 0-9 _ . : -",
+                ref=ref,
+                field="channel",
+            )
+            return False
+        return True
+
+    def _subscribe(self, msg: Subscribe) -> None:
+        if not self._check_channel(msg.channel, msg.id):
+            return
+        assert self.hub is not None
+        renewal = msg.channel in self.subscriptions
+        if not renewal and len(self.subscriptions) >= self.limits.max_subscriptions:
+            self._emit_error(
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"at most {self.limits.max_subscriptions} subscriptions per session",
+                ref=msg.id,
+            )
+            return
+        channel, recovered, missed, joined = self.hub.subscribe(
+            msg.channel, self, msg.since, msg.epoch
+        )
+        self.subscriptions.add(msg.channel)
+        self.paused.discard(msg.channel)
+        self._emit(
+            None,
+            Subscribed,
+            {
+                "ref": msg.id,
+                "channel": msg.channel,
+                "epoch": channel.epoch,
+                "offset": channel.offset,
+                "recovered": recovered,
+                "members": channel.members,
+            },
+        )
+        for frame in missed:
+            self.emit_unsequenced(frame)
+        if joined:
+            self.hub.join_announce(channel, self)
+
+    def _unsubscribe(self, msg: Unsubscribe) -> None:
+        if not self._check_channel(msg.channel, msg.id):
+            return
+        assert self.hub is not None
+        self.subscriptions.discard(msg.channel)
+        self.paused.discard(msg.channel)
+        self.hub.unsubscribe(msg.channel, self)
+        if msg.id is not None:
+            self._emit(None, Ok, {"ref": msg.id})
+
+    def _encode_data(self, data: Any, ref: str | None) -> bytes | None:
+        encoded = orjson.dumps(data)
+        if len(encoded) > self.limits.max_data_bytes:
+            self._emit_error(
+                ErrorCode.MESSAGE_TOO_LARGE,
+                f"data is {len(encoded)} bytes; the limit is {self.limits.max_data_bytes}",
+                ref=ref,
+            )
+            return None
+        return encoded
+
+    def _rate_limited(self, ref: str | None) -> bool:
+        wait = self._publish_bucket.take(self.clock())
+        if wait > 0:
+            self._emit_error(
+                ErrorCode.RATE_LIMITED,
+                f"more than {self.limits.publish_rate:g} publications per second",
+                ref=ref,
+                retry_after_ms=max(1, int(wait * 1000)),
+            )
+            return True
+        return False
+
+    def _publish(self, msg: Publish) -> None:
+        if not self._check_channel(msg.channel, msg.id) or self._rate_limited(msg.id):
+            return
+        encoded = self._encode_data(msg.data, msg.id)
+        if encoded is None:
+            return
+        assert self.hub is not None
+        # the ok goes first: the publisher's own copy (if subscribed) queues behind it
+        ok_fields: dict[str, Any] = {"ref": msg.id, "offset": self.hub.channel(msg.channel).offset + 1}
+        if msg.id is not None:
+            self._emit(None, Ok, ok_fields)
+        self.hub.publish(msg.channel, self.name, msg.data, encoded_data=encoded)
+
+    def _send(self, msg: Send) -> None:
+        if self.hub is None:
+            self._emit_error(ErrorCode.NOT_IMPLEMENTED, "messaging is not enabled", ref=msg.id)
+            return
+        if not valid_name(msg.to):
+            self._emit_error(ErrorCode.BAD_NAME, "an agent name is 1 to 128 characters of A-Z a-z 0-9 _ . : -", ref=msg.id, field="to")
+            return
+        if self._rate_limited(msg.id):
+            return
+        recipient = self.hub.agents.get(msg.to)
+        if recipient is None:
+            self._emit_error(ErrorCode.UNKNOWN_AGENT, f"no agent named {msg.to!r} is connected", ref=msg.id)
+            return
+        if self._encode_data(msg.data, msg.id) is None:
+            return
+        recipient.deliver_direct(self.name, msg.data)
+        if msg.id is not None:
+            self._emit(None, Ok, {"ref": msg.id})
+
+    def deliver_direct(self, sender: str, data: Any) -> None:
+        """A direct message for this session: sequenced, so it is in the replay log."""
+        self._emit(None, Message, {"from_": sender, "data": data})
+
+    def _to_channel(self, stream: Stream, frame: BaseModel) -> None:
+        if self.hub is None or stream.channel is None:
+            return
+        data = frame.model_dump(exclude_none=True)
+        del data["seq"]
+        self.hub.publish(stream.channel, self.name, data)
+
     def _ack(self, msg: Ack) -> None:
         if msg.seq > self.seq:
             self._emit_error(
@@ -397,6 +577,10 @@ class Session:
         if not self._pending and self.on_output is not None:
             self.on_output()
         self._pending.append((_DELTA, stream, text))
+        if stream.channel is not None and self.hub is not None:
+            index, stream.channel_index = stream.channel_index, stream.channel_index + 1
+            data = {"type": "stream.delta", "stream": stream.id, "index": index, "text": text}
+            self.hub.publish(stream.channel, self.name, data)
 
     def stream_usage(
         self, stream: Stream, input_tokens: int | None = None, output_tokens: int | None = None
@@ -433,6 +617,8 @@ class Session:
         if error is not None:
             payload["error"] = ErrorInfo(code=error[0], message=error[1])
         self._emit(stream, StreamEnd, payload)
+        if stream.channel is not None:
+            self._to_channel(stream, StreamEnd(seq=1, **payload))
         return True
 
     @staticmethod
@@ -502,6 +688,7 @@ class Session:
         if not self._pending and self.on_output is not None:
             self.on_output()
         self._pending.append((_RAW, None, frame))
+        self.pending_raw_bytes += len(frame)
 
     def _emit_error(self, code: str, message: str, **fields: Any) -> None:
         fields = {k: v for k, v in fields.items() if v is not None}
@@ -521,6 +708,7 @@ class Session:
         if not pending:
             return []
         self._pending = []
+        self.pending_raw_bytes = 0
         if self.coalesce and len(pending) > 1:
             pending = _coalesce(pending)
         out: list[bytes] = []
