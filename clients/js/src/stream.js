@@ -1,0 +1,236 @@
+// One generation: an async iterator of text pieces that also emits events.
+//
+//     const stream = await client.generate("hi");
+//     stream.on("delta", ({ text, index }) => render(text));
+//     for await (const text of stream) process.stdout.write(text);
+//     console.log(stream.result);   // {reason, usage, ttftMs, durationMs, text}
+//
+// Every iterator starts at the first piece, so text that arrived before the
+// loop began is not lost. Iteration ends normally for every end reason but
+// `error`, which throws StreamFailedError; a stream the client could not
+// follow (its session was lost) throws ConnectionLostError.
+//
+// Events: "start" (the stream.start frame), "delta" ({text, index}),
+// "snapshot" ({text, index}: the text so far, after a snapshot resume),
+// "end" (result), "steered" (the new Stream, after interrupt with input),
+// "error" (StreamFailedError or ConnectionLostError).
+
+import { END_REASONS, ERROR_CODES } from "./constants.js";
+import { Emitter } from "./emitter.js";
+import { StreamFailedError, WsServerError } from "./errors.js";
+
+export class Stream extends Emitter {
+  /**
+   * @param {import("./socket.js").Client} client
+   * @param {string|null} ref the id of the request that started it (null: adopted)
+   */
+  constructor(client, ref) {
+    super();
+    this._client = client;
+    this.ref = ref;
+    /** The stream id (set by stream.start, or by a snapshot for an adopted stream). */
+    this.id = null;
+    this.provider = null;
+    this.model = null;
+    /** The stream this one steered from (interrupt with input). */
+    this.steeredFrom = null;
+    /** Everything received so far. */
+    this.text = "";
+    /** The index the next stream.delta must carry. */
+    this.nextIndex = 0;
+    /** Set once stream.end arrived: {stream, reason, usage, ttftMs, durationMs, text, error?}. */
+    this.result = null;
+    /** The error that ended it (StreamFailedError, ConnectionLostError), if any. */
+    this.failure = null;
+    this._pieces = [];
+    this._wake = null;
+    this.finished = new Promise((resolve, reject) => {
+      this._resolveFinished = resolve;
+      this._rejectFinished = reject;
+    });
+    this.finished.catch(() => {});
+  }
+
+  /** Whether the stream has ended (or was lost). */
+  get done() {
+    return this.result !== null || this.failure !== null;
+  }
+
+  /** Consume the rest of the stream: resolves with `result`, rejects with `failure`. */
+  wait() {
+    return this.finished;
+  }
+
+  /**
+   * Stop the generation (`cancel`). Resolves once the stream has ended, with
+   * its result; a no-op for a stream that has ended (also when the end and
+   * the cancel crossed on the wire, PROTOCOL.md 9.4).
+   * @param {{timeoutMs?: number}} [options]
+   */
+  async cancel(options = {}) {
+    if (this.done || this.id === null) return this.result;
+    try {
+      await this._client.request({ type: "cancel", stream: this.id }, options);
+    } catch (error) {
+      if (!(error instanceof WsServerError && error.code === ERROR_CODES.UNKNOWN_STREAM)) throw error;
+    }
+    return this.result;
+  }
+
+  /**
+   * Steer: stop this stream where it is and, with `input`, continue the
+   * conversation (its messages, the partial answer, then `input` as the
+   * user's words) in a new stream, which is returned. Without `input` it
+   * only stops (reason `interrupted`) and resolves with null.
+   * @param {string} [input]
+   * @param {{newStream?: string, timeoutMs?: number}} [options]
+   * @returns {Promise<Stream|null>}
+   */
+  async interrupt(input, options = {}) {
+    if (this.id === null) throw new TypeError("the stream has not started");
+    const message = { type: "interrupt", stream: this.id };
+    if (input == null) {
+      await this._client.request(message, options);
+      return null;
+    }
+    message.input = String(input);
+    if (options.newStream != null) message.new_stream = options.newStream;
+    const steered = await this._client._startStream(message, options);
+    this.emit("steered", steered);
+    return steered;
+  }
+
+  /**
+   * Call `listener({text, index})` for every delta of this stream, those that
+   * arrived before the call included (unlike `on("delta")`, which sees only
+   * later ones). Returns a function that stops it.
+   */
+  onDelta(listener) {
+    for (const piece of this._pieces) listener({ text: piece.text, index: piece.index });
+    return this.on("delta", listener);
+  }
+
+  [Symbol.asyncIterator]() {
+    let position = 0;
+    let finished = false;
+    const next = async () => {
+      for (;;) {
+        if (finished) return { value: undefined, done: true };
+        if (position < this._pieces.length) return { value: this._pieces[position++].text, done: false };
+        if (this.failure !== null) {
+          finished = true; // throw once; a later next() just ends
+          throw this.failure;
+        }
+        if (this.result !== null) {
+          finished = true;
+          return { value: undefined, done: true };
+        }
+        await this._changed();
+      }
+    };
+    return {
+      next,
+      return: async () => {
+        finished = true;
+        return { value: undefined, done: true };
+      },
+      [Symbol.asyncIterator]() {
+        return this;
+      },
+    };
+  }
+
+  toString() {
+    return this.text;
+  }
+
+  // ------------------------------------------------------- called by the client
+
+  _changed() {
+    if (this._wake === null) {
+      let resolve;
+      const promise = new Promise((r) => (resolve = r));
+      this._wake = { promise, resolve };
+    }
+    return this._wake.promise;
+  }
+
+  _notify() {
+    const wake = this._wake;
+    this._wake = null;
+    wake?.resolve();
+  }
+
+  _start(frame) {
+    this.id = frame.stream;
+    this.provider = frame.provider ?? null;
+    this.model = frame.model ?? null;
+    this.steeredFrom = frame.steered_from ?? null;
+    this.emit("start", frame);
+  }
+
+  _feed(text, index) {
+    if (typeof text !== "string" || text === "") return;
+    this._pieces.push({ text, index });
+    this.text += text;
+    this.emit("delta", { text, index });
+    this._notify();
+  }
+
+  _delta(frame) {
+    if (this.done) return;
+    const index = typeof frame.index === "number" ? frame.index : this.nextIndex;
+    if (index < this.nextIndex) return; // already have it (a snapshot covered it)
+    this.nextIndex = index + 1;
+    this._feed(frame.text, index);
+  }
+
+  _snapshot(frame) {
+    if (this.done) return;
+    if (this.id === null) this.id = frame.stream;
+    const text = typeof frame.text === "string" ? frame.text : "";
+    // The server's text so far: deliver only what this handle has not seen.
+    if (text.startsWith(this.text) && text.length > this.text.length) {
+      this._feed(text.slice(this.text.length), null);
+    }
+    if (typeof frame.index === "number" && frame.index > this.nextIndex) this.nextIndex = frame.index;
+    this.emit("snapshot", { text: this.text, index: this.nextIndex });
+  }
+
+  _end(frame) {
+    if (this.done) return;
+    const usage = frame.usage ?? {};
+    this.result = {
+      stream: this.id,
+      reason: frame.reason,
+      usage: {
+        inputTokens: usage.input_tokens ?? 0,
+        outputTokens: usage.output_tokens ?? 0,
+        estimated: usage.estimated === true,
+      },
+      ttftMs: frame.ttft_ms ?? null,
+      durationMs: frame.duration_ms ?? 0,
+      text: this.text,
+    };
+    if (frame.error) this.result.error = { code: frame.error.code, message: frame.error.message ?? "" };
+    if (frame.reason === END_REASONS.ERROR) {
+      const error = frame.error ?? {};
+      this.failure = new StreamFailedError(error.code ?? ERROR_CODES.INTERNAL, error.message ?? "", this.result);
+      this._rejectFinished(this.failure);
+      this.emit("end", this.result);
+      this.emit("error", this.failure);
+    } else {
+      this._resolveFinished(this.result);
+      this.emit("end", this.result);
+    }
+    this._notify();
+  }
+
+  _lost(error) {
+    if (this.done) return;
+    this.failure = error;
+    this._rejectFinished(error);
+    this.emit("error", error);
+    this._notify();
+  }
+}

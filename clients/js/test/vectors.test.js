@@ -1,0 +1,363 @@
+// The protocol's example messages (protocol/vectors/) against the client:
+// every server-valid vector is accepted by the client's frame handling (and
+// has the effect it describes), every client-valid vector's message can be
+// produced through the client's API.
+
+import assert from "node:assert/strict";
+import { readFileSync, readdirSync } from "node:fs";
+import path from "node:path";
+import { describe, test } from "node:test";
+
+import { Client, ConnectionLostError, StreamFailedError, WsServerError } from "../src/index.js";
+import { WELCOME, connectedClient, flush } from "./helpers/mock.js";
+import { repoRoot } from "./helpers/server.js";
+
+const VECTORS = path.join(repoRoot, "protocol", "vectors");
+
+function load(kind) {
+  const dir = path.join(VECTORS, kind);
+  return readdirSync(dir)
+    .filter((name) => name.endsWith(".json"))
+    .sort()
+    .map((name) => ({ name, ...JSON.parse(readFileSync(path.join(dir, name), "utf8")) }));
+}
+
+const serverValid = load("server-valid");
+const clientValid = load("client-valid");
+const clientInvalid = load("client-invalid");
+
+test("the vectors are there", () => {
+  assert.ok(serverValid.length >= 10, `server-valid: ${serverValid.length}`);
+  assert.ok(clientValid.length >= 10, `client-valid: ${clientValid.length}`);
+  assert.ok(clientInvalid.length >= 10, `client-invalid: ${clientInvalid.length}`);
+});
+
+/** A stream s1.. started with the given id, at seq 1. */
+async function streamWith(client, ws, streamId, { seq = 1, id } = {}) {
+  const pending = client.generate([{ role: "user", content: "hi" }], id ? { id } : {});
+  const request = ws.sent.at(-1);
+  ws.receive({ type: "stream.start", seq, stream: streamId, ref: request.id, provider: "simulated", model: "sim-1" });
+  return pending;
+}
+
+describe("server-valid vectors are accepted", () => {
+  for (const vector of serverValid) {
+    const frame = vector.message;
+
+    test(`${vector.name}: accepted on an open connection without an error`, async () => {
+      const { client, ws, errors } = await connectedClient(Client);
+      const before = client.lastSeq;
+      if (frame.type === "welcome" || (frame.type === "error" && frame.seq === undefined)) {
+        // handshake frames; covered below
+        return;
+      }
+      ws().receive(frame);
+      await flush();
+      if (typeof frame.seq === "number") assert.equal(client.lastSeq, Math.max(before, frame.seq), "seq is taken");
+      if (frame.type === "error") assert.equal(errors.length, 1, "an unsolicited error is reported");
+      else assert.deepEqual(errors, []);
+      assert.ok(client.connected);
+    });
+
+    test(`${vector.name}: has its effect (${vector.description})`, async (t) => {
+      switch (frame.type) {
+        case "welcome": {
+          const { client, MockWebSocket } = await connectedClient(Client, {}, { connect: false });
+          const connecting = client.connect();
+          MockWebSocket.last.open();
+          MockWebSocket.last.receive(frame);
+          await connecting;
+          assert.equal(client.session, frame.session);
+          assert.deepEqual(client.welcome, frame);
+          assert.equal(client.state, "open");
+          return;
+        }
+        case "error": {
+          if (frame.seq === undefined) {
+            const { client, MockWebSocket } = await connectedClient(Client, {}, { connect: false });
+            const connecting = client.connect();
+            MockWebSocket.last.open();
+            MockWebSocket.last.receive(frame);
+            await assert.rejects(connecting, (e) => e instanceof WsServerError && e.code === frame.code);
+            assert.deepEqual(client.closeError.supported, frame.supported);
+            return;
+          }
+          const { client, ws } = await connectedClient(Client);
+          const pending = client.request({ type: "cancel", stream: frame.stream ?? "x", id: frame.ref });
+          ws().receive(frame);
+          await assert.rejects(pending, (e) => {
+            assert.ok(e instanceof WsServerError);
+            assert.equal(e.code, frame.code);
+            assert.equal(e.ref, frame.ref);
+            assert.equal(e.stream, frame.stream);
+            assert.equal(e.detail, frame.message);
+            return true;
+          });
+          return;
+        }
+        case "ok": {
+          const { client, ws } = await connectedClient(Client);
+          const pending = client.request({ type: "cancel", stream: "s1", id: frame.ref });
+          ws().receive(frame);
+          assert.deepEqual(await pending, frame);
+          return;
+        }
+        case "pong": {
+          const { client, ws } = await connectedClient(Client);
+          const pending = client.request({ type: "ping", id: frame.ref });
+          ws().receive(frame);
+          assert.deepEqual(await pending, frame);
+          return;
+        }
+        case "stream.start": {
+          const { client, ws } = await connectedClient(Client);
+          const pending = client.generate([{ role: "user", content: "hi" }], { id: frame.ref });
+          ws().receive(frame);
+          const stream = await pending;
+          assert.equal(stream.id, frame.stream);
+          assert.equal(stream.provider, frame.provider);
+          assert.equal(stream.model, frame.model);
+          return;
+        }
+        case "stream.delta": {
+          const { client, ws } = await connectedClient(Client);
+          const stream = await streamWith(client, ws(), frame.stream, { seq: frame.seq - 1 });
+          ws().receive(frame);
+          assert.equal(stream.text, frame.text);
+          assert.equal(stream.nextIndex, frame.index + 1);
+          return;
+        }
+        case "stream.end": {
+          const { client, ws } = await connectedClient(Client);
+          const stream = await streamWith(client, ws(), frame.stream, { seq: frame.seq - 1 });
+          ws().receive(frame);
+          if (frame.reason === "error") {
+            await assert.rejects(stream.finished, (e) => e instanceof StreamFailedError && e.code === frame.error.code);
+          } else {
+            await stream.finished;
+          }
+          assert.equal(stream.result.reason, frame.reason);
+          assert.equal(stream.result.usage.inputTokens, frame.usage.input_tokens);
+          assert.equal(stream.result.usage.outputTokens, frame.usage.output_tokens);
+          assert.equal(stream.result.usage.estimated, frame.usage.estimated === true);
+          assert.equal(stream.result.ttftMs, frame.ttft_ms ?? null);
+          assert.equal(stream.result.durationMs, frame.duration_ms);
+          return;
+        }
+        case "stream.snapshot": {
+          const { client, ws } = await connectedClient(Client);
+          const adopted = [];
+          client.on("stream", (s) => adopted.push(s));
+          ws().receive(frame);
+          assert.equal(adopted.length, 1);
+          assert.equal(adopted[0].id, frame.stream);
+          assert.equal(adopted[0].text, frame.text);
+          assert.equal(adopted[0].nextIndex, frame.index);
+          return;
+        }
+        case "subscribed":
+        case "presence":
+        case "message": {
+          if (frame.type === "message" && frame.channel === undefined) {
+            const { client, ws } = await connectedClient(Client);
+            const got = [];
+            client.onMessage((m) => got.push(m));
+            ws().receive(frame);
+            assert.deepEqual(got, [{ from: frame.from, data: frame.data, seq: frame.seq }]);
+            return;
+          }
+          // subscribe with recovery (since, epoch); the vector frame is the
+          // first message after `since`
+          const subscribed = serverValid.find((v) => v.message.type === "subscribed").message;
+          const channelName = frame.channel;
+          const position = frame.type === "subscribed" ? subscribed.offset : frame.offset;
+          const { client, ws } = await connectedClient(Client);
+          const pending = client.subscribe(channelName, { since: position - 1, epoch: subscribed.epoch });
+          const request = ws().sent.at(-1);
+          assert.equal(request.since, position - 1);
+          ws().receive({ ...subscribed, channel: channelName, ref: request.id, offset: position });
+          const channel = await pending;
+          assert.equal(channel.epoch, subscribed.epoch);
+          assert.equal(channel.recovered, subscribed.recovered);
+          if (subscribed.members) assert.deepEqual([...channel.members], subscribed.members);
+          if (frame.type === "subscribed") return;
+          const messages = [];
+          const presence = [];
+          channel.onMessage((m) => messages.push(m));
+          channel.onPresence((p) => presence.push(p));
+          ws().receive(frame);
+          if (frame.type === "message") {
+            assert.deepEqual(messages, [{ channel: channelName, offset: frame.offset, from: frame.from, data: frame.data }]);
+          } else {
+            assert.equal(presence.length, 1);
+            assert.equal(presence[0].joined, frame.joined);
+            assert.equal(presence[0].left, frame.left);
+            if (frame.joined) assert.ok(channel.members.has(frame.joined));
+          }
+          assert.equal(channel.offset, frame.offset);
+          return;
+        }
+        case "shutdown": {
+          const { client, MockWebSocket, clock } = await connectedClient(Client);
+          const seen = [];
+          client.on("shutdown", (f) => seen.push(f));
+          MockWebSocket.last.receive(frame);
+          MockWebSocket.last.drop(1001);
+          assert.deepEqual(seen, [frame]);
+          clock.advance(frame.reconnect_ms - 1);
+          assert.equal(MockWebSocket.instances.length, 1, "not before reconnect_ms");
+          clock.advance(10_000);
+          assert.equal(MockWebSocket.instances.length, 2);
+          return;
+        }
+        default:
+          t.skip(`no specific check for type ${frame.type}; accepted generically above`);
+      }
+    });
+  }
+});
+
+/** Strip `id`, and fields the vector marks as unknown to the protocol. */
+function shape(message, ignore = []) {
+  const out = { ...message };
+  delete out.id;
+  for (const key of ignore) delete out[key];
+  return out;
+}
+
+/** The message the client sends for a client-valid vector, through its public API. */
+async function produce(message) {
+  switch (message.type) {
+    case "hello": {
+      const { client, MockWebSocket } = await connectedClient(
+        Client,
+        {
+          agent: message.agent,
+          token: message.token,
+          session: message.session,
+          lastSeq: message.last_seq,
+          snapshot: message.snapshot,
+        },
+        { connect: false },
+      );
+      client.connect().catch(() => {});
+      MockWebSocket.last.open();
+      return MockWebSocket.last.sent[0];
+    }
+    case "generate": {
+      const { client, ws } = await connectedClient(Client);
+      client
+        .generate(message.messages, {
+          id: message.id,
+          stream: message.stream,
+          provider: message.provider,
+          model: message.model,
+          params: message.params,
+          channel: message.channel,
+        })
+        .catch(() => {});
+      return ws().sent.at(-1);
+    }
+    case "cancel":
+    case "interrupt": {
+      const { client, ws } = await connectedClient(Client);
+      const stream = await streamWith(client, ws(), message.stream);
+      if (message.type === "cancel") stream.cancel().catch(() => {});
+      else stream.interrupt(message.input, { newStream: message.new_stream }).catch(() => {});
+      return ws().sent.at(-1);
+    }
+    case "ack": {
+      const { client, ws } = await connectedClient(Client, { ackEvery: message.seq });
+      for (let seq = 1; seq <= message.seq; seq++) ws().receive({ type: "ok", seq, ref: `none-${seq}` });
+      return ws().sent.at(-1);
+    }
+    case "ping": {
+      const { client, ws } = await connectedClient(Client);
+      client.ping().catch(() => {});
+      return ws().sent.at(-1);
+    }
+    case "subscribe": {
+      const { client, ws } = await connectedClient(Client);
+      client.subscribe(message.channel, { since: message.since, epoch: message.epoch }).catch(() => {});
+      return ws().sent.at(-1);
+    }
+    case "unsubscribe": {
+      const { client, ws } = await connectedClient(Client);
+      const pending = client.subscribe(message.channel);
+      const request = ws().sent.at(-1);
+      ws().receive({ type: "subscribed", seq: 1, ref: request.id, channel: message.channel, epoch: "e", offset: 0, recovered: false });
+      (await pending).unsubscribe().catch(() => {});
+      return ws().sent.at(-1);
+    }
+    case "publish": {
+      const { client, ws } = await connectedClient(Client);
+      client.publish(message.channel, message.data).catch(() => {});
+      return ws().sent.at(-1);
+    }
+    case "send": {
+      const { client, ws } = await connectedClient(Client);
+      client.send(message.to, message.data).catch(() => {});
+      return ws().sent.at(-1);
+    }
+    default:
+      return null;
+  }
+}
+
+// Fields of each message type the client knows (anything else in a vector
+// is a forward-compatibility example the client has no reason to send).
+const KNOWN = {
+  hello: ["type", "protocol", "session", "last_seq", "snapshot", "token", "agent", "id"],
+  generate: ["type", "id", "messages", "stream", "provider", "model", "params", "channel"],
+};
+
+describe("client-valid vectors can be produced by the client", () => {
+  for (const vector of clientValid) {
+    test(`${vector.name}: ${vector.description}`, async (t) => {
+      const message = vector.message;
+      const sent = await produce(message);
+      if (sent === null) {
+        t.skip(`the client does not send ${message.type}`);
+        return;
+      }
+      const known = KNOWN[message.type];
+      const unknown = known ? Object.keys(message).filter((k) => !known.includes(k)) : [];
+      if (unknown.length) t.diagnostic(`not produced (unknown to the protocol): ${unknown.join(", ")}`);
+      assert.deepEqual(shape(sent), shape(message, unknown));
+      if (message.type !== "hello" && message.type !== "ack") {
+        assert.equal(typeof sent.id, "string", "requests carry an id");
+        assert.ok(sent.id.length >= 1 && sent.id.length <= 64);
+        if (message.id !== undefined && message.type === "generate") assert.equal(sent.id, message.id);
+      }
+    });
+  }
+});
+
+describe("client-invalid vectors", () => {
+  test("an id over 64 characters is refused before it is sent", async () => {
+    const vector = clientInvalid.find((v) => v.name === "id-too-long.json");
+    assert.ok(vector, "id-too-long.json exists");
+    const raw = JSON.parse(vector.raw);
+    const { client, ws } = await connectedClient(Client);
+    await assert.rejects(client.request(raw), TypeError);
+    assert.equal(ws().sent.filter((m) => m.id === raw.id).length, 0);
+  });
+
+  test("every one names the error the server answers with", () => {
+    for (const vector of clientInvalid) {
+      assert.equal(typeof vector.raw, "string", vector.name);
+      assert.equal(typeof vector.error?.code, "string", vector.name);
+    }
+  });
+});
+
+test("an error frame before hello rejects connect() with a typed error, never a ConnectionLostError", async () => {
+  const frame = serverValid.find((v) => v.message.type === "error" && v.message.seq === undefined)?.message;
+  assert.ok(frame);
+  const { client, MockWebSocket } = await connectedClient(Client, {}, { connect: false });
+  const connecting = client.connect();
+  MockWebSocket.last.open();
+  MockWebSocket.last.receive(frame);
+  await assert.rejects(connecting, (e) => !(e instanceof ConnectionLostError) && e.code === frame.code);
+  void WELCOME;
+});
