@@ -32,7 +32,7 @@ async def raw(server: Server, **kwargs: Any) -> AsyncIterator[RawClient]:
 
 async def test_500_subscribers_get_every_publication_in_offset_order(make_server: Any) -> None:
     n_subs, n_msgs = 500, 40
-    async with make_server(publish_rate=0) as server:
+    async with make_server(publish_rate=0, message_rate=0) as server:
         conns: list[ClientConnection] = []
         try:
             for i in range(n_subs):
@@ -168,7 +168,7 @@ async def test_recovered_false_when_history_is_too_short(make_server: Any) -> No
 
 async def test_recovery_races_a_busy_channel(make_server: Any) -> None:
     """Subscribing with since while the channel is busy: nothing lost, duplicated or reordered."""
-    async with make_server(publish_rate=0, channel_history=100_000) as server, raw(server) as pub, raw(server) as sub:
+    async with make_server(publish_rate=0, message_rate=0, channel_history=100_000) as server, raw(server) as pub, raw(server) as sub:
         await pub.hello()
         await sub.hello()
         stop = asyncio.Event()
@@ -241,7 +241,7 @@ async def test_one_stalled_reader_does_not_slow_the_others(make_server: Any) -> 
     n_msgs, payload = 300, "x" * 2000
 
     async def run(stalled: bool) -> tuple[float, int]:
-        async with make_server(publish_rate=0, slow_consumer_bytes=256 * 1024) as server:
+        async with make_server(publish_rate=0, message_rate=0, slow_consumer_bytes=256 * 1024) as server:
             readers: list[ClientConnection] = []
             for _ in range(99):
                 ws = await connect(server.url, compression=None, max_queue=None)

@@ -38,7 +38,9 @@ class FakeWebSocket:
 
 
 def new_connection(ws: Any) -> _Connection:
-    return _Connection(Server(ServerConfig(port=0, sim_tokens_per_s=0, sim_ttft_ms=0)), ws)
+    # no rate limit or abuse threshold: these tests flood the connection on purpose
+    config = ServerConfig(port=0, sim_tokens_per_s=0, sim_ttft_ms=0, message_rate=0, abuse_threshold=0)
+    return _Connection(Server(config), ws)
 
 
 async def test_frames_leave_in_seq_order_while_streams_run_concurrently() -> None:

@@ -43,9 +43,21 @@ async def serve_until_signalled(config: ServerConfig, ready: Callable[[str], Non
     server = Server(config)
     await server.start()
     stop = asyncio.Event()
+    graceful = [False]
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        if stop.is_set():  # a second signal: stop now
+            graceful[0] = False
+            drain_task = getattr(on_signal, "task", None)
+            if drain_task is not None:
+                drain_task.cancel()
+            return
+        graceful[0] = sig == signal.SIGTERM
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     http = f"http://{config.host}:{server.port}/"
     print(
         f"wsserver {__version__} listening on {server.url} "
@@ -56,6 +68,13 @@ async def serve_until_signalled(config: ServerConfig, ready: Callable[[str], Non
     if ready is not None:
         ready(server.url)
     await stop.wait()
+    if graceful[0]:  # SIGTERM: drain (a second signal cuts it short)
+        print(f"wsserver: draining (up to {config.drain_timeout:g} s)", flush=True)
+        task = on_signal.task = loop.create_task(server.drain())  # type: ignore[attr-defined]
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
     print("wsserver: stopping", flush=True)
     await server.close()
 
@@ -66,6 +85,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if config.log_format == "json":
+        from .metrics import JsonFormatter
+
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
+    logging.getLogger("httpx2").setLevel(logging.WARNING)  # one line per upstream request
     if config.log_level != "debug":  # one line per connection is too chatty
         logging.getLogger("websockets.server").setLevel(logging.WARNING)
     run(serve_until_signalled(config), config.loop)

@@ -369,6 +369,7 @@ class Client:
         self._closing = False
         self._final_error: ConnectionLost | None = None
         self._acked = 0
+        self._reconnect_hint: float | None = None
         self.state = "connecting"
         self.welcome: dict[str, Any] = {}
         #: Highest ``seq`` received (what a resume sends as ``last_seq``).
@@ -481,7 +482,11 @@ class Client:
             give_up = self.backoff.give_up_after
             if give_up is not None and time.monotonic() - started > give_up:
                 return False
-            await asyncio.sleep(self.backoff.delay(attempt))
+            hint, self._reconnect_hint = self._reconnect_hint, None
+            if hint is not None:  # after a drain: when the server asked, jittered
+                await asyncio.sleep(random.uniform(0.5 * hint, 1.5 * hint))
+            else:
+                await asyncio.sleep(self.backoff.delay(attempt))
             if self._closing:
                 return False
             try:
@@ -637,6 +642,9 @@ class Client:
             sub = self._subscriptions.get(channel)
             if sub is not None:
                 sub._deliver(frame)
+            return
+        if kind == "shutdown":  # the server drains: reconnect after reconnect_ms
+            self._reconnect_hint = frame.get("reconnect_ms", 0) / 1000
             return
         if kind == "message":
             self.inbox.put_nowait(DirectMessage(frame.get("from", ""), frame.get("data")))

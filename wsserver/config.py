@@ -1,8 +1,11 @@
 """Server configuration: one dataclass, each option also a CLI flag and a
 ``WSSERVER_*`` environment variable.
 
-Precedence: command-line flag, then environment variable, then the default
-below. ``ServerConfig.from_env()`` applies the environment alone (for
+Precedence: command-line flag, then environment variable, then the TOML
+file given with ``--config`` (keys are the option names with underscores,
+e.g. ``max_streams = 4``), then the default below. Every value is checked
+before the server starts; a bad one stops it with a message naming the
+setting. ``ServerConfig.from_env()`` applies the environment alone (for
 embedding); :func:`add_arguments` and :func:`from_args` serve the CLI.
 """
 
@@ -11,11 +14,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ServerConfig", "add_arguments", "env_name", "from_args"]
+__all__ = ["ServerConfig", "add_arguments", "env_name", "from_args", "load_file"]
 
 
 def _opt(
@@ -92,13 +96,46 @@ class ServerConfig:
     provider_timeout: float = _opt(
         120.0, "upstream timeout in s: connecting (at most 10) and between bytes of the answer"
     )
+    # Production hardening (README "Running in production").
+    api_keys: tuple[str, ...] = _opt(
+        (), "accepted API key (repeatable; env: comma-separated); turns authentication on", flag="--api-key", secret=True
+    )
+    jwt_secret: str | None = _opt(None, "HS256 secret for JWT credentials; turns authentication on", secret=True)
+    allowed_origins: tuple[str, ...] = _opt(
+        (), "browser Origin allowed besides same-host and localhost (repeatable; '*' = any)", flag="--allowed-origin"
+    )
+    channel_subscribe: tuple[str, ...] = _opt(("*",), "channel patterns clients may subscribe to (repeatable)")
+    channel_publish: tuple[str, ...] = _opt(("*",), "channel patterns clients may publish on (repeatable)")
+    message_rate: float = _opt(500.0, "requests per connection per second (burst 2x; rate_limited beyond; 0 = off)")
+    generate_rate: float = _opt(600.0, "generations per identity per minute (0 = off)")
+    token_rate: float = _opt(0.0, "output tokens per identity per minute (0 = off)")
+    abuse_threshold: int = _opt(100, "close with 1008 after this many refused messages in 10 s (min 50)")
+    max_connections: int = _opt(10_000, "open connections in total (503 beyond)")
+    max_connections_per_ip: int = _opt(0, "open connections per client IP (503 beyond; 0 = off)")
+    open_timeout: float = _opt(10.0, "seconds for the opening handshake")
+    drain_timeout: float = _opt(30.0, "on SIGTERM, seconds running streams may take to finish")
+    reconnect_ms: int = _opt(1000, "shutdown.reconnect_ms: when clients should reconnect after a drain")
+    metrics: bool = _opt(True, "serve Prometheus metrics at /metrics")
+    metrics_token: str | None = _opt(None, "require 'Authorization: Bearer TOKEN' for /metrics", secret=True)
+    log_format: str = _opt("text", "log format", choices=("text", "json"))
+    log_content: bool = _opt(False, "log prompt and completion text (debugging only)")
     loop: str = _opt("auto", "event loop", choices=("auto", "asyncio", "uvloop"))
     log_level: str = _opt("info", "logging level", choices=("debug", "info", "warning", "error"))
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServerConfig:
+    def from_env(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        file_values: Mapping[str, Any] | None = None,
+        **overrides: Any,
+    ) -> ServerConfig:
         environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {
+            name: _check(fields[name], value, source=f"config file: {name}")
+            for name, value in (file_values or {}).items()
+        }
         for f in dataclasses.fields(cls):
             raw = environ.get(env_name(f.name))
             if raw is not None and raw != "":
@@ -111,12 +148,54 @@ class ServerConfig:
         return int(self.ping_interval * 1000)
 
 
+def load_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a TOML settings file; unknown keys stop start-up."""
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise SystemExit(f"wsserver: --config {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SystemExit(f"wsserver: --config {path}: {exc}") from None
+    known = {f.name for f in dataclasses.fields(ServerConfig)}
+    values = {key.replace("-", "_"): value for key, value in data.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise SystemExit(f"wsserver: --config {path}: unknown setting(s): {', '.join(unknown)}")
+    return values
+
+
+def _check(f: dataclasses.Field[Any], value: Any, *, source: str) -> Any:
+    """Validate a value from the TOML file (already typed by TOML)."""
+    kind = _base_type(f)
+    ok = {
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "list": isinstance(value, list) and all(isinstance(v, str) for v in value),
+        "str": isinstance(value, str),
+    }.get(kind, True)
+    if value is None and "None" in str(f.type):
+        ok = True
+    if not ok:
+        raise SystemExit(f"wsserver: {source}: expected {kind}, got {value!r}")
+    if kind == "list":
+        return tuple(value)
+    if kind == "float":
+        return float(value)
+    choices = f.metadata.get("choices") or ()
+    if choices and value not in choices:
+        raise SystemExit(f"wsserver: {source}: expected one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 def env_name(name: str) -> str:
     return "WSSERVER_" + name.upper()
 
 
 def _base_type(f: dataclasses.Field[Any]) -> str:
-    return str(f.type).replace(" | None", "")
+    kind = str(f.type).replace(" | None", "")
+    return "list" if kind.startswith("tuple[") else kind
 
 
 def _parse(f: dataclasses.Field[Any], raw: str, *, source: str) -> Any:
@@ -133,6 +212,8 @@ def _parse(f: dataclasses.Field[Any], raw: str, *, source: str) -> Any:
             return int(raw)
         if kind == "float":
             return float(raw)
+        if kind == "list":
+            return tuple(item.strip() for item in raw.split(",") if item.strip())
     except ValueError:
         raise SystemExit(f"wsserver: {source}: invalid {kind} value {raw!r}") from None
     choices = f.metadata.get("choices") or ()
@@ -143,6 +224,7 @@ def _parse(f: dataclasses.Field[Any], raw: str, *, source: str) -> Any:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one ``--flag`` per option; defaults come from the environment."""
+    parser.add_argument("--config", metavar="FILE", help="a TOML file of settings (flags and env win)")
     for f in dataclasses.fields(ServerConfig):
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         kind = _base_type(f)
@@ -151,6 +233,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
+            continue
+        if kind == "list":
+            parser.add_argument(flag, dest=f.name, action="append", default=None, metavar="VALUE", help=help_text)
             continue
         parser.add_argument(
             flag,
@@ -165,8 +250,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def from_args(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerConfig:
     overrides = {
-        f.name: getattr(args, f.name)
+        f.name: tuple(value) if isinstance(value, list) else value
         for f in dataclasses.fields(ServerConfig)
-        if getattr(args, f.name, None) is not None
+        if (value := getattr(args, f.name, None)) is not None
     }
-    return ServerConfig.from_env(environ, **overrides)
+    file_values = load_file(args.config) if getattr(args, "config", None) else None
+    return ServerConfig.from_env(environ, file_values=file_values, **overrides)

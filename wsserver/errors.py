@@ -115,8 +115,10 @@ class ProtocolError(WSServerError):
         field: str | None = None,
         ref: str | None = None,
         extra: dict[str, Any] | None = None,
+        close: int | None = None,
     ) -> None:
         super().__init__(message)
+        self.close = close  # close the connection with this code after answering
         self.code = code
         self.message = message
         self.field = field

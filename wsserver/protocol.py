@@ -23,6 +23,8 @@ protocol lets go of the session and takes no more output from it.
 from __future__ import annotations
 
 import enum
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +39,10 @@ from .messages import (
     decode_client,
     encode,
 )
-from .session import Action, Session
+from .session import Action, Session, TokenBucket
+
+#: The window over which refused messages are counted for the abuse threshold.
+ABUSE_WINDOW_S = 10.0
 
 __all__ = ["CloseConnection", "ConnState", "Opened", "ServerProtocol"]
 
@@ -80,7 +85,17 @@ class ServerProtocol:
         *,
         open_session: Callable[[Hello], Opened],
         welcome: dict[str, Any],
+        message_rate: float = 0.0,
+        abuse_threshold: int = 0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        self.clock = clock
+        self._bucket = TokenBucket(message_rate, message_rate * 2)
+        #: Close with 1008 after this many refused messages within ABUSE_WINDOW_S (0 = never).
+        self.abuse_threshold = abuse_threshold
+        self._violations: deque[float] = deque()
+        #: Type of the last message received ("invalid" if it did not decode).
+        self.last_type = ""
         self.state = ConnState.AWAITING_HELLO
         self.session: Session | None = None
         self._open_session = open_session
@@ -92,11 +107,23 @@ class ServerProtocol:
     def receive_text(self, data: str | bytes) -> list[Action | CloseConnection]:
         if self.state is ConnState.CLOSED:
             return []
+        wait = self._bucket.take(self.clock())
+        if wait > 0:
+            self._reject(
+                ProtocolError(
+                    ErrorCode.RATE_LIMITED,
+                    "too many messages on this connection",
+                    extra={"retry_after_ms": max(1, int(wait * 1000))},
+                )
+            )
+            return self._violation()
         try:
             msg = decode_client(data)
         except ProtocolError as exc:
+            self.last_type = "invalid"
             self._reject(exc)
-            return []
+            return self._violation()
+        self.last_type = msg.type
         if self.state is ConnState.AWAITING_HELLO:
             return self._hello(msg)
         assert self.session is not None
@@ -125,7 +152,21 @@ class ServerProtocol:
                 "binary frames are not part of protocol v1; send JSON in text frames",
             )
         )
-        return []
+        return self._violation()
+
+    def _violation(self) -> list[Action | CloseConnection]:
+        """Count a refused message; past the threshold the connection is closed (1008)."""
+        if not self.abuse_threshold:
+            return []
+        now = self.clock()
+        window = self._violations
+        window.append(now)
+        while window and window[0] < now - ABUSE_WINDOW_S:
+            window.popleft()
+        if len(window) < self.abuse_threshold:
+            return []
+        self.state = ConnState.CLOSED
+        return [CloseConnection(CloseCode.POLICY, "too many refused messages")]
 
     def _hello(self, msg: Any) -> list[Action | CloseConnection]:
         if msg.type != "hello":
@@ -153,6 +194,8 @@ class ServerProtocol:
         try:
             opened = self._open_session(msg)
         except ProtocolError as exc:  # e.g. agent_name_taken: the client may say hello again
+            if exc.close is not None:  # e.g. unauthorized: 4401
+                return self._violate(exc, exc.close, exc.code)
             self._reject(exc)
             return []
         self.session = opened.session
@@ -197,6 +240,13 @@ class ServerProtocol:
     def backlog(self) -> int:
         """Frames produced but not yet taken by :meth:`data_to_send`."""
         return len(self._out) + (self.session.backlog if self.session is not None else 0)
+
+    def send_unsequenced(self, frame: bytes) -> None:
+        """Queue a frame without seq (``shutdown``) in order with the rest."""
+        if self.session is not None:
+            self.session.emit_unsequenced(frame)
+        else:
+            self._out.append(frame)
 
     def data_to_send(self) -> list[bytes]:
         out = self._out

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import weakref
 from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
@@ -42,18 +43,29 @@ from websockets.http11 import Request, Response
 
 from . import __version__
 from .config import ServerConfig
+from .auth import ANONYMOUS, Authenticator, ChannelRules, Identity, origin_allowed, token_from_request
 from .errors import CloseCode, ErrorCode, ProtocolError
 from .hub import Hub, valid_name
-from .messages import SUBPROTOCOL, Error, Hello, encode
+from .messages import SUBPROTOCOL, Error, Hello, Shutdown, encode
 from .protocol import CloseConnection, ConnState, Opened, ServerProtocol
 from .providers import Providers, SimulatedProvider
-from .session import MessagingLimits, Session, StartGeneration, StopGeneration
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Telemetry
+from .session import (
+    MessagingLimits,
+    Session,
+    StartGeneration,
+    StopGeneration,
+    TokenBucket,
+    TokenBudget,
+)
 from .static import StaticFiles
 from .streams import run_generation
 
 __all__ = ["Server", "default_providers"]
 
 logger = logging.getLogger("wsserver.server")
+events = logging.getLogger("wsserver.events")
 
 WS_PATHS = frozenset({"/", "/ws"})
 #: Frames waiting for the writer beyond which the reader stops reading the
@@ -94,6 +106,11 @@ def default_providers(config: ServerConfig, environ: Mapping[str, str] | None = 
     return providers
 
 
+def _client_ip(connection: ServerConnection) -> str:
+    address = getattr(connection, "remote_address", None)
+    return str(address[0]) if address else "?"
+
+
 def _select_subprotocol(connection: ServerConnection, offered: Any) -> str | None:
     # Accept clients that offer no subprotocol (unlike websockets' default).
     return SUBPROTOCOL if SUBPROTOCOL in offered else None
@@ -128,9 +145,21 @@ class Server:
             publish_rate=cfg.publish_rate,
             publish_burst=cfg.publish_rate * 2,
         )
-        #: Counters for operators (exported as metrics by the hardening work).
+        #: Counters for operators (also exported as metrics).
         self.stats = {"slow_consumer_disconnects": 0}
         self._monitor: asyncio.Task[None] | None = None
+        self.auth = Authenticator(
+            api_keys=cfg.api_keys,
+            jwt_secret=cfg.jwt_secret,
+            rules=ChannelRules(tuple(cfg.channel_subscribe), tuple(cfg.channel_publish)),
+        )
+        self.telemetry = Telemetry(log_content=cfg.log_content)
+        self.telemetry.bind(self._session_counts)
+        self.draining = False
+        self._identities: weakref.WeakKeyDictionary[ServerConnection, Identity] = weakref.WeakKeyDictionary()
+        self._per_ip: dict[str, int] = {}
+        self._generate_buckets: dict[str, TokenBucket] = {}
+        self._token_budgets: dict[str, TokenBudget] = {}
         self.welcome = {
             "heartbeat_ms": self.config.heartbeat_ms,
             "limits": {
@@ -143,6 +172,11 @@ class Server:
             "server": f"wsserver/{__version__}",
         }
         self._static = StaticFiles()
+
+    def _session_counts(self) -> tuple[int, int, int]:
+        attached = sum(1 for live in self.sessions.values() if live.conn is not None)
+        streams = sum(len(live.session.streams) for live in self.sessions.values())
+        return attached, len(self.sessions) - attached, streams
 
     async def start(self) -> None:
         cfg = self.config
@@ -159,6 +193,7 @@ class Server:
             ping_interval=cfg.ping_interval or None,
             ping_timeout=cfg.ping_timeout or None,
             close_timeout=cfg.close_timeout,
+            open_timeout=cfg.open_timeout,
             server_header=f"wsserver/{__version__}",
         )
         self._monitor = asyncio.get_running_loop().create_task(self._watch())
@@ -172,6 +207,39 @@ class Server:
     @property
     def url(self) -> str:
         return f"ws://{self.config.host}:{self.port}/"
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Graceful shutdown: stop accepting (``/readyz`` answers 503), send every
+        client ``shutdown {reconnect_ms, drain_ms}``, let running streams finish
+        for up to ``timeout`` (``drain_timeout``), end the rest with ``error
+        shutdown``, close every socket with 1001 and stop."""
+        if self._ws_server is None:
+            return
+        cfg = self.config
+        timeout = cfg.drain_timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        # Keep listening: /readyz answers 503 to take the node out of the load
+        # balancer, and new WebSocket handshakes are refused with 503.
+        self.draining = True
+        notice = encode(Shutdown(reconnect_ms=cfg.reconnect_ms, drain_ms=int(timeout * 1000)))
+        for conn in list(self.connections):
+            conn.proto.send_unsequenced(notice)
+            conn.wake.set()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline and any(live.session.streams for live in self.sessions.values()):
+            await asyncio.sleep(0.05)
+        for live in list(self.sessions.values()):
+            live.end("error", (ErrorCode.SHUTDOWN.value, "the server is shutting down"))
+        flushed = loop.time() + 1.0  # let the writers send those stream.end frames
+        while loop.time() < flushed and any(c.proto.backlog or c.busy for c in self.connections):
+            await asyncio.sleep(0.01)
+        closing = [
+            loop.create_task(conn.ws.close(CloseCode.GOING_AWAY, "server shutdown"))
+            for conn in list(self.connections)
+        ]
+        if closing:
+            await asyncio.wait(closing, timeout=cfg.close_timeout + 1)
+        await self.close()
 
     async def close(self) -> None:
         """Close every connection (1001) and stop listening."""
@@ -204,14 +272,34 @@ class Server:
 
     # ----------------------------------------------------------- plain HTTP
 
+    def _refuse(self, connection: ServerConnection, status: HTTPStatus, text: str, reason: str) -> Response:
+        self.telemetry.connections_refused.labels(reason).inc()
+        response = connection.respond(status, text)
+        if status == HTTPStatus.SERVICE_UNAVAILABLE:
+            response.headers["Retry-After"] = "1"
+        return response
+
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         path = request.path.split("?", 1)[0]
-        if request.headers.get("Upgrade", "").lower() == "websocket":
-            if path in WS_PATHS:
-                return None
-            return connection.respond(HTTPStatus.NOT_FOUND, "no WebSocket endpoint here; use /\n")
+        headers = request.headers
+        if headers.get("Upgrade", "").lower() == "websocket":
+            if path not in WS_PATHS:
+                return self._refuse(connection, HTTPStatus.NOT_FOUND, "no WebSocket endpoint here; use /\n", "path")
+            return self._admit(connection, request)
         if path == "/healthz":
             return connection.respond(HTTPStatus.OK, "OK\n")
+        if path == "/readyz":
+            if self.draining:
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+            return connection.respond(HTTPStatus.OK, "ready\n")
+        if path == "/metrics" and self.config.metrics:
+            token = self.config.metrics_token
+            if token and headers.get("Authorization", "") != f"Bearer {token}":
+                return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
+            body = self.telemetry.render()
+            return Response(
+                200, "OK", Headers([("Content-Type", METRICS_CONTENT_TYPE), ("Content-Length", str(len(body)))]), body
+            )
         found = self._static.get(path)
         if found is not None:
             content_type, body = found
@@ -225,15 +313,84 @@ class Server:
             return Response(200, "OK", headers, body)
         return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
 
+    def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
+        """The checks before an upgrade: drain, Origin, connection limits, credential."""
+        cfg, headers = self.config, request.headers
+        if self.draining:
+            return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "draining\n", "draining")
+        if not origin_allowed(headers.get("Origin"), headers.get("Host"), cfg.allowed_origins):
+            return self._refuse(connection, HTTPStatus.FORBIDDEN, "origin not allowed\n", "origin")
+        if len(self.connections) >= cfg.max_connections:
+            return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n", "limit")
+        ip = _client_ip(connection)
+        if cfg.max_connections_per_ip and self._per_ip.get(ip, 0) >= cfg.max_connections_per_ip:
+            return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n", "ip_limit")
+        if self.auth.enabled:
+            token = token_from_request(request.path, headers.get("Authorization"))
+            if token is not None:
+                identity = self.auth.verify(token)
+                if identity is None:
+                    return self._refuse(connection, HTTPStatus.UNAUTHORIZED, "unauthorized\n", "unauthorized")
+                self._identities[connection] = identity
+        return None
+
     # ------------------------------------------------------------ WebSocket
 
     async def _handle(self, ws: ServerConnection) -> None:
         conn = _Connection(self, ws)
+        ip = conn.ip
         self.connections.add(conn)
+        self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+        self.telemetry.connections_open.inc()
+        events.info("connection open", extra={"event": "connection.open", "ip": ip})
         try:
             await conn.run()
         finally:
             self.connections.discard(conn)
+            self.telemetry.connections_open.dec()
+            session = conn.proto.session or (conn.live.session if conn.live else None)
+            events.info(
+                "connection closed",
+                extra={
+                    "event": "connection.close",
+                    "ip": ip,
+                    "session": session.id if session is not None else None,
+                    "code": ws.close_code,
+                },
+            )
+            left = self._per_ip.get(ip, 1) - 1
+            if left:
+                self._per_ip[ip] = left
+            else:
+                self._per_ip.pop(ip, None)
+
+    def _identify(self, hello: Hello, conn: _Connection) -> Identity:
+        identity = self._identities.pop(conn.ws, None)
+        if identity is not None:
+            return identity
+        if not self.auth.enabled:
+            return self.auth.anonymous()
+        if hello.token is not None:
+            identity = self.auth.verify(hello.token)
+            if identity is not None:
+                return identity
+        raise ProtocolError(
+            ErrorCode.UNAUTHORIZED, "a valid credential is required", ref=hello.id, close=CloseCode.UNAUTHORIZED
+        )
+
+    def _budgets(self, key: str) -> tuple[TokenBucket | None, TokenBudget | None]:
+        """Generation and token limits are per identity (per client IP when anonymous)."""
+        cfg = self.config
+        bucket = budget = None
+        if cfg.generate_rate > 0:
+            bucket = self._generate_buckets.get(key)
+            if bucket is None:
+                bucket = self._generate_buckets[key] = TokenBucket(cfg.generate_rate / 60, cfg.generate_rate)
+        if cfg.token_rate > 0:
+            budget = self._token_budgets.get(key)
+            if budget is None:
+                budget = self._token_budgets[key] = TokenBudget(cfg.token_rate)
+        return bucket, budget
 
     def _open_session(self, hello: Hello, conn: _Connection) -> Opened:
         """Resume the session ``hello`` names if possible, else open a fresh one."""
@@ -245,8 +402,12 @@ class Server:
                 field="agent",
                 ref=hello.id,
             )
+        identity = self._identify(hello, conn)
         live = self.sessions.get(hello.session) if hello.session else None
+        if live is not None and live.session.identity != identity.id:
+            live = None  # another identity's session: as if unknown (no hint that it exists)
         if live is not None:
+            self.telemetry.resumes.labels("ok").inc()
             live.attach(conn)  # takes the session over from another connection
             session = live.session
             session.take_output()  # sequence what is pending: the replay covers it
@@ -267,6 +428,7 @@ class Server:
                     )
                 )
             )
+            self.telemetry.resumes.labels("failed").inc()
             live.detach(conn)
             live.end("cancelled")
         if hello.agent is not None and hello.agent in self.hub.agents:
@@ -276,6 +438,8 @@ class Server:
                 "session or choose another name",
                 ref=hello.id,
             )
+        key = identity.id if identity.id != ANONYMOUS else "ip:" + conn.ip
+        generate_bucket, token_budget = self._budgets(key)
         session = Session(
             secrets.token_urlsafe(16),  # 128 bits: unguessable
             providers=self.providers,
@@ -286,6 +450,11 @@ class Server:
             hub=self.hub,
             agent=hello.agent,
             limits=self.limits,
+            identity=identity.id,
+            rules=identity.rules,
+            observer=self.telemetry,
+            generate_bucket=generate_bucket,
+            token_budget=token_budget,
         )
         if hello.agent is not None:
             self.hub.claim_agent(hello.agent, session)
@@ -326,8 +495,9 @@ class Server:
         while True:
             await asyncio.sleep(0.25)
             for conn in list(self.connections):
-                if conn.pending_bytes() > limit:
+                if conn.pending_bytes() > limit and conn.close_with is None:
                     self.stats["slow_consumer_disconnects"] += 1
+                    self.telemetry.slow_consumers.inc()
                     logger.warning("closing a slow consumer (1013): %d bytes waiting", conn.pending_bytes())
                     conn.close_slow()
             self.hub.sweep()
@@ -430,9 +600,13 @@ class _Connection:
         self.busy = False  # the writer is sending a batch
         self._flush_on_close = False
         self._writer: asyncio.Task[None] | None = None
+        self.ip = _client_ip(ws)
+        cfg = server.config
         self.proto = ServerProtocol(
             open_session=lambda hello: server._open_session(hello, self),
             welcome=server.welcome,
+            message_rate=cfg.message_rate,
+            abuse_threshold=max(50, cfg.abuse_threshold) if cfg.abuse_threshold else 0,
         )
 
     async def run(self) -> None:
@@ -453,8 +627,18 @@ class _Connection:
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
         if self.close_with is not None:
+            # Keep reading (and discarding) while the closing handshake runs:
+            # unread messages would pause the transport and hide the peer's
+            # close frame until close_timeout.
+            discard = asyncio.get_running_loop().create_task(self._discard_incoming())
             with contextlib.suppress(ConnectionClosed):
                 await self.ws.close(self.close_with.code, self.close_with.reason)
+            discard.cancel()
+
+    async def _discard_incoming(self) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in self.ws:
+                pass
 
     def take_over(self) -> None:
         """Another connection resumed this one's session: close with 4000."""
@@ -468,6 +652,7 @@ class _Connection:
 
     async def _read_loop(self) -> None:
         ws, proto, writer = self.ws, self.proto, self._writer
+        telemetry = self.server.telemetry
         assert writer is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.server.config.hello_timeout
@@ -481,10 +666,13 @@ class _Connection:
                     return
             else:
                 data = await ws.recv()
+            telemetry.bytes_in.inc(len(data))
             if isinstance(data, str):
                 actions = proto.receive_text(data)
+                telemetry.messages_in.labels(proto.last_type).inc()
             else:
                 actions = proto.receive_binary(data)
+                telemetry.messages_in.labels("binary").inc()
             for action in actions:
                 if type(action) is CloseConnection:
                     self.close_with = action
@@ -499,11 +687,15 @@ class _Connection:
 
     async def _write_loop(self) -> None:
         wake, drained = self.wake, self.drained
+        observe = self.server.telemetry.delivery.observe
+        clock = asyncio.get_running_loop().time
         try:
             while True:
                 await wake.wait()
+                woke = clock()
                 wake.clear()
                 await self._flush()
+                observe(clock() - woke)
                 drained.set()
         except ConnectionClosed:
             pass
@@ -513,11 +705,15 @@ class _Connection:
     async def _flush(self) -> None:
         send = self.ws.send
         self.busy = True
+        frames = self.proto.data_to_send()
         try:
-            for frame in self.proto.data_to_send():
+            for frame in frames:
                 await send(frame, text=True)
         finally:
             self.busy = False
+            telemetry = self.server.telemetry
+            telemetry.frames_out.inc(len(frames))
+            telemetry.bytes_out.inc(sum(map(len, frames)))
 
     def pending_bytes(self) -> int:
         """Output waiting for this client: the transport's write buffer, the

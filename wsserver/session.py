@@ -38,6 +38,7 @@ import orjson
 from pydantic import BaseModel
 
 from .errors import ErrorCode, ProtocolError
+from .auth import ChannelRules
 from .hub import Hub, valid_name
 from .messages import (
     Ack,
@@ -156,6 +157,38 @@ class TokenBucket:
         return (1 - self.tokens) / self.rate
 
 
+class TokenBudget:
+    """Output tokens per minute: spending may go negative; new generations wait
+    until the budget is positive again."""
+
+    def __init__(self, per_minute: float) -> None:
+        self.capacity = per_minute
+        self.level = per_minute
+        self.rate = per_minute / 60.0
+        self.stamp: float | None = None
+
+    def _refill(self, now: float) -> None:
+        if self.stamp is not None:
+            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait(self, now: float) -> float:
+        self._refill(now)
+        return 0.0 if self.level > 0 else (1 - self.level) / self.rate
+
+    def spend(self, tokens: int, now: float) -> None:
+        self._refill(now)
+        self.level -= tokens
+
+
+class Observer(Protocol):
+    """Told about what happens in a session (metrics and event logs)."""
+
+    def error(self, code: str) -> None: ...
+    def stream_started(self, session_id: str, stream: Stream) -> None: ...
+    def stream_ended(self, session_id: str, stream: Stream, usage: Usage, error: tuple[str, str] | None) -> None: ...
+
+
 class ProviderCatalog(Protocol):
     def resolve(self, name: str | None, model: str | None) -> tuple[str, str]:
         """Return ``(provider, model)`` or raise an exception whose str() is for the client."""
@@ -200,6 +233,11 @@ class Session:
         hub: Hub | None = None,
         agent: str | None = None,
         limits: MessagingLimits = MessagingLimits(),
+        identity: str = "anonymous",
+        rules: ChannelRules | None = None,
+        observer: Observer | None = None,
+        generate_bucket: TokenBucket | None = None,
+        token_budget: TokenBudget | None = None,
     ) -> None:
         self.id = session_id
         self.providers = providers
@@ -229,6 +267,12 @@ class Session:
         self.log_bytes = 0
         self.hub = hub
         self.agent = agent
+        #: The authenticated identity this session is bound to.
+        self.identity = identity
+        self.rules = rules
+        self.observer = observer
+        self.generate_bucket = generate_bucket
+        self.token_budget = token_budget
         #: ``from`` of an agent without a name; never the session id.
         self.public_id = "anon-" + secrets.token_hex(6)
         self.limits = limits
@@ -288,7 +332,9 @@ class Session:
 
     def _generate(self, msg: Generate) -> tuple[str | None, list[Action]]:
         ref = msg.id
-        if msg.channel is not None and not self._check_channel(msg.channel, ref):
+        if msg.channel is not None and not self._check_channel(msg.channel, ref, publish=True):
+            return None, []
+        if not self._generation_allowed(ref):
             return None, []
         try:
             provider, model = self.providers.resolve(msg.provider, msg.model)
@@ -308,6 +354,22 @@ class Session:
             channel=msg.channel,
         )
         return stream_id, [StartGeneration(stream)]
+
+    def _generation_allowed(self, ref: str | None) -> bool:
+        now = self.clock()
+        wait = self.generate_bucket.take(now) if self.generate_bucket is not None else 0.0
+        what = "generations per minute"
+        if not wait and self.token_budget is not None:
+            wait, what = self.token_budget.wait(now), "output tokens per minute"
+        if wait:
+            self._emit_error(
+                ErrorCode.RATE_LIMITED,
+                f"over this identity's limit of {what}",
+                ref=ref,
+                retry_after_ms=max(1, int(wait * 1000)),
+            )
+            return False
+        return True
 
     def _claim_stream_id(self, wanted: str | None, ref: str | None) -> str | None:
         """The id for a new stream, or None after answering why there is none."""
@@ -340,6 +402,8 @@ class Session:
             "steered_from": stream.steered_from,
         }
         self._emit(stream, StreamStart, start)
+        if self.observer is not None:
+            self.observer.stream_started(self.id, stream)
         if stream.channel is not None:  # (the requester's ref means nothing to watchers)
             self._to_channel(stream, StreamStart(seq=1, **{**start, "ref": None}))
         return stream
@@ -419,7 +483,7 @@ class Session:
         """What others see as ``from``: the agent name, else a random public id."""
         return self.agent if self.agent is not None else self.public_id
 
-    def _check_channel(self, channel: str, ref: str | None) -> bool:
+    def _check_channel(self, channel: str, ref: str | None, *, publish: bool = False, subscribe: bool = False) -> bool:
         if self.hub is None:
             self._emit_error(ErrorCode.NOT_IMPLEMENTED, "channels are not enabled", ref=ref)
             return False
@@ -431,10 +495,17 @@ class Session:
                 field="channel",
             )
             return False
+        rules = self.rules
+        if rules is not None and (
+            (publish and not rules.may_publish(channel)) or (subscribe and not rules.may_subscribe(channel))
+        ):
+            action = "publish on" if publish else "subscribe to"
+            self._emit_error(ErrorCode.FORBIDDEN, f"not allowed to {action} {channel!r}", ref=ref)
+            return False
         return True
 
     def _subscribe(self, msg: Subscribe) -> None:
-        if not self._check_channel(msg.channel, msg.id):
+        if not self._check_channel(msg.channel, msg.id, subscribe=True):
             return
         assert self.hub is not None
         renewal = msg.channel in self.subscriptions
@@ -501,7 +572,7 @@ class Session:
         return False
 
     def _publish(self, msg: Publish) -> None:
-        if not self._check_channel(msg.channel, msg.id) or self._rate_limited(msg.id):
+        if not self._check_channel(msg.channel, msg.id, publish=True) or self._rate_limited(msg.id):
             return
         encoded = self._encode_data(msg.data, msg.id)
         if encoded is None:
@@ -617,6 +688,10 @@ class Session:
         if error is not None:
             payload["error"] = ErrorInfo(code=error[0], message=error[1])
         self._emit(stream, StreamEnd, payload)
+        if self.token_budget is not None:
+            self.token_budget.spend(payload["usage"].output_tokens, now)
+        if self.observer is not None:
+            self.observer.stream_ended(self.id, stream, payload["usage"], error)
         if stream.channel is not None:
             self._to_channel(stream, StreamEnd(seq=1, **payload))
         return True
@@ -691,6 +766,8 @@ class Session:
         self.pending_raw_bytes += len(frame)
 
     def _emit_error(self, code: str, message: str, **fields: Any) -> None:
+        if self.observer is not None:
+            self.observer.error(str(code))
         fields = {k: v for k, v in fields.items() if v is not None}
         self._emit(None, Error, {"code": str(code), "message": message, **fields})
 

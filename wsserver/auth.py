@@ -1,0 +1,181 @@
+"""Who may connect, and which channels they may touch.
+
+Authentication is off until a key or a secret is configured:
+
+* static API keys (``--api-key``, repeatable; ``WSSERVER_API_KEYS``,
+  comma-separated): the identity is ``key:`` plus a short hash of the key;
+* JWT, HS256 only, signed with ``WSSERVER_JWT_SECRET`` (``--jwt-secret``):
+  ``sub`` is the identity, ``exp`` and ``nbf`` are honoured, and an optional
+  ``channels`` claim ``{"subscribe": [patterns], "publish": [patterns]}``
+  replaces the server's channel rules for that identity.
+
+HS256 verification is a few lines over :mod:`hmac`; a JWT library would add
+a dependency for one algorithm we need (and ``alg`` confusion is avoided by
+accepting exactly one). Channel patterns are :func:`fnmatch.fnmatchcase`
+patterns (``team:*``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import fnmatch
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
+
+__all__ = [
+    "ANONYMOUS",
+    "Authenticator",
+    "ChannelRules",
+    "Identity",
+    "make_jwt",
+    "origin_allowed",
+    "token_from_request",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelRules:
+    subscribe: tuple[str, ...] = ("*",)
+    publish: tuple[str, ...] = ("*",)
+
+    def may_subscribe(self, channel: str) -> bool:
+        return any(fnmatch.fnmatchcase(channel, p) for p in self.subscribe)
+
+    def may_publish(self, channel: str) -> bool:
+        return any(fnmatch.fnmatchcase(channel, p) for p in self.publish)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """An authenticated client. ``id`` is what sessions and agent names bind to."""
+
+    id: str
+    rules: ChannelRules
+
+
+ANONYMOUS = "anonymous"
+
+
+def _b64decode(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+class Authenticator:
+    def __init__(
+        self,
+        *,
+        api_keys: Iterable[str] = (),
+        jwt_secret: str | None = None,
+        rules: ChannelRules = ChannelRules(),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._keys = [k.encode() for k in api_keys if k]
+        self._secret = jwt_secret.encode() if jwt_secret else None
+        self.rules = rules
+        self._now = clock
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys) or self._secret is not None
+
+    def anonymous(self) -> Identity:
+        return Identity(ANONYMOUS, self.rules)
+
+    def verify(self, token: str) -> Identity | None:
+        """The identity a credential proves, or None. Never says why."""
+        raw = token.encode()
+        for key in self._keys:
+            if hmac.compare_digest(raw, key):
+                return Identity("key:" + hashlib.sha256(key).hexdigest()[:12], self.rules)
+        if self._secret is not None and token.count(".") == 2:
+            return self._verify_jwt(token)
+        return None
+
+    def _verify_jwt(self, token: str) -> Identity | None:
+        assert self._secret is not None
+        head, body, sig = token.split(".")
+        try:
+            header = json.loads(_b64decode(head))
+            claims = json.loads(_b64decode(body))
+            signature = _b64decode(sig)
+        except (ValueError, binascii.Error):
+            return None
+        if not isinstance(header, dict) or header.get("alg") != "HS256" or not isinstance(claims, dict):
+            return None
+        expected = hmac.new(self._secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
+        if not hmac.compare_digest(signature, expected):
+            return None
+        now = self._now()
+        exp, nbf, sub = claims.get("exp"), claims.get("nbf"), claims.get("sub")
+        if not isinstance(sub, str) or not sub:
+            return None
+        if isinstance(exp, (int, float)) and now >= exp:
+            return None
+        if exp is not None and not isinstance(exp, (int, float)):
+            return None
+        if isinstance(nbf, (int, float)) and now < nbf:
+            return None
+        rules = self.rules
+        channels = claims.get("channels")
+        if isinstance(channels, dict):
+            rules = ChannelRules(
+                subscribe=_patterns(channels.get("subscribe")),
+                publish=_patterns(channels.get("publish")),
+            )
+        return Identity("sub:" + sub, rules)
+
+
+def _patterns(value: object) -> tuple[str, ...]:
+    if isinstance(value, list):
+        return tuple(p for p in value if isinstance(p, str))
+    return ()
+
+
+def make_jwt(secret: str, claims: dict[str, object]) -> str:
+    """Sign ``claims`` with HS256 (for tests and tools)."""
+
+    def enc(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    head = enc(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = enc(json.dumps(claims).encode())
+    sig = hmac.new(secret.encode(), f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{enc(sig)}"
+
+
+def token_from_request(path: str, authorization: str | None) -> str | None:
+    """The credential of a handshake: ``Authorization: Bearer``, else ``?token=``."""
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    query = urlsplit(path).query
+    if query:
+        values = parse_qs(query).get("token")
+        if values and values[0]:
+            return values[0]
+    return None
+
+
+_LOCAL = {"localhost", "127.0.0.1", "[::1]", "::1"}
+
+
+def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str]) -> bool:
+    """No Origin (non-browser clients) is allowed; a browser Origin must match
+    the Host, a local host, or the allowlist (exact ``scheme://host[:port]``)."""
+    if origin is None:
+        return True
+    if origin in allowed or "*" in allowed:
+        return True
+    parts = urlsplit(origin)
+    origin_host = parts.hostname or ""
+    netloc = parts.netloc
+    if host and netloc.lower() == host.lower():
+        return True
+    return origin_host in _LOCAL or f"[{origin_host}]" in _LOCAL

@@ -1,0 +1,137 @@
+"""What the server says about itself: Prometheus metrics and event logs.
+
+:class:`Telemetry` is the session core's observer (the core calls it; it does
+no I/O of its own beyond logging) and the transport's counter board. Each
+server has its own :class:`prometheus_client.CollectorRegistry`, served at
+``GET /metrics``. Event logs go to the ``wsserver.events`` logger, one line
+per connection and stream event, with session and stream ids; prompt and
+completion text only with ``--log-content``. ``--log-format json`` renders
+every log record as one JSON object per line (:class:`JsonFormatter`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from .session import Stream
+
+__all__ = ["CONTENT_TYPE", "JsonFormatter", "Telemetry"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+events = logging.getLogger("wsserver.events")
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Telemetry:
+    def __init__(self, *, log_content: bool = False) -> None:
+        self.log_content = log_content
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        p = "wsserver_"
+        self.connections_open = Gauge(p + "connections_open", "Open WebSocket connections", registry=r)
+        self.connections_refused = Counter(
+            p + "connections_refused", "Handshakes refused, by reason", ["reason"], registry=r
+        )
+        self.sessions = Gauge(p + "sessions", "Live sessions, by state", ["state"], registry=r)
+        self.streams_active = Gauge(p + "streams_active", "Running streams", registry=r)
+        self.streams_ended = Counter(p + "streams_ended", "Ended streams, by reason", ["reason"], registry=r)
+        self.ttft = Histogram(p + "ttft_seconds", "Time to first token", buckets=_TTFT_BUCKETS, registry=r)
+        self.delivery = Histogram(
+            p + "delivery_seconds",
+            "Time from a writer being woken by pending output to the batch being written",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.messages_in = Counter(p + "messages_in", "Client messages, by type", ["type"], registry=r)
+        self.frames_out = Counter(p + "frames_out", "Frames written by the session writers", registry=r)
+        self.bytes_in = Counter(p + "bytes_in", "Bytes of client messages", registry=r)
+        self.bytes_out = Counter(p + "bytes_out", "Bytes written by the session writers", registry=r)
+        self.cancels = Counter(p + "cancels", "Streams cancelled by the client", registry=r)
+        self.steers = Counter(p + "steers", "Streams steered by interrupt", registry=r)
+        self.resumes = Counter(p + "resumes", "Resume attempts, by result", ["result"], registry=r)
+        self.slow_consumers = Counter(
+            p + "slow_consumer_disconnects", "Connections closed with 1013", registry=r
+        )
+        self.errors = Counter(p + "errors", "error frames sent, by code", ["code"], registry=r)
+        self.provider_errors = Counter(
+            p + "provider_errors", "Streams ended by a provider failure, by provider", ["provider"], registry=r
+        )
+
+    def bind(self, sessions: Callable[[], tuple[int, int, int]]) -> None:
+        """``sessions()`` returns (attached, detached, running streams) at scrape time."""
+        self.sessions.labels("attached").set_function(lambda: sessions()[0])
+        self.sessions.labels("detached").set_function(lambda: sessions()[1])
+        self.streams_active.set_function(lambda: sessions()[2])
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # ------------------------------------------------ observer of the core
+
+    def error(self, code: str) -> None:
+        self.errors.labels(code).inc()
+
+    def stream_started(self, session_id: str, stream: Stream) -> None:
+        fields: dict[str, Any] = {
+            "session": session_id,
+            "stream": stream.id,
+            "provider": stream.provider,
+            "model": stream.model,
+            "steered_from": stream.steered_from,
+        }
+        if self.log_content:
+            fields["messages"] = [[m.role, m.content] for m in stream.messages]
+        events.info("stream start", extra={"event": "stream.start", **fields})
+
+    def stream_ended(self, session_id: str, stream: Stream, usage: Any, error: tuple[str, str] | None) -> None:
+        reason = stream.reason or "complete"
+        self.streams_ended.labels(reason).inc()
+        if stream.first_token_at is not None:
+            self.ttft.observe(stream.first_token_at - stream.started_at)
+        if reason == "cancelled":
+            self.cancels.inc()
+        elif reason == "interrupted":
+            self.steers.inc()
+        if error is not None and error[0] in ("provider_error", "provider_timeout"):
+            self.provider_errors.labels(stream.provider).inc()
+        fields: dict[str, Any] = {
+            "session": session_id,
+            "stream": stream.id,
+            "reason": reason,
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+        }
+        if error is not None:
+            fields["error"] = error[0]
+        if self.log_content:
+            fields["text"] = stream.text
+        events.info("stream end", extra={"event": "stream.end", **fields})
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the extras."""
+
+    _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in record.__dict__.items():
+            if key not in self._STANDARD and value is not None:
+                out[key] = value
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(out, default=str).decode()
