@@ -16,7 +16,10 @@ import dataclasses
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from pydantic import ConfigDict, ValidationError
+from pydantic.dataclasses import dataclass
 from typing import Any
 
 __all__ = ["ServerConfig", "add_arguments", "env_name", "from_args", "load_file"]
@@ -34,8 +37,10 @@ def _opt(
     return field(default=default, repr=not secret, metadata={"help": help, "flag": flag, "choices": choices})
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, config=ConfigDict(strict=True, extra="forbid"))
 class ServerConfig:
+    """Every setting of a server, validated by pydantic when built."""
+
     host: str = _opt("127.0.0.1", "interface to listen on")
     port: int = _opt(8765, "TCP port (0 picks a free one)")
     provider: str = _opt("simulated", "default provider for generate requests")
@@ -141,7 +146,12 @@ class ServerConfig:
             if raw is not None and raw != "":
                 values[f.name] = _parse(f, raw, source=env_name(f.name))
         values.update(overrides)
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            name = ".".join(str(p) for p in err["loc"])
+            raise SystemExit(f"wsserver: setting {name}: {err['msg']}") from None
 
     @property
     def heartbeat_ms(self) -> int:
