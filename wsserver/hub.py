@@ -30,10 +30,11 @@ import orjson
 if TYPE_CHECKING:
     from .session import Session
 
-__all__ = ["NAME_RE", "Channel", "Hub", "valid_name"]
+__all__ = ["NAME_RE", "NAME_RULE", "Channel", "Hub", "valid_name"]
 
 #: Agent and channel names.
 NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
+NAME_RULE = "is 1 to 128 characters of A-Z a-z 0-9 _ . : -"
 
 
 def valid_name(name: str) -> bool:

@@ -45,7 +45,7 @@ from . import __version__
 from .config import ServerConfig
 from .auth import ANONYMOUS, Authenticator, ChannelRules, Identity, origin_allowed, token_from_request
 from .errors import CloseCode, ErrorCode, ProtocolError
-from .hub import Hub, valid_name
+from .hub import NAME_RULE, Hub, valid_name
 from .messages import SUBPROTOCOL, Error, Hello, Shutdown, encode
 from .protocol import CloseConnection, ConnState, Opened, ServerProtocol
 from .providers import Providers, SimulatedProvider
@@ -398,7 +398,7 @@ class Server:
         if hello.agent is not None and not valid_name(hello.agent):
             raise ProtocolError(
                 ErrorCode.BAD_NAME,
-                "an agent name is 1 to 128 characters of A-Z a-z 0-9 _ . : -",
+                f"an agent name {NAME_RULE}",
                 field="agent",
                 ref=hello.id,
             )

@@ -39,7 +39,7 @@ from pydantic import BaseModel
 
 from .errors import ErrorCode, ProtocolError
 from .auth import ChannelRules
-from .hub import Hub, valid_name
+from .hub import NAME_RULE, Hub, valid_name
 from .messages import (
     Ack,
     Cancel,
@@ -362,14 +362,12 @@ class Session:
         if not wait and self.token_budget is not None:
             wait, what = self.token_budget.wait(now), "output tokens per minute"
         if wait:
-            self._emit_error(
-                ErrorCode.RATE_LIMITED,
-                f"over this identity's limit of {what}",
-                ref=ref,
-                retry_after_ms=max(1, int(wait * 1000)),
-            )
+            self._emit_rate_limited(f"over this identity's limit of {what}", ref, wait)
             return False
         return True
+
+    def _emit_rate_limited(self, message: str, ref: str | None, wait_s: float) -> None:
+        self._emit_error(ErrorCode.RATE_LIMITED, message, ref=ref, retry_after_ms=max(1, int(wait_s * 1000)))
 
     def _claim_stream_id(self, wanted: str | None, ref: str | None) -> str | None:
         """The id for a new stream, or None after answering why there is none."""
@@ -490,7 +488,7 @@ class Session:
         if not valid_name(channel):
             self._emit_error(
                 ErrorCode.BAD_NAME,
-                "a channel name is 1 to 128 characters of A-Z a-z 0-9 _ . : -",
+                f"a channel name {NAME_RULE}",
                 ref=ref,
                 field="channel",
             )
@@ -562,12 +560,7 @@ class Session:
     def _rate_limited(self, ref: str | None) -> bool:
         wait = self._publish_bucket.take(self.clock())
         if wait > 0:
-            self._emit_error(
-                ErrorCode.RATE_LIMITED,
-                f"more than {self.limits.publish_rate:g} publications per second",
-                ref=ref,
-                retry_after_ms=max(1, int(wait * 1000)),
-            )
+            self._emit_rate_limited(f"more than {self.limits.publish_rate:g} publications per second", ref, wait)
             return True
         return False
 
@@ -589,7 +582,7 @@ class Session:
             self._emit_error(ErrorCode.NOT_IMPLEMENTED, "messaging is not enabled", ref=msg.id)
             return
         if not valid_name(msg.to):
-            self._emit_error(ErrorCode.BAD_NAME, "an agent name is 1 to 128 characters of A-Z a-z 0-9 _ . : -", ref=msg.id, field="to")
+            self._emit_error(ErrorCode.BAD_NAME, f"an agent name {NAME_RULE}", ref=msg.id, field="to")
             return
         if self._rate_limited(msg.id):
             return
