@@ -35,7 +35,7 @@ async def test_500_subscribers_get_every_publication_in_offset_order(make_server
     async with make_server(publish_rate=0, message_rate=0) as server:
         conns: list[ClientConnection] = []
         try:
-            for i in range(n_subs):
+            for _ in range(n_subs):
                 ws = await connect(server.url, compression=None, max_queue=None)
                 await ws.send(orjson.dumps({"type": "hello", "protocol": 1}).decode())
                 await ws.recv()

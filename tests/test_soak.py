@@ -30,7 +30,7 @@ async def test_many_connections_many_streams(server: Server) -> None:
                 await client.generate(conv, params={"reply_tokens": TOKENS}) for conv in conversations
             ]
             results = await asyncio.gather(*(s.wait() for s in streams))
-            for conv, result in zip(conversations, results):
+            for conv, result in zip(conversations, results, strict=True):
                 assert result.reason == "complete"
                 assert result.usage.output_tokens == TOKENS
                 expected = "".join(simulated_reply([ChatMessage(**m) for m in conv], TOKENS))
