@@ -429,3 +429,34 @@ class refusing_port:
 
     def __exit__(self, *exc: object) -> None:
         self.sock.close()
+
+
+async def test_end_to_end_steering_carries_the_partial_answer(upstream: FakeUpstream, make_server: Callable[..., Server]) -> None:
+    """interrupt closes the first upstream request and the successor request
+    carries the conversation, the partial assistant text and the new words."""
+    upstream.script = [
+        SSE(chat_events(["Once", " upon"], finish=None, usage=None, done=False), hold=10.0),
+        SSE(chat_events(["Cats", "!"], usage=(9, 2))),
+    ]
+    async with make_server(**e2e_config(upstream)) as server, asyncio.timeout(10):
+        async with wsserver.connect(server.url) as client:
+            story = await client.generate([{"role": "user", "content": "a story"}], provider="openai", model="m")
+            seen = ""
+            async for text in story:
+                seen += text
+                if seen == "Once upon":
+                    break
+            cats = await story.interrupt("about cats")
+            assert cats is not None and cats.steered_from == story.id and cats.provider == "openai"
+            result = await cats.wait()
+            first = await story.wait()
+            await upstream.wait_closed(index=0, timeout=5)
+    assert first.reason == "interrupted" and first.text == "Once upon"
+    assert result.reason == "complete" and result.text == "Cats!"
+    successor = upstream.requests[1].body
+    assert successor["model"] == "m"
+    assert successor["messages"] == [
+        {"role": "user", "content": "a story"},
+        {"role": "assistant", "content": "Once upon"},
+        {"role": "user", "content": "about cats"},
+    ]
