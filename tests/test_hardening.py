@@ -386,3 +386,15 @@ def test_config_file_and_precedence(tmp_path: Any) -> None:
     unknown.write_text("nope = 1\n")
     with pytest.raises(SystemExit, match="nope"):
         load_file(unknown)
+
+
+async def test_a_refused_hello_may_be_retried_with_the_handshake_credential(make_server: Any) -> None:
+    async with make_server(api_keys=(KEY,)) as server:
+        url = server.url + f"?token={KEY}"
+        async with connect(url, compression=None) as ws1, connect(url, compression=None) as ws2:
+            await RawClient(ws1).hello(agent="solo")
+            b = RawClient(ws2)
+            await b.send({"type": "hello", "protocol": 1, "agent": "solo"})
+            assert (await b.recv())["code"] == "agent_name_taken"
+            welcome = await b.hello(agent="other")  # same connection, same credential
+            assert welcome["type"] == "welcome"

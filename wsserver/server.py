@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 import weakref
 from collections.abc import Mapping
 from http import HTTPStatus
@@ -365,7 +366,7 @@ class Server:
                 self._per_ip.pop(ip, None)
 
     def _identify(self, hello: Hello, conn: _Connection) -> Identity:
-        identity = self._identities.pop(conn.ws, None)
+        identity = self._identities.get(conn.ws)  # (kept: a refused hello may be retried)
         if identity is not None:
             return identity
         if not self.auth.enabled:
@@ -407,15 +408,16 @@ class Server:
         if live is not None and live.session.identity != identity.id:
             live = None  # another identity's session: as if unknown (no hint that it exists)
         if live is not None:
-            self.telemetry.resumes.labels("ok").inc()
             live.attach(conn)  # takes the session over from another connection
             session = live.session
             session.take_output()  # sequence what is pending: the replay covers it
             if hello.snapshot:
                 session.snapshot()
+                self.telemetry.resumes.labels("ok").inc()
                 return Opened(session, True)
             replay = session.replay_after(hello.last_seq or 0)
             if replay is not None:
+                self.telemetry.resumes.labels("ok").inc()
                 return Opened(session, True, after=replay)
             before.append(
                 encode(
@@ -501,6 +503,17 @@ class Server:
                     logger.warning("closing a slow consumer (1013): %d bytes waiting", conn.pending_bytes())
                     conn.close_slow()
             self.hub.sweep()
+            self._prune_budgets()
+
+    def _prune_budgets(self) -> None:
+        """Forget rate-limit state of identities idle long enough to be full again."""
+        now = time.monotonic()
+        for buckets in (self._generate_buckets, self._token_budgets):
+            for key, bucket in list(buckets.items()):
+                rate = bucket.rate or 1.0
+                full_after = (bucket.burst if isinstance(bucket, TokenBucket) else bucket.capacity) / rate
+                if bucket.stamp is not None and now - bucket.stamp > full_after + 60:
+                    del buckets[key]
 
 
 class _LiveSession:
