@@ -12,7 +12,8 @@ Parameters (``generate.params``, else the provider's defaults):
 natural length of the reply exactly (default: whole sentences adding up to
 24 to 70 tokens, derived from the conversation); ``ttft_ms`` delays the first token; ``tokens_per_s``
 paces the rest (0 = as fast as possible, yielding to the event loop after
-every token so that other streams and connections keep moving).
+every ``UNPACED_BURST`` tokens so that other streams and connections keep
+moving).
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from .base import Finish, GenerationRequest, Provider, ProviderEvent, TextDelta,
 __all__ = ["SimulatedProvider", "count_tokens", "simulated_reply"]
 
 _ECHO_WORDS = 8
+#: Unpaced, the provider yields to the event loop after this many tokens (a
+#: network read hands over several tokens at once too). Other streams and
+#: connections keep moving, and the writer sends each burst in one go.
+UNPACED_BURST = 16
 _WORDS = (
     "the a stream token socket session server client model answer question channel agent "
     "message reply replay cancel steer resume order time fast slow small large simple clear "
@@ -102,8 +107,9 @@ class SimulatedProvider(Provider):
                     await sleep(delay if delay > 0 else 0)
                 yield TextDelta(token, 1)
         else:
-            for token in tokens:
+            for i, token in enumerate(tokens, 1):
                 yield TextDelta(token, 1)
-                await sleep(0)  # as fast as possible, but never starve the loop
+                if i % UNPACED_BURST == 0:
+                    await sleep(0)  # as fast as possible, but never starve the loop
         yield UsageReport(output_tokens=len(tokens))
         yield Finish(reason)  # type: ignore[arg-type]
