@@ -37,6 +37,7 @@ __all__ = [
     "chat_events",
     "collect",
     "responses_events",
+    "cancel_to_eof",
     "text_of",
 ]
 
@@ -471,3 +472,33 @@ def text_of(events: Sequence[Any]) -> str:
     from wsserver.providers import TextDelta
 
     return "".join(e.text for e in events if isinstance(e, TextDelta))
+
+
+async def cancel_to_eof(upstream: FakeUpstream, provider: Any, request: Any) -> float:
+    """Stream ``request`` from ``provider``, cancel the consuming task at the
+    first text, and return the seconds until the upstream saw the hang-up."""
+    from wsserver.providers import TextDelta
+
+    first = asyncio.Event()
+
+    async def consume() -> None:
+        stream = provider.stream(request)
+        try:
+            async for event in stream:
+                if isinstance(event, TextDelta):
+                    first.set()
+        finally:
+            await stream.aclose()
+
+    task = asyncio.create_task(consume())
+    async with asyncio.timeout(5):
+        await first.wait()
+    t0 = time.monotonic()
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    else:  # pragma: no cover - the task must have been cancelled
+        raise AssertionError("the stream ended before it was cancelled")
+    return await upstream.wait_closed(timeout=5) - t0

@@ -5,7 +5,6 @@ in-band errors, retries, cancel, and end to end through a running wsserver."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -25,6 +24,7 @@ from wsserver.providers import (
 from wsserver.server import Server
 
 from fake_upstream import (
+    cancel_to_eof,
     SSE,
     FakeUpstream,
     Reply,
@@ -211,27 +211,8 @@ async def test_stream_cut_without_stop_reason(upstream: FakeUpstream, provider: 
 
 async def test_cancel_closes_upstream(upstream: FakeUpstream, provider: Any) -> None:
     upstream.script = [SSE(anthropic_events(["first"], stop=False), hold=10.0)]
-    first = asyncio.Event()
-
-    async def consume(p: AnthropicProvider) -> None:
-        stream = p.stream(request())
-        try:
-            async for event in stream:
-                if isinstance(event, TextDelta):
-                    first.set()
-        finally:
-            await stream.aclose()  # type: ignore[attr-defined]
-
     async with provider() as p:
-        task = asyncio.create_task(consume(p))
-        async with asyncio.timeout(5):
-            await first.wait()
-        t0 = time.monotonic()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        eof_at = await upstream.wait_closed(timeout=5)
-    latency = eof_at - t0
+        latency = await cancel_to_eof(upstream, p, request())
     print(f"anthropic: cancel -> upstream EOF: {latency * 1000:.2f} ms")
     assert latency < CANCEL_CLOSE_BOUND_S
 

@@ -24,7 +24,7 @@ from wsserver.providers import (
 )
 from wsserver.server import Server
 
-from fake_upstream import SSE, Drop, FakeUpstream, Reply, chat_events, collect, responses_events, text_of
+from fake_upstream import cancel_to_eof, SSE, Drop, FakeUpstream, Reply, chat_events, collect, responses_events, text_of
 
 #: Cancel → upstream EOF bound. Typical on this box: 0.3-0.7 ms.
 CANCEL_CLOSE_BOUND_S = 0.1
@@ -262,27 +262,8 @@ async def test_silent_upstream_times_out(upstream: FakeUpstream, provider: Any) 
 
 async def test_cancel_closes_upstream(upstream: FakeUpstream, provider: Any) -> None:
     upstream.script = [SSE(chat_events(["first"], finish=None, usage=None, done=False), hold=10.0)]
-    first = asyncio.Event()
-
-    async def consume(p: OpenAIProvider) -> None:
-        stream = p.stream(request())
-        try:
-            async for event in stream:
-                if isinstance(event, TextDelta):
-                    first.set()
-        finally:
-            await stream.aclose()  # type: ignore[attr-defined]
-
     async with provider() as p:
-        task = asyncio.create_task(consume(p))
-        async with asyncio.timeout(5):
-            await first.wait()
-        t0 = time.monotonic()
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        eof_at = await upstream.wait_closed(timeout=5)
-    latency = eof_at - t0
+        latency = await cancel_to_eof(upstream, p, request())
     print(f"cancel -> upstream EOF: {latency * 1000:.2f} ms")
     assert latency < CANCEL_CLOSE_BOUND_S
     assert not upstream.requests[0].finished
