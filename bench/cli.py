@@ -15,6 +15,7 @@ import asyncio
 import datetime as dt
 import re
 import resource
+import shlex
 import shutil
 import sys
 import tempfile
@@ -45,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true",
                    help="also run wsserver once more under py-spy in streaming and fanout; writes profile-*.txt")
     p.add_argument("--keep-tmp", action="store_true", help="keep the scratch folder (logs, samples)")
+    p.add_argument("--wsserver-args", default="", metavar="ARGS",
+                   help="extra flags for `wsserver serve`, e.g. --wsserver-args=--no-coalesce")
     return p.parse_args(argv)
 
 
@@ -132,7 +135,9 @@ async def run(args: argparse.Namespace) -> int:
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - started:6.1f}s] {msg}", flush=True)
 
-    ctx = Ctx(quick=args.quick, tmp=tmp, specs=server_specs(tokens), overrides=overrides,
+    specs = server_specs(tokens)
+    specs["wsserver"].argv += shlex.split(args.wsserver_args)
+    ctx = Ctx(quick=args.quick, tmp=tmp, specs=specs, overrides=overrides,
               only_servers=only, profile_dir=out if args.profile else None, log=log,
               lifetime=900 if args.quick else 3600)
     meta = {

@@ -187,6 +187,7 @@ class Hub:
 
     def _append(self, channel: Channel, offset: int, frame: bytes) -> None:
         channel.offset = offset
+        frame = bytes(memoryview(frame))  # orjson over-allocates (~4 KiB): keep the exact size
         history = channel.history
         history.append((offset, self.clock(), frame))
         if len(history) > self.history_size:

@@ -796,6 +796,9 @@ class Session:
                 stream.next_index += 1
             else:
                 frame = encode(item[2](seq=seq, **item[3]))
+            # orjson's bytes keep a ~4 KiB buffer: copy to the exact size before
+            # the frame is kept in the log (bounded by bytes we actually hold)
+            frame = bytes(memoryview(frame))
             out.append(frame)
             log.append((seq, frame))
             log_bytes += len(frame)
