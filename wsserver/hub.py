@@ -27,6 +27,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from .messages import compact
+
 if TYPE_CHECKING:
     from .session import Session
 
@@ -187,7 +189,7 @@ class Hub:
 
     def _append(self, channel: Channel, offset: int, frame: bytes) -> None:
         channel.offset = offset
-        frame = bytes(memoryview(frame))  # orjson over-allocates (~4 KiB): keep the exact size
+        frame = compact(frame)  # kept in the history
         history = channel.history
         history.append((offset, self.clock(), frame))
         if len(history) > self.history_size:

@@ -359,6 +359,12 @@ def encode(msg: BaseModel) -> bytes:
     return orjson.dumps(fields)
 
 
+def compact(frame: bytes) -> bytes:
+    """An exact-size copy of an orjson result (orjson's bytes keep a ~4 KiB
+    buffer); for frames that are kept (replay log, channel history)."""
+    return bytes(memoryview(frame))
+
+
 def encode_delta(seq: int, stream: str, index: int, text: str) -> bytes:
     """Hot-path encoder of ``stream.delta`` (same bytes as ``encode(StreamDelta(...))``)."""
     return orjson.dumps(

@@ -60,6 +60,7 @@ from .messages import (
     Subscribed,
     Unsubscribe,
     Usage,
+    compact,
     encode,
     encode_delta,
 )
@@ -796,9 +797,7 @@ class Session:
                 stream.next_index += 1
             else:
                 frame = encode(item[2](seq=seq, **item[3]))
-            # orjson's bytes keep a ~4 KiB buffer: copy to the exact size before
-            # the frame is kept in the log (bounded by bytes we actually hold)
-            frame = bytes(memoryview(frame))
+            frame = compact(frame)  # kept in the log: count the bytes actually held
             out.append(frame)
             log.append((seq, frame))
             log_bytes += len(frame)
