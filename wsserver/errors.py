@@ -70,6 +70,7 @@ class ErrorCode(enum.StrEnum):
     UNKNOWN_AGENT = "unknown_agent"
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
     MESSAGE_TOO_LARGE = "message_too_large"
+    BACKPLANE_UNAVAILABLE = "backplane_unavailable"
     # Stream failures (stream.end reason "error").
     PROVIDER_ERROR = "provider_error"
     PROVIDER_TIMEOUT = "provider_timeout"
@@ -87,6 +88,7 @@ class CloseCode(enum.IntEnum):
     POLICY = 1008
     MESSAGE_TOO_BIG = 1009
     INTERNAL = 1011
+    SERVICE_RESTART = 1012  # the node serving the session was lost: reconnect and resume
     TRY_AGAIN_LATER = 1013  # slow consumer / overload
     SESSION_TAKEN_OVER = 4000  # clients must not auto-reconnect
     UNSUPPORTED_PROTOCOL = 4001

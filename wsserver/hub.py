@@ -60,7 +60,7 @@ class Channel:
 
 
 class Hub:
-    """Every channel and agent name of one server.
+    """Every channel and agent name of one server (the memory backplane).
 
     Args:
         deliver: ``deliver(channel, frame, sessions)`` sends an encoded
@@ -70,6 +70,11 @@ class Hub:
             messages, none older than this many seconds.
         clock: wall-clock-like time in seconds (for history age).
     """
+
+    #: False: offsets, history, presence and agent names live here and every
+    #: call completes at once. A shared backplane (Redis) sets it, and sessions
+    #: then hand subscribe, publish and send over as :class:`HubCall` actions.
+    remote = False
 
     def __init__(
         self,

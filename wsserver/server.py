@@ -36,6 +36,7 @@ from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
+import orjson
 from websockets.asyncio.server import Server as _WSServer
 from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.datastructures import Headers
@@ -45,18 +46,21 @@ from websockets.http11 import Request, Response
 from . import __version__
 from .config import ServerConfig
 from .auth import ANONYMOUS, Authenticator, ChannelRules, Identity, origin_allowed, token_from_request
+from .backplane import create as create_backplane
 from .errors import CloseCode, ErrorCode, ProtocolError
-from .hub import NAME_RULE, Hub, valid_name
-from .messages import SUBPROTOCOL, Error, Hello, Shutdown, encode
+from .hub import NAME_RULE, valid_name
+from .messages import SUBPROTOCOL, Error, GenerateParams, Hello, Shutdown, encode
 from .protocol import CloseConnection, ConnState, Opened, ServerProtocol
 from .providers import Providers, SimulatedProvider
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Telemetry
 from .session import (
+    HubCall,
     MessagingLimits,
     Session,
     StartGeneration,
     StopGeneration,
+    Stream,
     TokenBucket,
     TokenBudget,
 )
@@ -135,11 +139,10 @@ class Server:
         #: Live sessions by id, attached or not.
         self.sessions: dict[str, _LiveSession] = {}
         cfg = self.config
-        self.hub = Hub(
-            deliver=self._deliver,
-            history_size=cfg.channel_history,
-            history_ttl=cfg.channel_history_ttl,
-        )
+        self.backplane = create_backplane(self)
+        self.hub = self.backplane.hub
+        #: Connections tunnelled here from other nodes (Redis backplane), by tunnel id.
+        self.tunnelled: dict[str, _Tunnelled] = {}
         self.limits = MessagingLimits(
             max_subscriptions=cfg.max_subscriptions,
             max_data_bytes=cfg.max_data_bytes,
@@ -181,6 +184,7 @@ class Server:
 
     async def start(self) -> None:
         cfg = self.config
+        await self.backplane.start()
         self._ws_server = await serve(
             self._handle,
             cfg.host,
@@ -229,8 +233,7 @@ class Server:
         deadline = loop.time() + timeout
         while loop.time() < deadline and any(live.session.streams for live in self.sessions.values()):
             await asyncio.sleep(0.05)
-        for live in list(self.sessions.values()):
-            live.end("error", (ErrorCode.SHUTDOWN.value, "the server is shutting down"))
+        self._end_all()
         flushed = loop.time() + 1.0  # let the writers send those stream.end frames
         while loop.time() < flushed and any(c.proto.backlog or c.busy for c in self.connections):
             await asyncio.sleep(0.01)
@@ -252,13 +255,21 @@ class Server:
         await self._ws_server.wait_closed()
         self._ws_server = None
         tasks = [t for live in self.sessions.values() for t in live.tasks.values()]
-        for live in list(self.sessions.values()):
-            live.end("error", (ErrorCode.SHUTDOWN.value, "the server is shutting down"))
+        self._end_all()
         if tasks:
             _, stuck = await asyncio.wait(tasks, timeout=STOP_GRACE_S)
             for task in stuck:
                 logger.warning("stream task %s did not stop in %.0f s", task.get_name(), STOP_GRACE_S)
+        await self.backplane.close()
         await self.providers.aclose()
+
+    def _end_all(self) -> None:
+        """Stop every stream with ``error shutdown``. Alone, the sessions end too;
+        on a shared backplane they stay there for another node to adopt, so a
+        client of a node that is restarted resumes elsewhere."""
+        forget = not self.backplane.shared
+        for live in list(self.sessions.values()):
+            live.end("error", (ErrorCode.SHUTDOWN.value, "the server is shutting down"), forget=forget)
 
     async def serve_forever(self) -> None:
         assert self._ws_server is not None, "server not started"
@@ -292,7 +303,8 @@ class Server:
         if path == "/readyz":
             if self.draining:
                 return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
-            return connection.respond(HTTPStatus.OK, "ready\n")
+            degraded = self.backplane.status()
+            return connection.respond(HTTPStatus.OK, f"{degraded}\n" if degraded else "ready\n")
         if path == "/metrics" and self.config.metrics:
             token = self.config.metrics_token
             if token and headers.get("Authorization", "") != f"Bearer {token}":
@@ -365,8 +377,8 @@ class Server:
             else:
                 self._per_ip.pop(ip, None)
 
-    def _identify(self, hello: Hello, conn: _Connection) -> Identity:
-        identity = self._identities.get(conn.ws)  # (kept: a refused hello may be retried)
+    def _identify(self, hello: Hello, conn: _Connection | _Tunnelled) -> Identity:
+        identity = conn.identity  # from the handshake (kept: a refused hello may be retried)
         if identity is not None:
             return identity
         if not self.auth.enabled:
@@ -393,7 +405,7 @@ class Server:
                 budget = self._token_budgets[key] = TokenBudget(cfg.token_rate)
         return bucket, budget
 
-    def _open_session(self, hello: Hello, conn: _Connection) -> Opened:
+    def _open_session(self, hello: Hello, conn: _Connection | _Tunnelled) -> Opened:
         """Resume the session ``hello`` names if possible, else open a fresh one."""
         before: list[bytes] = []
         if hello.agent is not None and not valid_name(hello.agent):
@@ -433,40 +445,142 @@ class Server:
             self.telemetry.resumes.labels("failed").inc()
             live.detach(conn)
             live.end("cancelled")
-        if hello.agent is not None and hello.agent in self.hub.agents:
+        if self.backplane.shared:
+            taken = conn.agent_taken  # settled across nodes by Backplane.route()
+        else:
+            taken = hello.agent is not None and hello.agent in self.hub.agents
+        if taken:
             raise ProtocolError(
                 ErrorCode.AGENT_NAME_TAKEN,
                 f"agent name {hello.agent!r} is held by another session; resume that "
                 "session or choose another name",
                 ref=hello.id,
             )
-        key = identity.id if identity.id != ANONYMOUS else "ip:" + conn.ip
-        generate_bucket, token_budget = self._budgets(key)
+        session = self._new_session(
+            conn.new_session_id or secrets.token_urlsafe(16),  # 128 bits: unguessable
+            identity.id,
+            identity.rules,
+            hello.agent,
+            "ip:" + conn.ip,
+        )
+        conn.new_session_id = None
+        live = _LiveSession(self, session)
+        self.sessions[session.id] = live
+        self.backplane.session_opened(session)
+        live.attach(conn)
+        return Opened(session, False, before=before)
+
+    def _new_session(
+        self, session_id: str, identity: str, rules: ChannelRules | None, agent: str | None, anonymous_key: str
+    ) -> Session:
+        generate_bucket, token_budget = self._budgets(identity if identity != ANONYMOUS else anonymous_key)
         session = Session(
-            secrets.token_urlsafe(16),  # 128 bits: unguessable
+            session_id,
             providers=self.providers,
             max_streams=self.config.max_streams,
             max_log_messages=self.config.replay_max_messages,
             max_log_bytes=self.config.replay_max_bytes,
             coalesce=self.config.coalesce,
             hub=self.hub,
-            agent=hello.agent,
+            agent=agent,
             limits=self.limits,
-            identity=identity.id,
-            rules=identity.rules,
+            identity=identity,
+            rules=rules,
             observer=self.telemetry,
             generate_bucket=generate_bucket,
             token_budget=token_budget,
         )
-        if hello.agent is not None:
-            self.hub.claim_agent(hello.agent, session)
+        if agent is not None:
+            self.hub.claim_agent(agent, session)
+        return session
+
+    # ------------------------------------------------- several nodes (Redis)
+
+    def adopt(self, sid: str, state: dict[str, str], log: list[tuple[int, bytes]], running: list[str]) -> Session:
+        """Take over a session of a lost node from what the backplane kept.
+
+        Its replay log and seq continue where the lost node's writes ended;
+        streams that ran there end with ``error node_lost``; the session is
+        detached until its client resumes (or it expires).
+        """
+        rules = None
+        if state.get("rules"):
+            raw = orjson.loads(state["rules"])
+            rules = ChannelRules(tuple(raw["subscribe"]), tuple(raw["publish"]))
+        session = self._new_session(sid, state.get("identity", ANONYMOUS), rules, state.get("agent") or None, "ip:?")
+        session.public_id = state.get("public_id") or session.public_id
+        session.unsynced = []
+        session.seq = max(int(state.get("seq") or 0), log[-1][0] if log else 0)
+        session.acked = min(int(state.get("acked") or 0), session.seq)
+        texts: dict[str, list[str]] = {}
+        for seq, frame in log:
+            session.log.append((seq, frame))
+            session.log_bytes += len(frame)
+            msg = orjson.loads(frame)
+            if msg.get("ref") is not None:
+                session._remember(msg["ref"], msg.get("stream") if msg["type"] == "stream.start" else None)
+            if msg["type"] == "stream.start":
+                session._used_stream_ids.add(msg["stream"])
+            elif msg["type"] == "stream.delta":
+                texts.setdefault(msg["stream"], []).append(msg["text"])
+        for name in orjson.loads(state.get("subs") or "[]"):
+            session.subscriptions.add(name)
+            session.paused.add(name)
+            self.hub.channel(name).subscribers[session] = None
         live = _LiveSession(self, session)
-        self.sessions[session.id] = live
-        live.attach(conn)
-        return Opened(session, False, before=before)
+        self.sessions[sid] = live
+        now = session.clock()
+        for stream_id in running:
+            session._used_stream_ids.add(stream_id)
+            stream = Stream(
+                id=stream_id, ref=None, provider="?", model="?", messages=(), params=GenerateParams(), started_at=now
+            )
+            stream.parts = texts.get(stream_id, [])
+            stream.counted_tokens, stream.exact_count = len(stream.parts), False
+            session.streams[stream_id] = stream
+            session.stream_end(stream, "error", (ErrorCode.NODE_LOST.value, "the node running this stream was lost"))
+        live.start_detached()
+        return session
+
+    def node_lost(self, node: str) -> None:
+        """``node`` stopped: end the tunnels to it (their clients reconnect and
+        resume on the node that adopts its sessions) and those from it."""
+        for conn in list(self.connections):
+            if conn.tunnel_owner == node:
+                conn.close_lost()
+        for tunnel in [t for t, rc in self.tunnelled.items() if rc.node == node]:
+            self.tunnel_close(tunnel)
+
+    def backplane_lost(self) -> None:
+        """Redis is unreachable: tunnels cannot carry frames; end them all."""
+        for conn in list(self.connections):
+            if conn.tunnel_owner is not None:
+                conn.close_lost()
+        for tunnel in list(self.tunnelled):
+            self.tunnel_close(tunnel)
+
+    def tunnel_open(self, tunnel: str, node: str, hello: str, token: str | None, ip: str) -> None:
+        """A client reached ``node`` with a hello for a session of ours: serve it through a tunnel."""
+        if self.draining or self._ws_server is None:  # (this node is going away: resume elsewhere)
+            reason = {"code": CloseCode.SERVICE_RESTART, "reason": "node draining; resume again"}
+            self.backplane.send_to_tunnel(tunnel, b"C" + orjson.dumps(reason))
+            return
+        identity = self.auth.verify(token) if token is not None and self.auth.enabled else None
+        conn = self.tunnelled[tunnel] = _Tunnelled(self, tunnel, node, ip, identity)
+        conn.feed(hello)
+
+    def tunnel_input(self, tunnel: str, text: str) -> None:
+        conn = self.tunnelled.get(tunnel)
+        if conn is not None:
+            conn.feed(text)
+
+    def tunnel_close(self, tunnel: str) -> None:
+        conn = self.tunnelled.pop(tunnel, None)
+        if conn is not None:
+            conn.stop()
 
 
-    def _deliver(self, channel: str, frame: bytes, sessions: list[Session]) -> None:
+    def _deliver(self, channel: str, frame: bytes, sessions: list[Session], offset: int = 0) -> None:
         """Send one encoded channel frame to the attached ones among ``sessions``.
 
         A connection whose writer is idle gets it through ``broadcast()`` (no
@@ -484,6 +598,11 @@ class Server:
             conn = live.conn if live is not None else None
             if conn is None or channel in session.paused:
                 continue
+            if session.held:  # a subscribe or publish of its own on the backplane is under way
+                held = session.held.get(channel)
+                if held is not None:
+                    held.append((offset, frame))
+                    continue
             if conn.busy or session.has_output:
                 session.emit_unsequenced(frame)
             else:
@@ -547,6 +666,7 @@ class _LiveSession:
         self._drain_scheduled = False
         if self.conn is None:
             self.session.take_output()  # sequenced into the replay log only
+            self.server.backplane.write_log_nowait(self.session)
 
     def attach(self, conn: _Connection) -> None:
         if self._expiry is not None:
@@ -562,6 +682,10 @@ class _LiveSession:
         if self.conn is not conn:
             return  # taken over already
         self.conn = None
+        self.start_detached()
+
+    def start_detached(self) -> None:
+        """No connection: subscriptions pause, the expiry clock runs, output goes to the log."""
         self.session.paused.update(self.session.subscriptions)
         if self.server.sessions.get(self.session.id) is self:
             loop = asyncio.get_running_loop()
@@ -573,15 +697,22 @@ class _LiveSession:
         self._expiry = None
         self.end("error", (ErrorCode.EXPIRED.value, "the session expired with no connection attached"))
 
-    def end(self, reason: str, error: tuple[str, str] | None = None) -> None:
-        """Stop every stream and forget the session."""
+    def end(self, reason: str, error: tuple[str, str] | None = None, *, forget: bool = True) -> None:
+        """Stop every stream and forget the session (``forget=False``: on a
+        shared backplane, leave it there for another node to adopt)."""
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
         if self.server.sessions.get(self.session.id) is self:
             del self.server.sessions[self.session.id]
         self.apply(self.session.close(reason, error))
-        self.server.hub.leave_all(self.session)
+        backplane = self.server.backplane
+        if forget:
+            self.server.hub.leave_all(self.session)
+            backplane.session_ended(self.session)
+        elif self.conn is None:  # (an attached session's writer writes them)
+            self.session.take_output()
+            backplane.write_log_nowait(self.session)
         self.session.on_output = None
 
     def apply(self, actions: list[Any]) -> None:
@@ -614,6 +745,13 @@ class _Connection:
         self._flush_on_close = False
         self._writer: asyncio.Task[None] | None = None
         self.ip = _client_ip(ws)
+        self.identity: Identity | None = server._identities.get(ws)
+        #: Set by Backplane.route(): the id the next session gets, and whether
+        #: the hello's agent name is held by another session on any node.
+        self.new_session_id: str | None = None
+        self.agent_taken = False
+        #: The node this connection is tunnelled to (its session lives there).
+        self.tunnel_owner: str | None = None
         cfg = server.config
         self.proto = ServerProtocol(
             open_session=lambda hello: server._open_session(hello, self),
@@ -677,6 +815,11 @@ class _Connection:
                 except TimeoutError:
                     self.close_with = CloseConnection(CloseCode.HELLO_TIMEOUT, "no hello in time")
                     return
+                if self.server.backplane.shared and isinstance(data, str):
+                    owner = await self._route(data)
+                    if owner is not None:
+                        await self._tunnel(owner, data)
+                        return
             else:
                 data = await ws.recv()
             telemetry.bytes_in.inc(len(data))
@@ -690,6 +833,9 @@ class _Connection:
                 if type(action) is CloseConnection:
                     self.close_with = action
                     self._flush_on_close = True
+                elif type(action) is HubCall:
+                    if proto.session is not None:  # (awaited: replies leave in request order)
+                        await self.server.backplane.call(proto.session, action)
                 elif self.live is not None:
                     self.live.apply([action])
             if proto.has_output:
@@ -720,6 +866,9 @@ class _Connection:
         self.busy = True
         frames = self.proto.data_to_send()
         try:
+            session = self.proto.session
+            if session is not None and session.unsynced:
+                await self.server.backplane.write_log(session)  # before the client sees a seq
             for frame in frames:
                 await send(frame, text=True)
         finally:
@@ -727,6 +876,57 @@ class _Connection:
             telemetry = self.server.telemetry
             telemetry.frames_out.inc(len(frames))
             telemetry.bytes_out.inc(sum(map(len, frames)))
+
+    async def _route(self, text: str) -> str | None:
+        """A hello on a shared backplane: the node that owns its session, if not this one."""
+        try:
+            hello = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return None  # refused by the protocol
+        if not isinstance(hello, dict) or hello.get("type") != "hello":
+            return None
+        return (await self.server.backplane.route(self, hello)).owner
+
+    async def _tunnel(self, owner: str, hello: str) -> None:
+        """Relay this connection to the node that owns its session, until either side ends."""
+        backplane = self.server.backplane
+        self.tunnel_owner = owner
+        tunnel, inbox = await backplane.open_tunnel(owner)
+        token = token_from_request(self.ws.request.path, self.ws.request.headers.get("Authorization")) if (
+            self.ws.request is not None
+        ) else None
+        backplane.send_to_node(
+            owner, {"op": "open", "tunnel": tunnel, "node": backplane.node, "hello": hello, "token": token, "ip": self.ip}
+        )
+        relay = asyncio.get_running_loop().create_task(self._relay(inbox))
+        try:
+            while self.close_with is None and not relay.done():
+                data = await self.ws.recv()
+                text = data if isinstance(data, str) else data.decode("utf-8", "replace")
+                backplane.send_to_node(owner, {"op": "in", "tunnel": tunnel, "text": text})
+        finally:
+            relay.cancel()
+            backplane.send_to_node(owner, {"op": "close", "tunnel": tunnel})
+            await backplane.close_tunnel(tunnel)
+
+    async def _relay(self, inbox: asyncio.Queue[bytes]) -> None:
+        """Frames from the owner to the client; a close from the owner closes the connection."""
+        while True:
+            data = await inbox.get()
+            if data[:1] == b"C":
+                close = orjson.loads(data[1:])
+                self.close_with = CloseConnection(close["code"], close["reason"])
+                with contextlib.suppress(ConnectionClosed):
+                    await self.ws.close(close["code"], close["reason"])
+                return
+            for frame in data[1:].split(b"\n"):
+                await self.ws.send(frame, text=True)
+
+    def close_lost(self) -> None:
+        """The tunnel's owner (or Redis) was lost: close with 1012; the client resumes."""
+        if self.close_with is None:
+            self.close_with = CloseConnection(CloseCode.SERVICE_RESTART, "session node lost; resume")
+            asyncio.get_running_loop().create_task(self.ws.close(CloseCode.SERVICE_RESTART, "session node lost; resume"))
 
     def pending_bytes(self) -> int:
         """Output waiting for this client: the transport's write buffer, the
@@ -744,3 +944,101 @@ class _Connection:
             asyncio.get_running_loop().create_task(
                 self.ws.close(CloseCode.TRY_AGAIN_LATER, "slow consumer")
             )
+
+
+class _Tunnelled:
+    """A client connected to another node, whose session lives here (Redis backplane).
+
+    The other node relays the client's messages (:meth:`feed`) and the
+    frames this side publishes; everything else is what a :class:`_Connection`
+    does: one protocol state machine, one writer, the log written before a
+    frame leaves.
+    """
+
+    busy = True  # channel traffic is queued with the session's frames, never broadcast here
+    ws = None
+
+    def __init__(self, server: Server, tunnel: str, node: str, ip: str, identity: Identity | None) -> None:
+        self.server = server
+        self.tunnel = tunnel
+        self.node = node
+        self.ip = ip
+        self.identity = identity
+        self.new_session_id: str | None = None
+        self.agent_taken = False
+        self.live: _LiveSession | None = None
+        self.wake = asyncio.Event()
+        self.close_with: CloseConnection | None = None
+        self._inbox: asyncio.Queue[str] = asyncio.Queue()
+        cfg = server.config
+        self.proto = ServerProtocol(
+            open_session=lambda hello: server._open_session(hello, self),
+            welcome=server.welcome,
+            message_rate=cfg.message_rate,
+            abuse_threshold=max(50, cfg.abuse_threshold) if cfg.abuse_threshold else 0,
+        )
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._read_loop()), loop.create_task(self._write_loop())]
+
+    def feed(self, text: str) -> None:
+        self._inbox.put_nowait(text)
+
+    async def _read_loop(self) -> None:
+        proto, backplane = self.proto, self.server.backplane
+        while self.close_with is None:
+            text = await self._inbox.get()
+            if proto.state is ConnState.AWAITING_HELLO:
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    hello = orjson.loads(text)
+                    if isinstance(hello, dict):
+                        await backplane.claim_agent(self, hello, hello.get("session"))
+            for action in proto.receive_text(text):
+                if type(action) is CloseConnection:
+                    self.close_with = action
+                elif type(action) is HubCall:
+                    if proto.session is not None:
+                        await backplane.call(proto.session, action)
+                elif self.live is not None:
+                    self.live.apply([action])
+            if proto.has_output or self.close_with is not None:
+                self.wake.set()
+
+    async def _write_loop(self) -> None:
+        backplane, proto = self.server.backplane, self.proto
+        while True:
+            await self.wake.wait()
+            self.wake.clear()
+            frames = proto.data_to_send()
+            session = proto.session
+            if session is not None and session.unsynced:
+                await backplane.write_log(session)
+            if frames:
+                backplane.send_to_tunnel(self.tunnel, b"F" + b"\n".join(frames))
+            if self.close_with is not None:
+                self._close(self.close_with.code, self.close_with.reason)
+                return
+
+    def _close(self, code: int, reason: str) -> None:
+        self.server.backplane.send_to_tunnel(self.tunnel, b"C" + orjson.dumps({"code": code, "reason": reason}))
+        self.server.tunnelled.pop(self.tunnel, None)
+        self.stop()
+
+    def take_over(self) -> None:
+        """Another connection resumed the session: the client's node closes with 4000."""
+        self.proto.release()
+        self.live = None
+        self.server.backplane.send_to_tunnel(
+            self.tunnel, b"C" + orjson.dumps({"code": CloseCode.SESSION_TAKEN_OVER, "reason": "session taken over"})
+        )
+        self.server.tunnelled.pop(self.tunnel, None)
+        self.stop()
+
+    def stop(self) -> None:
+        """The client left (or its node was lost): detach, as a dropped socket does."""
+        self.proto.release()
+        if self.live is not None:
+            self.live.detach(self)  # type: ignore[arg-type]
+        current = asyncio.current_task()
+        for task in self._tasks:
+            if task is not current:
+                task.cancel()

@@ -67,6 +67,7 @@ from .messages import (
 
 __all__ = [
     "Action",
+    "HubCall",
     "Session",
     "StartGeneration",
     "StopGeneration",
@@ -126,7 +127,19 @@ class StopGeneration:
     stream_id: str
 
 
-Action = StartGeneration | StopGeneration
+@dataclass(frozen=True, slots=True)
+class HubCall:
+    """A messaging request the backplane must carry out (Redis): the transport
+    awaits it before the next request of the connection, then reports back
+    through :meth:`Session.subscribed`, :meth:`Session.published` or
+    :meth:`Session.sent`, so replies still leave in request order."""
+
+    kind: str  # "subscribe" | "publish" | "send"
+    msg: Any
+    encoded: bytes | None = None
+
+
+Action = StartGeneration | StopGeneration | HubCall
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +295,13 @@ class Session:
         #: again (recovering by offset): those of a detached session.
         self.paused: set[str] = set()
         self._publish_bucket = TokenBucket(limits.publish_rate, limits.publish_burst)
+        #: Channel traffic held back per channel while a backplane call of this
+        #: session on that channel runs: (offset, frame), released in order after
+        #: the reply (``subscribed`` or ``ok``), so nothing overtakes it.
+        self.held: dict[str, list[tuple[int, bytes]]] = {}
+        #: With a shared backplane: (seq, frame) sequenced but not yet written
+        #: there. The transport writes them before it sends the frames.
+        self.unsynced: list[tuple[int, bytes]] | None = None
 
     # ------------------------------------------------------------------ input
 
@@ -309,13 +329,13 @@ class Session:
         elif msg_type == "ack":
             self._ack(msg)  # type: ignore[arg-type]
         elif msg_type == "subscribe":
-            self._subscribe(msg)  # type: ignore[arg-type]
+            actions = self._subscribe(msg)  # type: ignore[arg-type]
         elif msg_type == "unsubscribe":
             self._unsubscribe(msg)  # type: ignore[arg-type]
         elif msg_type == "publish":
-            self._publish(msg)  # type: ignore[arg-type]
+            actions = self._publish(msg)  # type: ignore[arg-type]
         elif msg_type == "send":
-            self._send(msg)  # type: ignore[arg-type]
+            actions = self._send(msg)  # type: ignore[arg-type]
         else:  # pragma: no cover - the protocol layer routes hello and ping
             raise AssertionError(f"unexpected message type {msg_type}")
         if request_id is not None:
@@ -503,9 +523,9 @@ class Session:
             return False
         return True
 
-    def _subscribe(self, msg: Subscribe) -> None:
+    def _subscribe(self, msg: Subscribe) -> list[Action]:
         if not self._check_channel(msg.channel, msg.id, subscribe=True):
-            return
+            return []
         assert self.hub is not None
         renewal = msg.channel in self.subscriptions
         if not renewal and len(self.subscriptions) >= self.limits.max_subscriptions:
@@ -514,10 +534,23 @@ class Session:
                 f"at most {self.limits.max_subscriptions} subscriptions per session",
                 ref=msg.id,
             )
-            return
+            return []
+        if self.hub.remote:
+            self.held.setdefault(msg.channel, [])
+            return [HubCall("subscribe", msg)]
         channel, recovered, missed, joined = self.hub.subscribe(
             msg.channel, self, msg.since, msg.epoch
         )
+        self.subscribed(msg, channel.epoch, channel.offset, recovered, channel.members, missed)
+        if joined:
+            self.hub.join_announce(channel, self)
+        return []
+
+    def subscribed(
+        self, msg: Subscribe, epoch: str, offset: int, recovered: bool, members: list[str], missed: list[bytes]
+    ) -> None:
+        """Answer a subscribe: ``subscribed``, the recovered frames, then what
+        arrived meanwhile (offsets above ``offset``)."""
         self.subscriptions.add(msg.channel)
         self.paused.discard(msg.channel)
         self._emit(
@@ -526,16 +559,21 @@ class Session:
             {
                 "ref": msg.id,
                 "channel": msg.channel,
-                "epoch": channel.epoch,
-                "offset": channel.offset,
+                "epoch": epoch,
+                "offset": offset,
                 "recovered": recovered,
-                "members": channel.members,
+                "members": members,
             },
         )
         for frame in missed:
             self.emit_unsequenced(frame)
-        if joined:
-            self.hub.join_announce(channel, self)
+        self.release(msg.channel, offset)
+
+    def release(self, channel: str, after: int = 0) -> None:
+        """Stop holding back ``channel``: queue what was held with offsets above ``after``."""
+        for offset, frame in self.held.pop(channel, ()):
+            if offset > after:
+                self.emit_unsequenced(frame)
 
     def _unsubscribe(self, msg: Unsubscribe) -> None:
         if not self._check_channel(msg.channel, msg.id):
@@ -565,37 +603,66 @@ class Session:
             return True
         return False
 
-    def _publish(self, msg: Publish) -> None:
+    def _publish(self, msg: Publish) -> list[Action]:
         if not self._check_channel(msg.channel, msg.id, publish=True) or self._rate_limited(msg.id):
-            return
+            return []
         encoded = self._encode_data(msg.data, msg.id)
         if encoded is None:
-            return
+            return []
         assert self.hub is not None
+        if self.hub.remote:
+            if msg.channel in self.subscriptions:  # its own copy comes after the ok
+                self.held.setdefault(msg.channel, [])
+            return [HubCall("publish", msg, encoded)]
         # the ok goes first: the publisher's own copy (if subscribed) queues behind it
         ok_fields: dict[str, Any] = {"ref": msg.id, "offset": self.hub.channel(msg.channel).offset + 1}
         if msg.id is not None:
             self._emit(None, Ok, ok_fields)
         self.hub.publish(msg.channel, self.name, msg.data, encoded_data=encoded)
+        return []
 
-    def _send(self, msg: Send) -> None:
+    def published(self, msg: Publish, offset: int) -> None:
+        """The backplane gave the publication ``offset``: answer, then release the own copy."""
+        if msg.id is not None:
+            self._emit(None, Ok, {"ref": msg.id, "offset": offset})
+        self.release(msg.channel)
+
+    def _send(self, msg: Send) -> list[Action]:
         if self.hub is None:
             self._emit_error(ErrorCode.NOT_IMPLEMENTED, "messaging is not enabled", ref=msg.id)
-            return
+            return []
         if not valid_name(msg.to):
             self._emit_error(ErrorCode.BAD_NAME, f"an agent name {NAME_RULE}", ref=msg.id, field="to")
-            return
+            return []
         if self._rate_limited(msg.id):
-            return
+            return []
+        if self.hub.remote:
+            encoded = self._encode_data(msg.data, msg.id)
+            return [] if encoded is None else [HubCall("send", msg, encoded)]
         recipient = self.hub.agents.get(msg.to)
         if recipient is None:
-            self._emit_error(ErrorCode.UNKNOWN_AGENT, f"no agent named {msg.to!r} is connected", ref=msg.id)
-            return
+            self.sent(msg, False)
+            return []
         if self._encode_data(msg.data, msg.id) is None:
-            return
+            return []
         recipient.deliver_direct(self.name, msg.data)
-        if msg.id is not None:
+        self.sent(msg, True)
+        return []
+
+    def sent(self, msg: Send, delivered: bool) -> None:
+        """Answer a send: ``ok``, or ``unknown_agent`` when no live session holds ``to``."""
+        if not delivered:
+            self._emit_error(ErrorCode.UNKNOWN_AGENT, f"no agent named {msg.to!r} is connected", ref=msg.id)
+        elif msg.id is not None:
             self._emit(None, Ok, {"ref": msg.id})
+
+    def hub_failed(self, call: HubCall, message: str) -> None:
+        """The backplane could not carry out ``call``: answer ``backplane_unavailable``."""
+        if call.kind == "subscribe":
+            self.held.pop(call.msg.channel, None)
+        elif call.kind == "publish":
+            self.release(call.msg.channel)
+        self._emit_error(ErrorCode.BACKPLANE_UNAVAILABLE, message, ref=call.msg.id, retry_after_ms=1000)
 
     def deliver_direct(self, sender: str, data: Any) -> None:
         """A direct message for this session: sequenced, so it is in the replay log."""
@@ -785,6 +852,7 @@ class Session:
         out: list[bytes] = []
         seq = self.seq
         log, log_bytes = self.log, self.log_bytes
+        unsynced = self.unsynced
         for item in pending:
             if item[0] == _RAW:
                 out.append(item[2])
@@ -801,6 +869,8 @@ class Session:
             out.append(frame)
             log.append((seq, frame))
             log_bytes += len(frame)
+            if unsynced is not None:
+                unsynced.append((seq, frame))
         while log and (len(log) > self.max_log_messages or log_bytes > self.max_log_bytes):
             log_bytes -= len(log.popleft()[1])
         self.seq = seq

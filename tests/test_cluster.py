@@ -1,0 +1,128 @@
+"""Several nodes on one Redis backplane, in one process: channels, presence,
+direct messages, agent names, and sessions resumed on another node
+(tunnelled to the node that runs them). Each test starts its own
+redis-server on 127.0.0.1 (see the ``redis_server`` fixture)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from conftest import TEST_CONFIG, USER_HI, RawClient
+from wsserver.config import ServerConfig
+from wsserver.server import Server
+
+
+@asynccontextmanager
+async def nodes(redis_url: str, count: int = 2, **overrides: Any) -> AsyncIterator[list[Server]]:
+    async with AsyncExitStack() as stack:
+        servers = []
+        for i in range(count):
+            config = ServerConfig(**{**TEST_CONFIG, "redis_url": redis_url, "node_id": f"node{i}", **overrides})
+            servers.append(await stack.enter_async_context(Server(config)))
+        yield servers
+
+
+@asynccontextmanager
+async def client(server: Server, **hello: Any) -> AsyncIterator[tuple[RawClient, dict[str, Any]]]:
+    async with connect(server.url, compression=None) as ws:
+        c = RawClient(ws)
+        yield c, await c.hello(**hello)
+
+
+def of_type(kind: str, **fields: Any) -> Any:
+    return lambda f: f["type"] == kind and all(f.get(k) == v for k, v in fields.items())
+
+
+async def test_publish_on_one_node_reaches_subscribers_on_every_node(redis_server: Any) -> None:
+    async with nodes(redis_server.url) as (a, b):
+        async with client(a, agent="alice") as (alice, _), client(b, agent="bob") as (bob, _):
+            await alice.send({"type": "subscribe", "id": "s", "channel": "team"})
+            sub_a = (await alice.recv_until(of_type("subscribed")))[-1]
+            await bob.send({"type": "subscribe", "id": "s", "channel": "team"})
+            sub_b = (await bob.recv_until(of_type("subscribed")))[-1]
+            assert sub_b["epoch"] == sub_a["epoch"]  # one channel, numbered by Redis
+            assert sub_b["members"] == ["alice", "bob"]
+            # alice sees bob join, from the other node
+            joined = (await alice.recv_until(of_type("presence", joined="bob")))[-1]
+            assert joined["offset"] == sub_b["offset"] + 1
+            await bob.send({"type": "publish", "id": "p", "channel": "team", "data": {"n": 1}})
+            frames = await bob.recv_until(of_type("message", channel="team"))
+            ok = next(f for f in frames if f["type"] == "ok")
+            assert frames.index(ok) < len(frames) - 1  # the ok comes before bob's own copy
+            assert frames[-1]["offset"] == ok["offset"]
+            got = (await alice.recv_until(of_type("message", channel="team")))[-1]
+            assert got == {**frames[-1]} and got["from"] == "bob" and got["data"] == {"n": 1}
+
+
+async def test_offsets_are_global_and_history_recovers_on_any_node(redis_server: Any) -> None:
+    async with nodes(redis_server.url) as (a, b):
+        async with client(a) as (pub_a, _), client(b) as (pub_b, _):
+            offsets = []
+            for i in range(6):
+                pub = pub_a if i % 2 else pub_b
+                await pub.send({"type": "publish", "id": f"p{i}", "channel": "log", "data": i})
+                offsets.append((await pub.recv_until(of_type("ok")))[-1]["offset"])
+            assert offsets == list(range(offsets[0], offsets[0] + 6))
+        async with client(b) as (late, _):
+            await late.send({"type": "subscribe", "id": "s", "channel": "log", "since": offsets[1]})
+            frames = await late.recv_until(lambda f: f.get("offset") == offsets[-1] and f["type"] == "message")
+            sub = frames[0]
+            assert sub["type"] == "subscribed" and sub["recovered"] is True
+            assert [f["data"] for f in frames[1:]] == [2, 3, 4, 5]
+
+
+async def test_direct_message_and_agent_names_across_nodes(redis_server: Any) -> None:
+    async with nodes(redis_server.url) as (a, b):
+        async with client(a, agent="worker") as (worker, _):
+            # the name is taken on the other node too
+            async with connect(b.url, compression=None) as ws:
+                dup = RawClient(ws)
+                await dup.send({"type": "hello", "protocol": 1, "agent": "worker"})
+                assert (await dup.recv())["code"] == "agent_name_taken"
+            async with client(b, agent="boss") as (boss, _):
+                await boss.send({"type": "send", "id": "m1", "to": "worker", "data": {"task": 7}})
+                assert (await boss.recv_until(of_type("ok", ref="m1")))[-1]["ref"] == "m1"
+                dm = (await worker.recv_until(of_type("message")))[-1]
+                assert dm["from"] == "boss" and dm["data"] == {"task": 7} and "seq" in dm
+                await boss.send({"type": "send", "id": "m2", "to": "nobody", "data": 1})
+                assert (await boss.recv_until(of_type("error")))[-1]["code"] == "unknown_agent"
+
+
+async def test_resume_on_another_node_and_cancel_there(redis_server: Any) -> None:
+    """The session runs on node A; its client comes back through node B and cancels."""
+    async with nodes(redis_server.url, sim_tokens_per_s=200.0) as (a, b):
+        async with client(a) as (first, welcome):
+            await first.send({"type": "generate", "id": "g", "messages": USER_HI, "params": {"max_tokens": 2000}})
+            frames = await first.recv_until(lambda f: f["type"] == "stream.delta" and f["index"] >= 3)
+            stream, last_seq = frames[0]["stream"], frames[-1]["seq"]
+        async with client(b, session=welcome["session"], last_seq=last_seq) as (second, resumed):
+            assert resumed["resumed"] is True
+            frames = await second.recv_until(of_type("stream.delta"))
+            assert frames[0]["seq"] == last_seq + 1  # nothing lost, nothing doubled
+            await second.send({"type": "cancel", "id": "c", "stream": stream})
+            frames = await second.recv_until(of_type("stream.end"))
+            assert frames[-1]["reason"] == "cancelled"
+            seqs = [f["seq"] for f in frames if "seq" in f]
+            assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+            assert (await second.recv_until(of_type("ok", ref="c")))[-1]["seq"] == seqs[-1] + 1
+            # served by node A through a tunnel: B holds no session
+            assert len(a.tunnelled) == 1 and welcome["session"] not in b.sessions
+        # the stream really stopped on node A
+        live = a.sessions[welcome["session"]]
+        assert not live.session.streams and not live.tasks
+
+
+async def test_takeover_across_nodes_closes_the_old_connection_4000(redis_server: Any) -> None:
+    async with nodes(redis_server.url) as (a, b):
+        async with client(a) as (first, welcome):
+            async with client(b, session=welcome["session"], last_seq=0) as (_second, resumed):
+                assert resumed["resumed"] is True
+                with pytest.raises(ConnectionClosed) as closed:
+                    await first.recv(timeout=5)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 4000

@@ -1,0 +1,783 @@
+"""The Redis backplane: several nodes share sessions, channels, presence and agent names.
+
+Each node has a random name and a heartbeat in the sorted set ``wss:nodes``.
+A session is *owned* by the node that runs it (its seq, streams and provider
+calls live there); its replay log is written through to Redis before frames
+are sent. A client that reconnects to another node is *tunnelled* to the
+owner: the node it reached relays its frames both ways over Redis pub/sub,
+so ``cancel``, ``interrupt`` and ``ack`` reach the node that runs the
+generation. When a node's heartbeat is older than ``node_timeout``, the first
+node to notice *adopts* its sessions from Redis: their streams end with
+``error node_lost`` and clients resume there (or through a tunnel to it).
+
+Keys (``{sid}`` a session id, ``{c}`` a channel, ``{n}`` a node)::
+
+    wss:nodes                 ZSET node -> last heartbeat (Redis clock, ms)
+    wss:node:{n}:sessions     SET  sessions the node owns
+    wss:s:{sid}               HASH owner identity agent public_id seq acked subs
+    wss:s:{sid}:log           STREAM the replay log, entry id "{seq}-0", field f = frame
+    wss:s:{sid}:run           SET  ids of the session's running streams
+    wss:s:{sid}:dm            LIST direct messages not yet taken by the owner
+    wss:agent:{name}          STRING the session holding the agent name
+    wss:c:{c}:e / :o / :h / :m  epoch, offset counter, history STREAM, members HASH
+    pub/sub  wss:c:{c}        "{offset} {frame}" of every channel publication
+    pub/sub  wss:n:{n}        control messages to a node (tunnels, direct messages)
+    pub/sub  wss:p:{tunnel}   frames from the owner back to the tunnelling node
+
+Costs: a batch of frames of one session (a writer's flush) is one pipeline:
+one XADD per frame plus HSET and XTRIM, a single round trip; a publication is
+one EVALSHA (INCR, XADD, PUBLISH inside Redis); a direct message one EVALSHA.
+Redis Cluster is not supported (scripts touch keys they are not given).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from ..hub import Hub, valid_name
+from . import LOCAL, Backplane, Route
+
+if TYPE_CHECKING:
+    from ..session import HubCall, Session
+
+__all__ = ["RedisBackplane", "RedisHub"]
+
+logger = logging.getLogger("wsserver.backplane")
+
+#: Everything that means "Redis is not answering".
+DOWN = (RedisError, OSError, asyncio.TimeoutError)
+
+_CHANNEL_LUA = """
+local op = ARGV[1]
+local ttl_ms = math.floor(tonumber(ARGV[2]) * 1000)
+local size = tonumber(ARGV[3])
+local pubch = ARGV[4]
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('SET', KEYS[1], epoch)
+  redis.call('DEL', KEYS[2], KEYS[3])
+end
+local function append(frame_head, frame_tail)
+  local off = redis.call('INCR', KEYS[2])
+  local frame = frame_head .. off .. frame_tail
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', size, off .. '-0', 'f', frame, 't', now_ms)
+  redis.call('PEXPIRE', KEYS[3], ttl_ms)
+  redis.call('PUBLISH', pubch, off .. ' ' .. frame)
+  return off
+end
+local function presence(what, member)
+  return append('{"type":"presence","channel":' .. cjson.encode(ARGV[9]) .. ',"offset":',
+                ',"' .. what .. '":' .. cjson.encode(member) .. '}')
+end
+if op == 'pub' then
+  if redis.call('HLEN', KEYS[4]) == 0 then
+    redis.call('PEXPIRE', KEYS[1], ttl_ms)
+    redis.call('PEXPIRE', KEYS[2], ttl_ms)
+  end
+  return append(ARGV[6], ARGV[7])
+elseif op == 'leave' then
+  local n = redis.call('HINCRBY', KEYS[4], ARGV[6], -1)
+  if n <= 0 then
+    redis.call('HDEL', KEYS[4], ARGV[6])
+    presence('left', ARGV[6])
+  end
+  if redis.call('HLEN', KEYS[4]) == 0 then
+    redis.call('PEXPIRE', KEYS[1], ttl_ms)
+    redis.call('PEXPIRE', KEYS[2], ttl_ms)
+  end
+  return n
+elseif op == 'sub' then
+  local offset = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local recovered = 0
+  local missed = {}
+  local since = ARGV[7]
+  if since ~= '' and (ARGV[8] == '' or ARGV[8] == epoch) then
+    local s = tonumber(since)
+    if s >= offset then
+      if s == offset then recovered = 1 end
+    else
+      local entries = redis.call('XRANGE', KEYS[3], (s + 1) .. '-0', '+')
+      if #entries > 0 and entries[1][1] == (s + 1) .. '-0' and tonumber(entries[1][2][4]) >= now_ms - ttl_ms then
+        recovered = 1
+        for i, e in ipairs(entries) do
+          if tonumber(string.match(e[1], '^(%d+)')) <= offset then missed[#missed + 1] = e[2][2] end
+        end
+      end
+    end
+  end
+  local joined = 0
+  if ARGV[10] == '1' then
+    redis.call('PERSIST', KEYS[1])
+    redis.call('PERSIST', KEYS[2])
+    joined = redis.call('HINCRBY', KEYS[4], ARGV[6], 1)
+  end
+  local members = redis.call('HKEYS', KEYS[4])
+  if joined == 1 then presence('joined', ARGV[6]) end
+  return {epoch, offset, recovered, missed, members}
+end
+return redis.error_reply('unknown op ' .. op)
+"""
+
+_SEND_LUA = """
+local sid = redis.call('GET', KEYS[1])
+if not sid then return 0 end
+local owner = redis.call('HGET', 'wss:s:' .. sid, 'owner')
+if not owner then return 0 end
+redis.call('RPUSH', 'wss:s:' .. sid .. ':dm', ARGV[1])
+redis.call('PUBLISH', 'wss:n:' .. owner, '{"op":"dm","sid":' .. cjson.encode(sid) .. '}')
+return 1
+"""
+
+_CLAIM_AGENT_LUA = """
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] and redis.call('EXISTS', 'wss:s:' .. cur) == 1 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"""
+
+_RELEASE_AGENT_LUA = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+_HEARTBEAT_LUA = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now_ms, ARGV[1])
+return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms - tonumber(ARGV[2]))
+"""
+
+_ALIVE_LUA = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score then return 0 end
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if tonumber(score) >= now_ms - tonumber(ARGV[2]) then return 1 end
+return 0
+"""
+
+
+def _skey(sid: str) -> str:
+    return f"wss:s:{sid}"
+
+
+def _stream_id(frame: bytes) -> str:
+    return str(orjson.loads(frame)["stream"])
+
+
+class RedisHub(Hub):
+    """The node-local view of the shared channels.
+
+    ``channels[name].subscribers`` still lists this node's subscribed
+    sessions (publications reach them through :meth:`deliver_remote`); offsets,
+    epochs, history, presence and agent names live in Redis.
+    """
+
+    remote = True
+
+    def __init__(self, backplane: RedisBackplane, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.backplane = backplane
+
+    def deliver_remote(self, name: str, offset: int, frame: bytes) -> None:
+        channel = self.channels.get(name)
+        if channel is not None and channel.subscribers and self.deliver is not None:
+            self.deliver(name, frame, list(channel.subscribers), offset)  # type: ignore[call-arg]
+
+    def claim_agent(self, name: str, session: Session) -> bool:
+        self.agents[name] = session  # shared uniqueness was settled by route()
+        return True
+
+    def release_agent(self, session: Session) -> None:
+        if session.agent is not None and self.agents.get(session.agent) is session:
+            del self.agents[session.agent]
+            self.backplane.script_nowait("release_agent", [f"wss:agent:{session.agent}"], [session.id])
+
+    def publish(self, name: str, sender: str, data: Any, *, encoded_data: bytes | None = None) -> int:
+        """A stream's frames into a channel: published in order, not awaited."""
+        head, tail = self.backplane.message_parts(name, sender, encoded_data or orjson.dumps(data))
+        self.backplane.channel_op_nowait(name, "pub", head, tail)
+        return 0
+
+    def unsubscribe(self, name: str, session: Session) -> bool:
+        channel = self.channels.get(name)
+        if channel is None or session not in channel.subscribers:
+            return False
+        del channel.subscribers[session]
+        self.backplane.channel_op_nowait(name, "leave", session.name)
+        self.backplane.save_subscriptions(session)
+        return True
+
+    def join_announce(self, channel: Any, session: Session) -> None:  # pragma: no cover - done by "sub"
+        raise AssertionError("presence joins happen in the subscribe script")
+
+    def subscribe(self, name: str, session: Session, since: int | None, epoch: str | None) -> Any:  # pragma: no cover
+        raise AssertionError("a remote hub subscribes through Backplane.call")
+
+
+class RedisBackplane(Backplane):
+    """Sessions, channels, presence and agent names shared through Redis."""
+
+    shared = True
+
+    def __init__(self, server: Any, url: str, *, node_id: str | None = None, node_timeout: float = 3.0) -> None:
+        cfg = server.config
+        self.server = server
+        self.url = url
+        self.node = node_id or "n-" + secrets.token_hex(4)
+        self.node_timeout = node_timeout
+        self.redis = aioredis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0)
+        self.hub = RedisHub(
+            self, deliver=server._deliver, history_size=cfg.channel_history, history_ttl=cfg.channel_history_ttl
+        )
+        self._pubsub: Any = None
+        self._confirmed: dict[bytes, asyncio.Future[None]] = {}
+        self._scripts = {
+            "channel": self.redis.register_script(_CHANNEL_LUA),
+            "send": self.redis.register_script(_SEND_LUA),
+            "claim_agent": self.redis.register_script(_CLAIM_AGENT_LUA),
+            "release_agent": self.redis.register_script(_RELEASE_AGENT_LUA),
+            "heartbeat": self.redis.register_script(_HEARTBEAT_LUA),
+            "alive": self.redis.register_script(_ALIVE_LUA),
+        }
+        #: Writes in the order they were asked for: (fill the pipeline, future).
+        self._queue: list[tuple[Callable[[Any], None], asyncio.Future[Any] | None]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listener: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._recovering: asyncio.Task[None] | None = None
+        self.healthy = False
+        self.down_since: float | None = None
+        #: Tunnels from this node to owners elsewhere: id -> (owner, the inbox of frames).
+        self.tunnels: dict[str, tuple[str, asyncio.Queue[bytes]]] = {}
+        self._adopting: dict[str, asyncio.Task[None]] = {}
+        #: Counters for the tests and /metrics.
+        self.stats = {"adopted_sessions": 0, "lost_nodes": 0, "outages": 0}
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await self.redis.ping()  # fail fast at startup: a wrong URL is a configuration error
+        await self._connect_pubsub()
+        self.healthy = True
+        loop = asyncio.get_running_loop()
+        self._watcher = loop.create_task(self._watch_nodes())
+        await self._heartbeat()
+        logger.info("redis backplane %s: node %s", self.url, self.node)
+
+    async def close(self) -> None:
+        for task in (self._watcher, self._listener, self._recovering, *self._adopting.values()):
+            if task is not None:
+                task.cancel()
+        if self.healthy:
+            with _suppress_down():
+                if self._queue:
+                    await asyncio.wait_for(self._flush_once(), 2.0)
+                # Declared lost at once: another node adopts this node's sessions
+                # (their streams ended with error shutdown) at its next heartbeat.
+                await self.redis.zadd("wss:nodes", {self.node: 0})
+        if self._pubsub is not None:
+            with _suppress_down():
+                await self._pubsub.aclose()
+        with _suppress_down():
+            await self.redis.aclose()
+
+    def status(self) -> str | None:
+        if self.healthy:
+            return None
+        return "degraded: the Redis backplane is unreachable; serving local sessions only"
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ------------------------------------------------------------- outages
+
+    def _down(self, exc: BaseException) -> None:
+        if self.healthy:
+            self.healthy = False
+            self.stats["outages"] += 1
+            self.down_since = asyncio.get_running_loop().time()
+            logger.warning("redis backplane unreachable (%s); serving local sessions only", exc)
+            self.server.backplane_lost()
+        if self._recovering is None or self._recovering.done():
+            self._recovering = self._spawn(self._recover())
+
+    async def _recover(self) -> None:
+        """Reconnect with full-jitter backoff, then write this node's state back."""
+        delay = 0.1
+        while True:
+            await asyncio.sleep(random.uniform(0, delay))
+            delay = min(delay * 2, 5.0)
+            try:
+                await self.redis.ping()
+                await self._connect_pubsub()
+                await self._resync()
+            except DOWN as exc:
+                logger.debug("redis still unreachable: %s", exc)
+                continue
+            self.healthy = True
+            logger.warning("redis backplane reachable again; state written back")
+            return
+
+    async def _resync(self) -> None:
+        """After an outage: make Redis know what this node holds.
+
+        A session whose hash survived gets the frames it missed; one that is
+        gone (Redis restarted empty) is written again whole, with its agent
+        name and its presence in its channels.
+        """
+        await self._heartbeat()
+        for live in list(self.server.sessions.values()):
+            session = live.session
+            session.unsynced = []
+            stored = await self.redis.hget(_skey(session.id), "seq")
+            pipe = self.redis.pipeline(transaction=False)
+            if stored is None:
+                self._register(pipe, session)
+                if session.agent is not None:
+                    pipe.set(f"wss:agent:{session.agent}", session.id)
+                for name in session.subscriptions:
+                    pipe.hincrby(f"wss:c:{name}:m", session.name, 1)
+                pipe.delete(f"{_skey(session.id)}:run")
+                for stream_id in session.streams:
+                    pipe.sadd(f"{_skey(session.id)}:run", stream_id)
+            after = int(stored or 0)
+            self._append(pipe, session, [(s, f) for s, f in session.log if s > after])
+            await pipe.execute(raise_on_error=False)
+
+    # --------------------------------------------------------------- writes
+
+    def _enqueue(self, fill: Callable[[Any], None], wait: bool) -> asyncio.Future[Any] | None:
+        future = asyncio.get_running_loop().create_future() if wait else None
+        self._queue.append((fill, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = self._spawn(self._flush_loop())
+        return future
+
+    async def _flush_loop(self) -> None:
+        while self._queue:
+            await self._flush_once()
+
+    async def _flush_once(self) -> None:
+        """Everything queued, in one pipeline (one round trip)."""
+        batch, self._queue = self._queue, []
+        pipe = self.redis.pipeline(transaction=False)
+        for fill, _ in batch:
+            fill(pipe)
+        try:
+            if len(pipe):
+                await pipe.execute(raise_on_error=False)
+        except DOWN as exc:
+            self._down(exc)
+            for _, future in batch:
+                if future is not None and not future.done():
+                    future.set_exception(ConnectionError(str(exc)))
+            return
+        for _, future in batch:
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    def _register(self, pipe: Any, session: Session) -> None:
+        pipe.hset(
+            _skey(session.id),
+            mapping={
+                "owner": self.node,
+                "identity": session.identity,
+                "agent": session.agent or "",
+                "public_id": session.public_id,
+                "seq": session.seq,
+                "acked": session.acked,
+                "subs": orjson.dumps(sorted(session.subscriptions)),
+                "rules": b""
+                if session.rules is None
+                else orjson.dumps({"subscribe": session.rules.subscribe, "publish": session.rules.publish}),
+            },
+        )
+        pipe.sadd(f"wss:node:{self.node}:sessions", session.id)
+
+    def _append(self, pipe: Any, session: Session, entries: list[tuple[int, bytes]]) -> None:
+        key = _skey(session.id)
+        log, run = f"{key}:log", f"{key}:run"
+        for seq, frame in entries:
+            pipe.xadd(log, {"f": frame}, id=f"{seq}-0")
+            if frame.startswith(b'{"type":"stream.start"'):
+                pipe.sadd(run, _stream_id(frame))
+            elif frame.startswith(b'{"type":"stream.end"'):
+                pipe.srem(run, _stream_id(frame))
+        pipe.hset(key, mapping={"seq": session.seq, "acked": session.acked})
+        first = session.log[0][0] if session.log else session.seq + 1
+        pipe.xtrim(log, minid=f"{first}-0")
+
+    async def write_log(self, session: Session) -> None:
+        entries = session.unsynced
+        if not entries:
+            return
+        session.unsynced = []
+        if not self.healthy:
+            return  # sent without Redis; written back by _resync()
+        future = self._enqueue(lambda pipe: self._append(pipe, session, entries), wait=True)
+        assert future is not None
+        try:
+            await future
+        except ConnectionError:
+            pass  # degraded: the frames go out; _resync() writes them later
+
+    def write_log_nowait(self, session: Session) -> None:
+        entries = session.unsynced
+        if entries:
+            session.unsynced = []
+            if self.healthy:
+                self._enqueue(lambda pipe: self._append(pipe, session, entries), wait=False)
+
+    def session_opened(self, session: Session) -> None:
+        session.unsynced = []
+        if self.healthy:
+            self._enqueue(lambda pipe: self._register(pipe, session), wait=False)
+
+    def session_ended(self, session: Session) -> None:
+        if not self.healthy:
+            return
+        key = _skey(session.id)
+
+        def fill(pipe: Any) -> None:
+            pipe.delete(key, f"{key}:log", f"{key}:run", f"{key}:dm")
+            pipe.srem(f"wss:node:{self.node}:sessions", session.id)
+
+        self._enqueue(fill, wait=False)
+
+    def save_subscriptions(self, session: Session) -> None:
+        if self.healthy:
+            subs = orjson.dumps(sorted(session.subscriptions))
+            self._enqueue(lambda pipe: pipe.hset(_skey(session.id), "subs", subs), wait=False)
+
+    def script_nowait(self, name: str, keys: list[str], args: list[Any]) -> None:
+        if self.healthy:
+            script = self._scripts[name]
+            self._enqueue(lambda pipe: script(keys=keys, args=args, client=pipe), wait=False)
+
+    # ------------------------------------------------------------- channels
+
+    def message_parts(self, channel: str, sender: str, data: bytes) -> tuple[bytes, bytes]:
+        """A channel message around its offset (the script puts the offset between)."""
+        head = b'{"type":"message","channel":' + orjson.dumps(channel) + b',"offset":'
+        return head, b',"from":' + orjson.dumps(sender) + b',"data":' + data + b"}"
+
+    def _channel_args(
+        self, name: str, op: str, a6: Any = "", a7: Any = "", a8: Any = "", joined: str = ""
+    ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of the channel script (ARGV[6..8] depend on ``op``, see the script)."""
+        hub = self.hub
+        keys = [f"wss:c:{name}:e", f"wss:c:{name}:o", f"wss:c:{name}:h", f"wss:c:{name}:m"]
+        epoch = secrets.token_hex(4)  # used only if the channel has none yet
+        args = [op, hub.history_ttl, hub.history_size, f"wss:c:{name}", epoch, a6, a7, a8, name, joined]
+        return keys, args
+
+    def channel_op_nowait(self, name: str, op: str, a6: Any = "", a7: Any = "") -> None:
+        if self.healthy:
+            keys, args = self._channel_args(name, op, a6, a7)
+            script = self._scripts["channel"]
+            self._enqueue(lambda pipe: script(keys=keys, args=args, client=pipe), wait=False)
+
+    async def call(self, session: Session, call: HubCall) -> None:
+        try:
+            if not self.healthy:
+                raise ConnectionError("the Redis backplane is unreachable")
+            await self._flush_pending()  # earlier writes of this node first (e.g. a leave)
+            if call.kind == "subscribe":
+                await self._subscribe(session, call.msg)
+            elif call.kind == "publish":
+                head, tail = self.message_parts(call.msg.channel, session.name, call.encoded or b"null")
+                keys, args = self._channel_args(call.msg.channel, "pub", head, tail)
+                offset = await self._scripts["channel"](keys=keys, args=args)
+                session.published(call.msg, int(offset))
+            elif call.kind == "send":
+                payload = orjson.dumps({"from": session.name})[:-1] + b',"data":' + (call.encoded or b"null") + b"}"
+                found = await self._scripts["send"](keys=[f"wss:agent:{call.msg.to}"], args=[payload])
+                session.sent(call.msg, bool(found))
+        except (*DOWN, ConnectionError) as exc:
+            if isinstance(exc, DOWN):
+                self._down(exc)
+            if call.kind == "subscribe":
+                channel = self.hub.channels.get(call.msg.channel)
+                if channel is not None and call.msg.channel not in session.subscriptions:
+                    channel.subscribers.pop(session, None)
+            session.hub_failed(call, "the Redis backplane is unreachable; try again")
+
+    async def _flush_pending(self) -> None:
+        if self._queue:
+            future = self._enqueue(lambda pipe: None, wait=True)
+            assert future is not None
+            await future
+
+    async def _subscribe(self, session: Session, msg: Any) -> None:
+        name = msg.channel
+        await self._listen(f"wss:c:{name}")  # confirmed before the offset is read: nothing slips between
+        channel = self.hub.channel(name)
+        joined = session not in channel.subscribers
+        channel.subscribers[session] = None
+        keys, args = self._channel_args(
+            name,
+            "sub",
+            session.name,
+            "" if msg.since is None else str(msg.since),
+            msg.epoch or "",
+            "1" if joined else "0",
+        )
+        epoch, offset, recovered, missed, members = await self._scripts["channel"](keys=keys, args=args)
+        session.subscribed(
+            msg,
+            epoch.decode(),
+            int(offset),
+            bool(recovered),
+            sorted(m.decode() for m in members),
+            list(missed),
+        )
+        self.save_subscriptions(session)
+
+    # -------------------------------------------------------------- pub/sub
+
+    async def _connect_pubsub(self) -> None:
+        old, self._pubsub = self._pubsub, self.redis.pubsub()
+        if self._listener is not None:
+            self._listener.cancel()
+        if old is not None:
+            with _suppress_down():
+                await old.aclose()
+        self._confirmed = {}
+        channels = [f"wss:n:{self.node}"]
+        channels += [f"wss:c:{name}" for name, ch in self.hub.channels.items() if ch.subscribers]
+        channels += [f"wss:p:{tid}" for tid in self.tunnels]
+        await self._pubsub.subscribe(*channels)
+        for name in channels:
+            self._confirmed[name.encode()] = done = asyncio.get_running_loop().create_future()
+            done.set_result(None)  # confirmed by the listener's first reads; a resubscribe needs no wait
+        self._listener = asyncio.get_running_loop().create_task(self._listen_loop(self._pubsub))
+
+    async def _listen(self, channel: str) -> None:
+        """Subscribe this node to ``channel`` and wait until Redis confirmed it."""
+        key = channel.encode()
+        future = self._confirmed.get(key)
+        if future is None:
+            future = self._confirmed[key] = asyncio.get_running_loop().create_future()
+            try:
+                await self._pubsub.subscribe(channel)
+            except BaseException:
+                del self._confirmed[key]
+                raise
+        await asyncio.wait_for(asyncio.shield(future), 5.0)
+
+    async def _unlisten(self, channel: str) -> None:
+        if self._confirmed.pop(channel.encode(), None) is not None and self.healthy:
+            with _suppress_down():
+                await self._pubsub.unsubscribe(channel)
+
+    async def _listen_loop(self, pubsub: Any) -> None:
+        try:
+            while True:
+                msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=None)
+                if msg is None:
+                    continue
+                kind, channel, data = msg["type"], msg["channel"], msg["data"]
+                if kind == b"subscribe" or kind == "subscribe":
+                    future = self._confirmed.get(channel)
+                    if future is not None and not future.done():
+                        future.set_result(None)
+                elif kind == b"message" or kind == "message":
+                    try:
+                        self._dispatch(channel, data)
+                    except Exception:  # one bad message must not stop the node's listener
+                        logger.exception("backplane message on %r failed", channel)
+        except asyncio.CancelledError:
+            raise
+        except DOWN as exc:
+            self._down(exc)
+
+    def _dispatch(self, channel: bytes, data: bytes) -> None:
+        if channel.startswith(b"wss:c:"):
+            offset, _, frame = data.partition(b" ")
+            self.hub.deliver_remote(channel[6:].decode(), int(offset), frame)
+        elif channel.startswith(b"wss:p:"):
+            tunnel = self.tunnels.get(channel[6:].decode())
+            if tunnel is not None:
+                tunnel[1].put_nowait(data)
+        else:
+            self._control(orjson.loads(data))
+
+    def _control(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        server = self.server
+        if op == "dm":
+            self._spawn(self._take_direct_messages(msg["sid"]))
+        elif op == "open":
+            server.tunnel_open(msg["tunnel"], msg["node"], msg["hello"], msg.get("token"), msg.get("ip", "?"))
+        elif op == "in":
+            server.tunnel_input(msg["tunnel"], msg["text"])
+        elif op == "close":
+            server.tunnel_close(msg["tunnel"])
+        else:
+            logger.warning("unknown backplane control message %r", op)
+
+    async def _take_direct_messages(self, sid: str) -> None:
+        live = self.server.sessions.get(sid)
+        if live is None:
+            return  # not (or no longer) ours: the new owner takes them when it adopts
+        try:
+            items = await self.redis.lpop(f"{_skey(sid)}:dm", 1000)
+        except DOWN as exc:
+            self._down(exc)
+            return
+        for item in items or ():
+            dm = orjson.loads(item)
+            live.session.deliver_direct(dm["from"], dm["data"])
+
+    # -------------------------------------------------------------- tunnels
+
+    def send_to_node(self, node: str, msg: dict[str, Any]) -> None:
+        """A control message to ``node``, in order with this node's other writes."""
+        payload = orjson.dumps(msg)
+        if self.healthy:
+            self._enqueue(lambda pipe: pipe.publish(f"wss:n:{node}", payload), wait=False)
+
+    def send_to_tunnel(self, tunnel: str, data: bytes) -> None:
+        if self.healthy:
+            self._enqueue(lambda pipe: pipe.publish(f"wss:p:{tunnel}", data), wait=False)
+
+    async def open_tunnel(self, owner: str) -> tuple[str, asyncio.Queue[bytes]]:
+        tunnel = secrets.token_hex(8)
+        inbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self.tunnels[tunnel] = (owner, inbox)
+        await self._listen(f"wss:p:{tunnel}")
+        return tunnel, inbox
+
+    async def close_tunnel(self, tunnel: str) -> None:
+        if self.tunnels.pop(tunnel, None) is not None:
+            await self._unlisten(f"wss:p:{tunnel}")
+
+    # ---------------------------------------------------------------- nodes
+
+    async def _heartbeat(self) -> list[bytes]:
+        lost: list[bytes] = await self._scripts["heartbeat"](
+            keys=["wss:nodes"], args=[self.node, int(self.node_timeout * 1000)]
+        )
+        return [n for n in lost if n.decode() != self.node]
+
+    async def _watch_nodes(self) -> None:
+        """Heartbeat, and adopt the sessions of nodes whose heartbeat stopped."""
+        interval = max(0.1, self.node_timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            if not self.healthy:
+                continue
+            try:
+                for node in await self._heartbeat():
+                    await self.adopt_node(node.decode())
+            except DOWN as exc:
+                self._down(exc)
+
+    async def alive(self, node: str) -> bool:
+        return bool(await self._scripts["alive"](keys=["wss:nodes"], args=[node, int(self.node_timeout * 1000)]))
+
+    async def adopt_node(self, node: str) -> None:
+        """Take over the sessions of a lost node (one node does it; others wait for it)."""
+        task = self._adopting.get(node)
+        if task is None:
+            task = self._adopting[node] = asyncio.get_running_loop().create_task(self._adopt_node(node))
+            task.add_done_callback(lambda _t: self._adopting.pop(node, None))
+        await asyncio.shield(task)
+
+    async def _adopt_node(self, node: str) -> None:
+        self.server.node_lost(node)  # its tunnels here end; clients reconnect and resume
+        if not await self.redis.set(f"wss:adopt:{node}", self.node, nx=True, ex=60):
+            for _ in range(50):  # another node adopts: wait until it is done
+                if not await self.redis.exists(f"wss:node:{node}:sessions"):
+                    return
+                await asyncio.sleep(0.1)
+            return
+        self.stats["lost_nodes"] += 1
+        sids = [s.decode() for s in await self.redis.smembers(f"wss:node:{node}:sessions")]
+        logger.warning("node %s was lost; adopting its %d sessions", node, len(sids))
+        for sid in sids:
+            await self.adopt_session(sid)
+        await self.redis.delete(f"wss:node:{node}:sessions")
+        await self.redis.zrem("wss:nodes", node)
+
+    async def adopt_session(self, sid: str) -> None:
+        key = _skey(sid)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(key)
+        pipe.xrange(f"{key}:log")
+        pipe.smembers(f"{key}:run")
+        fields, entries, running = await pipe.execute()
+        if not fields or sid in self.server.sessions:
+            return
+        state = {k.decode(): v.decode() for k, v in fields.items()}
+        log = [(int(entry_id.split(b"-")[0]), entry[b"f"]) for entry_id, entry in entries]
+        session = self.server.adopt(sid, state, log, sorted(r.decode() for r in running))
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(key, "owner", self.node)
+        pipe.sadd(f"wss:node:{self.node}:sessions", sid)
+        await pipe.execute()
+        self.stats["adopted_sessions"] += 1
+        self.write_log_nowait(session)  # the node_lost ends
+        await self._take_direct_messages(sid)
+
+    # ---------------------------------------------------------------- hello
+
+    async def route(self, conn: Any, hello: dict[str, Any]) -> Route:
+        """Find the session's owner: here, another live node (tunnel), or a lost one (adopt)."""
+        if not self.healthy:
+            return LOCAL
+        sid = hello.get("session")
+        try:
+            if isinstance(sid, str) and sid not in self.server.sessions:
+                for _ in range(3):
+                    owner = await self.redis.hget(_skey(sid), "owner")
+                    if owner is None or owner.decode() == self.node:
+                        break
+                    owner_name = owner.decode()
+                    if await self.alive(owner_name):
+                        return Route(owner_name)
+                    await self.adopt_node(owner_name)
+                    if sid in self.server.sessions:
+                        break
+            await self.claim_agent(conn, hello, sid)
+        except DOWN as exc:
+            self._down(exc)
+        return LOCAL
+
+    async def claim_agent(self, conn: Any, hello: dict[str, Any], sid: Any) -> None:
+        """Claim ``hello.agent`` across nodes for the session ``conn`` will open
+        (``conn.new_session_id``); ``conn.agent_taken`` says another session holds it."""
+        agent = hello.get("agent")
+        if not isinstance(agent, str) or not valid_name(agent):
+            return  # (the hello is refused with bad_name later)
+        live = self.server.sessions.get(sid) if isinstance(sid, str) else None
+        if live is not None and live.session.agent == agent:
+            return  # resuming the session that holds it
+        conn.new_session_id = secrets.token_urlsafe(16)
+        claimed = await self._scripts["claim_agent"](keys=[f"wss:agent:{agent}"], args=[conn.new_session_id])
+        conn.agent_taken = not claimed
+
+
+class _suppress_down:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, exc: Any, tb: Any) -> bool:
+        return kind is not None and issubclass(kind, (*DOWN, asyncio.CancelledError))
