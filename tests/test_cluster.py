@@ -5,6 +5,7 @@ redis-server on 127.0.0.1 (see the ``redis_server`` fixture)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -126,3 +127,84 @@ async def test_takeover_across_nodes_closes_the_old_connection_4000(redis_server
                 with pytest.raises(ConnectionClosed) as closed:
                     await first.recv(timeout=5)
                 assert closed.value.rcvd is not None and closed.value.rcvd.code == 4000
+
+
+async def test_presence_across_three_nodes(redis_server: Any) -> None:
+    async with nodes(redis_server.url, count=3) as (a, b, c):
+        async with client(a, agent="a1") as (x, _), client(b, agent="b1") as (y, _):
+            for cl in (x, y):
+                await cl.send({"type": "subscribe", "id": "s", "channel": "room"})
+                await cl.recv_until(of_type("subscribed"))
+            await x.recv_until(of_type("presence", joined="b1"))
+            async with client(c, agent="c1") as (z, _):
+                await z.send({"type": "subscribe", "id": "s", "channel": "room"})
+                sub = (await z.recv_until(of_type("subscribed")))[-1]
+                assert sub["members"] == ["a1", "b1", "c1"]
+                for cl in (x, y):
+                    await cl.recv_until(of_type("presence", joined="c1"))
+                await z.send({"type": "unsubscribe", "id": "u", "channel": "room"})
+                await z.recv_until(of_type("ok", ref="u"))
+                left = [(await cl.recv_until(of_type("presence", left="c1")))[-1] for cl in (x, y)]
+                assert left[0] == left[1]  # the same event, the same offset, on both nodes
+
+
+async def test_a_resume_through_a_tunnel_with_snapshot(redis_server: Any) -> None:
+    async with nodes(redis_server.url, sim_tokens_per_s=200.0) as (a, b):
+        async with client(a) as (first, welcome):
+            await first.send({"type": "generate", "id": "g", "messages": USER_HI, "params": {"max_tokens": 2000}})
+            await first.recv_until(lambda f: f["type"] == "stream.delta" and f["index"] >= 3)
+        async with client(b, session=welcome["session"], last_seq=0, snapshot=True) as (page, resumed):
+            assert resumed["resumed"] is True
+            snap = (await page.recv_until(of_type("stream.snapshot")))[-1]
+            assert snap["text"] and snap["index"] >= 4
+            nxt = (await page.recv_until(of_type("stream.delta")))[-1]
+            assert nxt["index"] == snap["index"]
+
+
+async def test_credentials_hold_through_a_tunnel(redis_server: Any) -> None:
+    async with nodes(redis_server.url, api_keys=("k1",)) as (a, b):
+        headers = {"Authorization": "Bearer k1"}
+        async with connect(a.url, compression=None, additional_headers=headers) as ws:
+            first = RawClient(ws)
+            welcome = await first.hello()
+        # no credential at B's handshake, none in hello: refused by the owner
+        async with connect(b.url, compression=None) as ws:
+            c = RawClient(ws)
+            await c.send({"type": "hello", "protocol": 1, "session": welcome["session"], "last_seq": 0})
+            assert (await c.recv())["code"] == "unauthorized"
+        async with connect(b.url, compression=None) as ws:
+            c = RawClient(ws)
+            resumed = await c.hello(session=welcome["session"], last_seq=0, token="k1")
+            assert resumed["resumed"] is True
+
+
+async def test_a_stream_published_into_a_channel_is_watched_from_another_node(redis_server: Any) -> None:
+    async with nodes(redis_server.url) as (a, b):
+        async with client(b) as (watcher, _), client(a, agent="planner") as (planner, _):
+            await watcher.send({"type": "subscribe", "id": "s", "channel": "thoughts"})
+            await watcher.recv_until(of_type("subscribed"))
+            await planner.send(
+                {"type": "generate", "id": "g", "channel": "thoughts", "messages": USER_HI, "params": {"max_tokens": 30}}
+            )
+            await planner.recv_until(of_type("stream.end"))
+            frames = await watcher.recv_until(lambda f: f.get("data", {}).get("type") == "stream.end")
+            data = [f["data"] for f in frames if f["type"] == "message"]
+            assert data[0]["type"] == "stream.start" and data[-1]["type"] == "stream.end"
+            deltas = [d for d in data if d["type"] == "stream.delta"]
+            assert [d["index"] for d in deltas] == list(range(len(deltas))) and len(deltas) == 30
+            offsets = [f["offset"] for f in frames if f["type"] == "message"]
+            assert offsets == list(range(offsets[0], offsets[0] + len(offsets)))
+
+
+async def test_an_expired_session_frees_its_agent_name_on_every_node(redis_server: Any) -> None:
+    async with nodes(redis_server.url, session_ttl=0.2) as (a, b):
+        async with client(a, agent="solo"):
+            pass
+        for _ in range(50):  # expires 0.2 s after the drop; the release is written right after
+            await asyncio.sleep(0.05)
+            async with connect(b.url, compression=None) as ws:
+                c = RawClient(ws)
+                await c.send({"type": "hello", "protocol": 1, "agent": "solo"})
+                if (await c.recv())["type"] == "welcome":
+                    return
+        raise AssertionError("the agent name was never released")

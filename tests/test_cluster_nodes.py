@@ -142,3 +142,63 @@ def test_frames_in_redis_match_what_the_client_saw(redis_server: Any) -> None:
                 assert stored == seen
 
     asyncio.run(run())
+
+
+async def test_direct_message_to_an_agent_whose_node_died_waits_in_its_log(redis_server: Any) -> None:
+    with node(redis_server.url, "a") as a, node(redis_server.url, "b") as b:
+        async with connect(url(a), compression=None) as ws:
+            worker = RawClient(ws)
+            session = (await worker.hello(agent="worker"))["session"]
+            a.proc.kill()
+            a.proc.wait(timeout=5)
+        async with connect(url(b), compression=None) as ws:
+            boss = RawClient(ws)
+            await boss.hello(agent="boss")
+            await boss.send({"type": "send", "id": "m1", "to": "worker", "data": {"task": 7}})
+            assert (await boss.recv_until(lambda f: f.get("ref") == "m1"))[-1]["type"] == "ok"
+        frames: list[dict[str, Any]] = []
+        for _ in range(40):  # as a client does: retry while the loss is being found out
+            try:
+                async with connect(url(b), compression=None) as ws:
+                    worker = RawClient(ws)
+                    assert (await worker.hello(session=session, last_seq=0))["resumed"] is True
+                    frames = await worker.recv_until(lambda f: f["type"] == "message", timeout=10)
+                    break
+            except ConnectionClosed:
+                await asyncio.sleep(0.25)
+        assert frames and frames[-1]["from"] == "boss" and frames[-1]["data"] == {"task": 7}
+        assert frames[-1]["seq"] == 1
+
+
+async def test_sigterm_hands_sessions_over_and_a_restarted_node_keeps_its_own(redis_server: Any) -> None:
+    with node(redis_server.url, "b") as b:
+        with node(redis_server.url, "a", "--sim-tokens-per-s", "100", "--drain-timeout", "0.2") as a:
+            async with connect(url(a), compression=None) as ws:
+                c = RawClient(ws)
+                session = (await c.hello())["session"]
+                await c.send({"type": "generate", "id": "g", "messages": USER_HI, "params": {"max_tokens": 5000}})
+                await c.recv_until(lambda f: f["type"] == "stream.delta")
+                a.proc.send_signal(15)  # SIGTERM: drain
+                frames = await c.recv_until(lambda f: f["type"] == "stream.end", timeout=10)
+                assert frames[-1]["error"]["code"] == "shutdown"
+                last_seq = frames[-1]["seq"]
+            assert a.proc.wait(timeout=10) == 0
+        # the drained node left its sessions for adoption: B serves it at once
+        async with connect(url(b), compression=None) as ws:
+            c = RawClient(ws)
+            assert (await c.hello(session=session, last_seq=last_seq))["resumed"] is True
+            await c.send({"type": "ping", "id": "p"})
+            assert (await c.recv())["type"] == "pong"
+    # a node restarted with the same --node-id adopts what its previous run left
+    with node(redis_server.url, "c") as c_node:
+        async with connect(url(c_node), compression=None) as ws:
+            c = RawClient(ws)
+            session = (await c.hello())["session"]
+            await c.send({"type": "ack", "id": "k", "seq": 0})
+            await c.recv()
+        c_node.proc.kill()
+        c_node.proc.wait(timeout=5)
+    with node(redis_server.url, "c") as c_node:
+        async with connect(url(c_node), compression=None) as ws:
+            c = RawClient(ws)
+            assert (await c.hello(session=session, last_seq=1))["resumed"] is True

@@ -551,6 +551,21 @@ class Server:
         for tunnel in [t for t, rc in self.tunnelled.items() if rc.node == node]:
             self.tunnel_close(tunnel)
 
+    def fenced(self) -> None:
+        """Another node adopted this node's sessions (it was declared lost):
+        drop them here without touching the backplane; their clients get 1012
+        and resume on the adopting node."""
+        for live in list(self.sessions.values()):
+            conn, live.conn = live.conn, None
+            if conn is not None:  # nothing more reaches the client from here
+                conn.proto.release()
+                conn.live = None
+            del self.sessions[live.session.id]
+            live.end("error", (ErrorCode.NODE_LOST.value, "this node was declared lost"), forget=False, write=False)
+            if isinstance(conn, _Connection):
+                conn.close_lost()
+        self.backplane_lost()
+
     def backplane_lost(self) -> None:
         """Redis is unreachable: tunnels cannot carry frames; end them all."""
         for conn in list(self.connections):
@@ -697,9 +712,12 @@ class _LiveSession:
         self._expiry = None
         self.end("error", (ErrorCode.EXPIRED.value, "the session expired with no connection attached"))
 
-    def end(self, reason: str, error: tuple[str, str] | None = None, *, forget: bool = True) -> None:
+    def end(
+        self, reason: str, error: tuple[str, str] | None = None, *, forget: bool = True, write: bool = True
+    ) -> None:
         """Stop every stream and forget the session (``forget=False``: on a
-        shared backplane, leave it there for another node to adopt)."""
+        shared backplane, leave it there for another node to adopt; ``write=False``:
+        and write nothing more there, it is another node's now)."""
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
@@ -710,6 +728,8 @@ class _LiveSession:
         if forget:
             self.server.hub.leave_all(self.session)
             backplane.session_ended(self.session)
+        elif not write:
+            self.session.unsynced = None
         elif self.conn is None:  # (an attached session's writer writes them)
             self.session.take_output()
             backplane.write_log_nowait(self.session)
@@ -867,7 +887,7 @@ class _Connection:
         frames = self.proto.data_to_send()
         try:
             session = self.proto.session
-            if session is not None and session.unsynced:
+            if session is not None and session.unsynced is not None:  # a shared backplane
                 await self.server.backplane.write_log(session)  # before the client sees a seq
             for frame in frames:
                 await send(frame, text=True)
@@ -1010,7 +1030,7 @@ class _Tunnelled:
             self.wake.clear()
             frames = proto.data_to_send()
             session = proto.session
-            if session is not None and session.unsynced:
+            if session is not None and session.unsynced is not None:
                 await backplane.write_log(session)
             if frames:
                 backplane.send_to_tunnel(self.tunnel, b"F" + b"\n".join(frames))

@@ -33,6 +33,7 @@ Redis Cluster is not supported (scripts touch keys they are not given).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import secrets
@@ -155,8 +156,10 @@ return 0
 _HEARTBEAT_LUA = """
 local t = redis.call('TIME')
 local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[1], now_ms, ARGV[1])
-return redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms - tonumber(ARGV[2]))
+local added = redis.call('ZADD', KEYS[1], now_ms, ARGV[1])
+local lost = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms - tonumber(ARGV[2]))
+table.insert(lost, 1, tostring(added))
+return lost
 """
 
 _ALIVE_LUA = """
@@ -167,6 +170,12 @@ local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if tonumber(score) >= now_ms - tonumber(ARGV[2]) then return 1 end
 return 0
 """
+
+
+def _eval_in(pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
+    """Queue a registered script in a pipeline (loaded by ``execute`` if Redis lacks it)."""
+    pipe.scripts.add(script)
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
 
 
 def _skey(sid: str) -> str:
@@ -220,6 +229,14 @@ class RedisHub(Hub):
         self.backplane.save_subscriptions(session)
         return True
 
+    def sweep(self) -> int:
+        """Forget channels with no subscriber here, and stop listening to them."""
+        gone = [name for name, channel in self.channels.items() if not channel.subscribers]
+        for name in gone:
+            del self.channels[name]
+            self.backplane.unlisten_nowait(f"wss:c:{name}")
+        return len(gone)
+
     def join_announce(self, channel: Any, session: Session) -> None:  # pragma: no cover - done by "sub"
         raise AssertionError("presence joins happen in the subscribe script")
 
@@ -264,6 +281,8 @@ class RedisBackplane(Backplane):
         #: Tunnels from this node to owners elsewhere: id -> (owner, the inbox of frames).
         self.tunnels: dict[str, tuple[str, asyncio.Queue[bytes]]] = {}
         self._adopting: dict[str, asyncio.Task[None]] = {}
+        #: Registrations of new sessions not yet confirmed (see write_log).
+        self._registering: dict[str, asyncio.Future[Any]] = {}
         #: Counters for the tests and /metrics.
         self.stats = {"adopted_sessions": 0, "lost_nodes": 0, "outages": 0}
 
@@ -273,9 +292,10 @@ class RedisBackplane(Backplane):
         await self.redis.ping()  # fail fast at startup: a wrong URL is a configuration error
         await self._connect_pubsub()
         self.healthy = True
+        await self._heartbeat()
+        await self._adopt_previous()
         loop = asyncio.get_running_loop()
         self._watcher = loop.create_task(self._watch_nodes())
-        await self._heartbeat()
         logger.info("redis backplane %s: node %s", self.url, self.node)
 
     async def close(self) -> None:
@@ -425,6 +445,10 @@ class RedisBackplane(Backplane):
         pipe.xtrim(log, minid=f"{first}-0")
 
     async def write_log(self, session: Session) -> None:
+        registering = self._registering.pop(session.id, None)
+        if registering is not None:  # its welcome waits until other nodes can find it
+            with contextlib.suppress(ConnectionError):
+                await registering
         entries = session.unsynced
         if not entries:
             return
@@ -448,9 +472,12 @@ class RedisBackplane(Backplane):
     def session_opened(self, session: Session) -> None:
         session.unsynced = []
         if self.healthy:
-            self._enqueue(lambda pipe: self._register(pipe, session), wait=False)
+            future = self._enqueue(lambda pipe: self._register(pipe, session), wait=True)
+            assert future is not None
+            self._registering[session.id] = future
 
     def session_ended(self, session: Session) -> None:
+        self._registering.pop(session.id, None)
         if not self.healthy:
             return
         key = _skey(session.id)
@@ -469,7 +496,7 @@ class RedisBackplane(Backplane):
     def script_nowait(self, name: str, keys: list[str], args: list[Any]) -> None:
         if self.healthy:
             script = self._scripts[name]
-            self._enqueue(lambda pipe: script(keys=keys, args=args, client=pipe), wait=False)
+            self._enqueue(lambda pipe: _eval_in(pipe, script, keys, args), wait=False)
 
     # ------------------------------------------------------------- channels
 
@@ -492,7 +519,7 @@ class RedisBackplane(Backplane):
         if self.healthy:
             keys, args = self._channel_args(name, op, a6, a7)
             script = self._scripts["channel"]
-            self._enqueue(lambda pipe: script(keys=keys, args=args, client=pipe), wait=False)
+            self._enqueue(lambda pipe: _eval_in(pipe, script, keys, args), wait=False)
 
     async def call(self, session: Session, call: HubCall) -> None:
         try:
@@ -582,7 +609,15 @@ class RedisBackplane(Backplane):
                 raise
         await asyncio.wait_for(asyncio.shield(future), 5.0)
 
+    def unlisten_nowait(self, channel: str) -> None:
+        if channel.encode() in self._confirmed:
+            self._spawn(self._unlisten(channel))
+
     async def _unlisten(self, channel: str) -> None:
+        if channel.startswith("wss:c:"):
+            local = self.hub.channels.get(channel[6:])
+            if local is not None and local.subscribers:
+                return  # subscribed again meanwhile
         if self._confirmed.pop(channel.encode(), None) is not None and self.healthy:
             with _suppress_down():
                 await self._pubsub.unsubscribe(channel)
@@ -606,6 +641,9 @@ class RedisBackplane(Backplane):
         except asyncio.CancelledError:
             raise
         except DOWN as exc:
+            self._down(exc)
+        except Exception as exc:  # a deaf node is worse than a reconnect
+            logger.exception("backplane listener failed")
             self._down(exc)
 
     def _dispatch(self, channel: bytes, data: bytes) -> None:
@@ -671,11 +709,12 @@ class RedisBackplane(Backplane):
 
     # ---------------------------------------------------------------- nodes
 
-    async def _heartbeat(self) -> list[bytes]:
-        lost: list[bytes] = await self._scripts["heartbeat"](
+    async def _heartbeat(self) -> tuple[bool, list[bytes]]:
+        """Beat; returns (whether this node had been dropped from the set, the lost nodes)."""
+        added, *lost = await self._scripts["heartbeat"](
             keys=["wss:nodes"], args=[self.node, int(self.node_timeout * 1000)]
         )
-        return [n for n in lost if n.decode() != self.node]
+        return added == b"1", [n for n in lost if n.decode() != self.node]
 
     async def _watch_nodes(self) -> None:
         """Heartbeat, and adopt the sessions of nodes whose heartbeat stopped."""
@@ -685,10 +724,19 @@ class RedisBackplane(Backplane):
             if not self.healthy:
                 continue
             try:
-                for node in await self._heartbeat():
+                dropped, lost = await self._heartbeat()
+                if dropped:
+                    # Another node declared this one lost (a pause longer than
+                    # node_timeout) and adopted its sessions: they are not ours
+                    # to write any more.
+                    logger.error("this node was declared lost and its sessions adopted; dropping them")
+                    self.server.fenced()
+                for node in lost:
                     await self.adopt_node(node.decode())
             except DOWN as exc:
                 self._down(exc)
+            except Exception:  # the watcher must outlive any one bad round
+                logger.exception("backplane node watch failed")
 
     async def alive(self, node: str) -> bool:
         return bool(await self._scripts["alive"](keys=["wss:nodes"], args=[node, int(self.node_timeout * 1000)]))
@@ -716,6 +764,15 @@ class RedisBackplane(Backplane):
             await self.adopt_session(sid)
         await self.redis.delete(f"wss:node:{node}:sessions")
         await self.redis.zrem("wss:nodes", node)
+        await self.redis.delete(f"wss:adopt:{node}")
+
+    async def _adopt_previous(self) -> None:
+        """Sessions a previous run of this node (same ``node_id``) left behind."""
+        sids = [s.decode() for s in await self.redis.smembers(f"wss:node:{self.node}:sessions")]
+        if sids:
+            logger.warning("adopting %d sessions left by this node's previous run", len(sids))
+        for sid in sids:
+            await self.adopt_session(sid)
 
     async def adopt_session(self, sid: str) -> None:
         key = _skey(sid)
