@@ -279,6 +279,7 @@ async def run_phase(
     run_timeout: float,
     quiesce_max: float = 10.0,
     profile: Path | None = None,
+    window: Any = None,
 ) -> Phase:
     """Start load generators, wait for READY, quiesce, ``go``, collect RESULTs."""
     lifetime = setup_timeout + quiesce_max + run_timeout + 60
@@ -296,10 +297,14 @@ async def run_phase(
         u0, s0 = server.cpu_split()
         c0 = server.cpu()
         t0 = time.monotonic()
+        if window is not None:  # window(): called at "go" and again when the results are in
+            window()
         for g in gens:
             g.send("go")
         results = list(await asyncio.gather(*(g.expect("RESULT", run_timeout + 30) for g in gens)))
         wall = time.monotonic() - t0
+        if window is not None:
+            window()
         c1 = server.cpu()
         u1, s1 = server.cpu_split()
         rss = server.rss()

@@ -208,6 +208,15 @@ def chart_scenario(result: dict[str, Any], path: Path) -> None:
               "cancel → stream.end p99", "ms", c["wsserver"]["p99_ms"], True)
         _bars(axes[1], [v["label"] for v in r.values()], [v["replay_p50_ms"] for v in r.values()],
               "replay of missed messages, median", "ms", r["wsserver"]["replay_p50_ms"], True)
+    elif sc == "cluster":
+        if not result["tables"]:
+            return  # skipped (no redis-server)
+        rows = [t["rows"] for t in result["tables"][:3]]
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+        labels = ["one node", "2 nodes + Redis"]
+        _bars(axes[0], labels, [r[1] for r in rows[0]], "streaming tokens/s", "tokens/s")
+        _bars(axes[1], labels, [r[2] for r in rows[1]], "paced latency p99", "ms", None, True)
+        _bars(axes[2], labels, [r[1] for r in rows[2]], "fan-out deliveries/s", "deliveries/s")
     else:  # pragma: no cover
         return
     fig.suptitle(result["title"], fontsize=9.5)

@@ -1,4 +1,4 @@
-"""The five scenarios. Each returns a result dict (see ``report``) with its
+"""The scenarios (the sixth, two nodes on Redis, is in cluster.py). Each returns a result dict (see ``report``) with its
 tables, its targets and every raw number, all measured in this invocation.
 
 Conventions: "ours ÷ this" columns divide wsserver's figure by the row's
@@ -61,6 +61,12 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "quick": {"probes": 16, "rounds": 6, "rate": 50.0, "background": 100, "replay_messages": 1000,
                   "replay_reps": 5},
     },
+    "cluster": {
+        "full": {"conns": 50, "tokens": 2000, "paced_streams": 500, "paced_rate": 20.0, "paced_tokens": 100,
+                 "subs": 1000, "messages": 300, "rounds": 2},
+        "quick": {"conns": 20, "tokens": 500, "paced_streams": 200, "paced_rate": 20.0, "paced_tokens": 40,
+                  "subs": 200, "messages": 100, "rounds": 1},
+    },
 }
 SCENARIOS = list(DEFAULTS)
 SERVERS_FOR = {
@@ -69,6 +75,7 @@ SERVERS_FOR = {
     "fanout": ["wsserver", "raw", "naive"],
     "idle": ["wsserver", "raw"],
     "control": ["wsserver", "raw", "naive"],
+    "cluster": ["wsserver"],  # its own servers: see bench/cluster.py
 }
 
 
@@ -156,7 +163,7 @@ def uniq(prefix: str) -> str:
 async def stream_round(
     ctx: Ctx, srv: ServerProc, *, conns: int, streams: int, tokens: int, rate: float = 0.0,
     ttft_ms: float = 0.0, stagger_s: float = 0.0, procs: int = 2, run_timeout: float = 300.0,
-    profile: Path | None = None,
+    profile: Path | None = None, window: Any = None,
 ) -> dict[str, Any]:
     tag = uniq(f"{srv.name}-stream")
     specs = [
@@ -165,7 +172,7 @@ async def stream_round(
         for i, (first, n) in enumerate(shares(conns, procs))
     ]
     ph = await run_phase(srv, specs, logdir=ctx.tmp, setup_timeout=120, run_timeout=run_timeout,
-                         profile=profile)
+                         profile=profile, window=window)
     res = ph.results
     total = sum(r["tokens"] for r in res)
     frames = sum(r["frames"] for r in res)
@@ -687,10 +694,17 @@ async def scenario_control(ctx: Ctx) -> dict[str, Any]:
     }
 
 
+async def scenario_cluster(ctx: Ctx) -> dict[str, Any]:
+    from .cluster import scenario_cluster as run  # (it builds on this module)
+
+    return await run(ctx)
+
+
 RUNNERS: dict[str, Callable[[Ctx], Awaitable[dict[str, Any]]]] = {
     "streaming": scenario_streaming,
     "paced": scenario_paced,
     "fanout": scenario_fanout,
     "idle": scenario_idle,
     "control": scenario_control,
+    "cluster": scenario_cluster,
 }

@@ -41,7 +41,8 @@ def readyz(proc: ServerProcess) -> str:
 
 async def resume(server_url: str, session: str, last_seq: int, frames: list[dict[str, Any]]) -> None:
     """Resume like a client does: retry while the node is still finding out the
-    owner is lost (close 1012), then read until the stream has ended."""
+    owner is lost (close 1012), read until the stream has ended, then finish
+    the lost answer with an interrupt (its request was kept in Redis)."""
     for _ in range(40):
         try:
             async with connect(server_url, compression=None) as ws:
@@ -49,6 +50,12 @@ async def resume(server_url: str, session: str, last_seq: int, frames: list[dict
                 welcome = await c.hello(session=session, last_seq=last_seq)
                 assert welcome["resumed"] is True, welcome
                 frames.extend(await c.recv_until(lambda f: f["type"] == "stream.end", timeout=15))
+                lost = frames[-1]["stream"]
+                await c.send({"type": "interrupt", "id": "i", "stream": lost, "input": "go on"})
+                more = await c.recv_until(lambda f: f["type"] == "stream.end", timeout=15)
+                start = next(f for f in more if f["type"] == "stream.start")
+                assert start["steered_from"] == lost and start["provider"] == "simulated"
+                assert more[-1]["reason"] == "complete" and more[-1]["stream"] == start["stream"]
                 return
         except ConnectionClosed as closed:
             assert closed.rcvd is not None and closed.rcvd.code == 1012, closed
@@ -70,6 +77,7 @@ async def test_sigkilled_node_its_client_resumes_elsewhere_nothing_lost_or_doubl
         frames = frames[: next(i for i, f in enumerate(frames) if f.get("index") == 10) + 1]
         last_seq = frames[-1]["seq"]
         await resume(url(b), session, last_seq, frames)
+        frames = frames[: next(i for i, f in enumerate(frames) if f["type"] == "stream.end") + 1]
         seqs = [f["seq"] for f in frames]
         assert seqs == list(range(1, len(seqs) + 1))  # in order, nothing lost, nothing doubled
         deltas = [f for f in frames if f["type"] == "stream.delta"]

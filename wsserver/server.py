@@ -49,7 +49,7 @@ from .auth import ANONYMOUS, Authenticator, ChannelRules, Identity, origin_allow
 from .backplane import create as create_backplane
 from .errors import CloseCode, ErrorCode, ProtocolError
 from .hub import NAME_RULE, valid_name
-from .messages import SUBPROTOCOL, Error, GenerateParams, Hello, Shutdown, encode
+from .messages import SUBPROTOCOL, ChatMessage, Error, GenerateParams, Hello, Shutdown, encode
 from .protocol import CloseConnection, ConnState, Opened, ServerProtocol
 from .providers import Providers, SimulatedProvider
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -496,7 +496,13 @@ class Server:
 
     # ------------------------------------------------- several nodes (Redis)
 
-    def adopt(self, sid: str, state: dict[str, str], log: list[tuple[int, bytes]], running: list[str]) -> Session:
+    def adopt(
+        self,
+        sid: str,
+        state: dict[str, str],
+        log: list[tuple[int, bytes]],
+        running: dict[str, dict[str, Any] | None],
+    ) -> Session:
         """Take over a session of a lost node from what the backplane kept.
 
         Its replay log and seq continue where the lost node's writes ended;
@@ -530,10 +536,18 @@ class Server:
         live = _LiveSession(self, session)
         self.sessions[sid] = live
         now = session.clock()
-        for stream_id in running:
+        for stream_id, request in sorted(running.items()):
             session._used_stream_ids.add(stream_id)
+            request = request or {}
             stream = Stream(
-                id=stream_id, ref=None, provider="?", model="?", messages=(), params=GenerateParams(), started_at=now
+                id=stream_id,
+                ref=None,
+                provider=request.get("provider", "?"),
+                model=request.get("model", "?"),
+                messages=tuple(ChatMessage(**m) for m in request.get("messages", ())),
+                params=GenerateParams(**request.get("params", {})),
+                started_at=now,
+                channel=request.get("channel"),
             )
             stream.parts = texts.get(stream_id, [])
             stream.counted_tokens, stream.exact_count = len(stream.parts), False

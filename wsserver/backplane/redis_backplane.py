@@ -178,6 +178,18 @@ def _eval_in(pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
     pipe.evalsha(script.sha, len(keys), *keys, *args)
 
 
+def _request(stream: Any) -> bytes:
+    return orjson.dumps(
+        {
+            "provider": stream.provider,
+            "model": stream.model,
+            "messages": [m.model_dump() for m in stream.messages],
+            "params": stream.params.model_dump(exclude_none=True),
+            "channel": stream.channel,
+        }
+    )
+
+
 def _skey(sid: str) -> str:
     return f"wss:s:{sid}"
 
@@ -433,13 +445,19 @@ class RedisBackplane(Backplane):
 
     def _append(self, pipe: Any, session: Session, entries: list[tuple[int, bytes]]) -> None:
         key = _skey(session.id)
-        log, run = f"{key}:log", f"{key}:run"
+        log, run, req = f"{key}:log", f"{key}:run", f"{key}:req"
         for seq, frame in entries:
             pipe.xadd(log, {"f": frame}, id=f"{seq}-0")
             if frame.startswith(b'{"type":"stream.start"'):
-                pipe.sadd(run, _stream_id(frame))
+                stream_id = _stream_id(frame)
+                pipe.sadd(run, stream_id)
+                stream = session.streams.get(stream_id)
+                if stream is not None:  # what an adopting node needs to continue it (interrupt)
+                    pipe.hset(req, stream_id, _request(stream))
             elif frame.startswith(b'{"type":"stream.end"'):
-                pipe.srem(run, _stream_id(frame))
+                stream_id = _stream_id(frame)
+                pipe.srem(run, stream_id)
+                pipe.hdel(req, stream_id)
         pipe.hset(key, mapping={"seq": session.seq, "acked": session.acked})
         first = session.log[0][0] if session.log else session.seq + 1
         pipe.xtrim(log, minid=f"{first}-0")
@@ -483,7 +501,7 @@ class RedisBackplane(Backplane):
         key = _skey(session.id)
 
         def fill(pipe: Any) -> None:
-            pipe.delete(key, f"{key}:log", f"{key}:run", f"{key}:dm")
+            pipe.delete(key, f"{key}:log", f"{key}:run", f"{key}:req", f"{key}:dm")
             pipe.srem(f"wss:node:{self.node}:sessions", session.id)
 
         self._enqueue(fill, wait=False)
@@ -780,12 +798,14 @@ class RedisBackplane(Backplane):
         pipe.hgetall(key)
         pipe.xrange(f"{key}:log")
         pipe.smembers(f"{key}:run")
-        fields, entries, running = await pipe.execute()
+        pipe.hgetall(f"{key}:req")
+        fields, entries, running, requests = await pipe.execute()
         if not fields or sid in self.server.sessions:
             return
         state = {k.decode(): v.decode() for k, v in fields.items()}
         log = [(int(entry_id.split(b"-")[0]), entry[b"f"]) for entry_id, entry in entries]
-        session = self.server.adopt(sid, state, log, sorted(r.decode() for r in running))
+        lost = {r.decode(): orjson.loads(requests[r]) if r in requests else None for r in running}
+        session = self.server.adopt(sid, state, log, lost)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hset(key, "owner", self.node)
         pipe.sadd(f"wss:node:{self.node}:sessions", sid)
