@@ -99,7 +99,7 @@ async def test_resume_on_another_node_and_cancel_there(redis_server: Any) -> Non
     """The session runs on node A; its client comes back through node B and cancels."""
     async with nodes(redis_server.url, sim_tokens_per_s=200.0) as (a, b):
         async with client(a) as (first, welcome):
-            await first.send({"type": "generate", "id": "g", "messages": USER_HI, "params": {"max_tokens": 2000}})
+            await first.send({"type": "generate", "id": "g", "messages": USER_HI, "params": {"reply_tokens": 2000}})
             frames = await first.recv_until(lambda f: f["type"] == "stream.delta" and f["index"] >= 3)
             stream, last_seq = frames[0]["stream"], frames[-1]["seq"]
         async with client(b, session=welcome["session"], last_seq=last_seq) as (second, resumed):
@@ -151,7 +151,7 @@ async def test_presence_across_three_nodes(redis_server: Any) -> None:
 async def test_a_resume_through_a_tunnel_with_snapshot(redis_server: Any) -> None:
     async with nodes(redis_server.url, sim_tokens_per_s=200.0) as (a, b):
         async with client(a) as (first, welcome):
-            await first.send({"type": "generate", "id": "g", "messages": USER_HI, "params": {"max_tokens": 2000}})
+            await first.send({"type": "generate", "id": "g", "messages": USER_HI, "params": {"reply_tokens": 2000}})
             await first.recv_until(lambda f: f["type"] == "stream.delta" and f["index"] >= 3)
         async with client(b, session=welcome["session"], last_seq=0, snapshot=True) as (page, resumed):
             assert resumed["resumed"] is True
@@ -184,7 +184,7 @@ async def test_a_stream_published_into_a_channel_is_watched_from_another_node(re
             await watcher.send({"type": "subscribe", "id": "s", "channel": "thoughts"})
             await watcher.recv_until(of_type("subscribed"))
             await planner.send(
-                {"type": "generate", "id": "g", "channel": "thoughts", "messages": USER_HI, "params": {"max_tokens": 30}}
+                {"type": "generate", "id": "g", "channel": "thoughts", "messages": USER_HI, "params": {"reply_tokens": 30}}
             )
             await planner.recv_until(of_type("stream.end"))
             frames = await watcher.recv_until(lambda f: f.get("data", {}).get("type") == "stream.end")
@@ -208,3 +208,29 @@ async def test_an_expired_session_frees_its_agent_name_on_every_node(redis_serve
                 if (await c.recv())["type"] == "welcome":
                     return
         raise AssertionError("the agent name was never released")
+
+
+async def test_metrics_and_readyz_show_the_backplane(redis_server: Any) -> None:
+    import urllib.request
+
+    async with nodes(redis_server.url, count=1) as (a,):
+        def get(path: str) -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{a.port}{path}", timeout=5) as resp:  # noqa: S310
+                return resp.read().decode()
+
+        assert await asyncio.to_thread(get, "/readyz") == "ready\n"
+        metrics = await asyncio.to_thread(get, "/metrics")
+        assert "wsserver_backplane_up 1.0" in metrics and "wsserver_backplane_tunnels 0.0" in metrics
+        redis_server.stop()
+        for _ in range(100):
+            if (await asyncio.to_thread(get, "/readyz")).startswith("degraded"):
+                break
+            await asyncio.sleep(0.05)
+        assert (await asyncio.to_thread(get, "/readyz")).startswith("degraded")
+        assert "wsserver_backplane_up 0.0" in await asyncio.to_thread(get, "/metrics")
+        redis_server.start()
+        for _ in range(200):
+            if await asyncio.to_thread(get, "/readyz") == "ready\n":
+                break
+            await asyncio.sleep(0.05)
+        assert "wsserver_backplane_outages 1.0" in await asyncio.to_thread(get, "/metrics")

@@ -52,10 +52,13 @@ async def resume(server_url: str, session: str, last_seq: int, frames: list[dict
                 frames.extend(await c.recv_until(lambda f: f["type"] == "stream.end", timeout=15))
                 lost = frames[-1]["stream"]
                 await c.send({"type": "interrupt", "id": "i", "stream": lost, "input": "go on"})
-                more = await c.recv_until(lambda f: f["type"] == "stream.end", timeout=15)
-                start = next(f for f in more if f["type"] == "stream.start")
+                start = (await c.recv_until(lambda f: f["type"] == "stream.start", timeout=15))[-1]
                 assert start["steered_from"] == lost and start["provider"] == "simulated"
-                assert more[-1]["reason"] == "complete" and more[-1]["stream"] == start["stream"]
+                delta = (await c.recv_until(lambda f: f["type"] == "stream.delta", timeout=15))[-1]
+                assert delta["stream"] == start["stream"] and delta["text"].startswith("You")
+                await c.send({"type": "cancel", "id": "c", "stream": start["stream"]})
+                end = (await c.recv_until(lambda f: f["type"] == "stream.end", timeout=15))[-1]
+                assert end["reason"] == "cancelled"
                 return
         except ConnectionClosed as closed:
             assert closed.rcvd is not None and closed.rcvd.code == 1012, closed
@@ -69,7 +72,7 @@ async def test_sigkilled_node_its_client_resumes_elsewhere_nothing_lost_or_doubl
         async with connect(url(a), compression=None) as ws:
             c = RawClient(ws)
             session = (await c.hello())["session"]
-            await c.send({"type": "generate", "id": "g", "messages": USER_HI, "params": {"max_tokens": 5000}})
+            await c.send({"type": "generate", "id": "g", "messages": USER_HI, "params": {"reply_tokens": 5000}})
             frames += await c.recv_until(lambda f: f["type"] == "stream.delta" and f["index"] >= 20)
             a.proc.kill()  # SIGKILL mid-stream
             a.proc.wait(timeout=5)
@@ -92,7 +95,7 @@ async def test_redis_restart_under_traffic(redis_server: Any) -> None:
         async with connect(url(a), compression=None) as ws:
             c = RawClient(ws)
             session = (await c.hello())["session"]
-            await c.send({"type": "generate", "id": "g", "messages": USER_HI, "params": {"max_tokens": 5000}})
+            await c.send({"type": "generate", "id": "g", "messages": USER_HI, "params": {"reply_tokens": 5000}})
             await c.recv_until(lambda f: f["type"] == "stream.delta")
             assert readyz(a) == "ready\n"
 
@@ -184,7 +187,7 @@ async def test_sigterm_hands_sessions_over_and_a_restarted_node_keeps_its_own(re
             async with connect(url(a), compression=None) as ws:
                 c = RawClient(ws)
                 session = (await c.hello())["session"]
-                await c.send({"type": "generate", "id": "g", "messages": USER_HI, "params": {"max_tokens": 5000}})
+                await c.send({"type": "generate", "id": "g", "messages": USER_HI, "params": {"reply_tokens": 5000}})
                 await c.recv_until(lambda f: f["type"] == "stream.delta")
                 a.proc.send_signal(15)  # SIGTERM: drain
                 frames = await c.recv_until(lambda f: f["type"] == "stream.end", timeout=10)

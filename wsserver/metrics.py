@@ -71,6 +71,24 @@ class Telemetry:
         self.sessions.labels("detached").set_function(lambda: sessions()[1])
         self.streams_active.set_function(lambda: sessions()[2])
 
+    def bind_backplane(self, backplane: Any) -> None:
+        """Gauges of a shared backplane, read at scrape time (nothing when alone)."""
+        if not backplane.shared:
+            return
+        p, r = "wsserver_backplane_", self.registry
+        Gauge(p + "up", "1 while the backplane (Redis) is reachable", registry=r).set_function(
+            lambda: 1.0 if backplane.status() is None else 0.0
+        )
+        for key, text in (
+            ("adopted_sessions", "Sessions adopted from lost nodes"),
+            ("lost_nodes", "Nodes this node found lost and adopted"),
+            ("outages", "Times the backplane became unreachable"),
+        ):
+            Gauge(p + key, text + " (since start)", registry=r).set_function(lambda k=key: backplane.stats[k])
+        Gauge(p + "tunnels", "Connections relayed to their session's node", registry=r).set_function(
+            lambda: len(backplane.tunnels)
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

@@ -159,6 +159,7 @@ class Server:
         )
         self.telemetry = Telemetry(log_content=cfg.log_content)
         self.telemetry.bind(self._session_counts)
+        self.telemetry.bind_backplane(self.backplane)
         self.draining = False
         self._identities: weakref.WeakKeyDictionary[ServerConnection, Identity] = weakref.WeakKeyDictionary()
         self._per_ip: dict[str, int] = {}

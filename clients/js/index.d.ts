@@ -13,7 +13,7 @@ export declare const SERVER_MESSAGES: Readonly<{
   OK: "ok"; PONG: "pong"; ERROR: "error"; SHUTDOWN: "shutdown";
 }>;
 export declare const CLOSE_CODES: Readonly<{
-  NORMAL: 1000; GOING_AWAY: 1001; ABNORMAL: 1006; POLICY: 1008; TOO_BIG: 1009; INTERNAL: 1011;
+  NORMAL: 1000; GOING_AWAY: 1001; ABNORMAL: 1006; POLICY: 1008; TOO_BIG: 1009; INTERNAL: 1011; SERVICE_RESTART: 1012;
   TRY_AGAIN_LATER: 1013; SESSION_TAKEN_OVER: 4000; UNSUPPORTED_PROTOCOL: 4001; HELLO_TIMEOUT: 4008;
   PROTOCOL_VIOLATION: 4400; UNAUTHORIZED: 4401; FORBIDDEN: 4403;
   CLIENT_HEARTBEAT_TIMEOUT: 4990; CLIENT_CONNECT_TIMEOUT: 4991; CLIENT_RECONNECT: 4992;
@@ -26,7 +26,7 @@ export type ErrorCode =
   | "unsupported_protocol" | "not_implemented" | "duplicate_request" | "too_many_streams"
   | "stream_exists" | "unknown_stream" | "provider_unavailable" | "resume_failed" | "rate_limited"
   | "unauthorized" | "forbidden" | "bad_name" | "agent_name_taken" | "unknown_agent"
-  | "too_many_subscriptions" | "message_too_large"
+  | "too_many_subscriptions" | "message_too_large" | "backplane_unavailable"
   | "provider_error" | "provider_timeout" | "expired" | "shutdown" | "node_lost" | "internal"
   | "connection_lost" | "timeout";
 export declare const ERROR_CODES: Readonly<Record<string, ErrorCode>>;

@@ -45,6 +45,7 @@ export const CLOSE_CODES = Object.freeze({
   POLICY: 1008,
   TOO_BIG: 1009,
   INTERNAL: 1011,
+  SERVICE_RESTART: 1012, // the node serving the session was lost: reconnect and resume
   TRY_AGAIN_LATER: 1013,
   SESSION_TAKEN_OVER: 4000,
   UNSUPPORTED_PROTOCOL: 4001,
@@ -99,6 +100,7 @@ export const ERROR_CODES = Object.freeze({
   UNKNOWN_AGENT: "unknown_agent",
   TOO_MANY_SUBSCRIPTIONS: "too_many_subscriptions",
   MESSAGE_TOO_LARGE: "message_too_large",
+  BACKPLANE_UNAVAILABLE: "backplane_unavailable",
   // stream.end.error.code
   PROVIDER_ERROR: "provider_error",
   PROVIDER_TIMEOUT: "provider_timeout",
