@@ -126,6 +126,9 @@ class ServerConfig:
     log_content: bool = _opt(False, "log prompt and completion text (debugging only)")
     loop: str = _opt("auto", "event loop", choices=("auto", "asyncio", "uvloop"))
     log_level: str = _opt("info", "logging level", choices=("debug", "info", "warning", "error"))
+    conformance_echo: bool = _opt(
+        False, "testing only: also echo every message on WebSocket path /_echo (Autobahn conformance runs)"
+    )
 
     @classmethod
     def from_env(

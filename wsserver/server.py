@@ -69,6 +69,11 @@ logger = logging.getLogger("wsserver.server")
 events = logging.getLogger("wsserver.events")
 
 WS_PATHS = frozenset({"/", "/ws"})
+#: With ``conformance_echo`` on: a WebSocket path that echoes every message,
+#: for RFC 6455 conformance suites (Autobahn cases via kosoku), which need an
+#: echo peer and know nothing of ``hello``. Same ``serve()`` settings as
+#: ``/``; off by default.
+ECHO_PATH = "/_echo"
 #: Frames waiting for the writer beyond which the reader stops reading the
 #: client's requests until the writer has caught up. A client that sends
 #: requests but never reads the answers thus meets TCP backpressure instead
@@ -284,6 +289,8 @@ class Server:
         path = request.path.split("?", 1)[0]
         headers = request.headers
         if headers.get("Upgrade", "").lower() == "websocket":
+            if path == ECHO_PATH and self.config.conformance_echo:
+                return None
             if path not in WS_PATHS:
                 return self._refuse(connection, HTTPStatus.NOT_FOUND, "no WebSocket endpoint here; use /\n", "path")
             return self._admit(connection, request)
@@ -338,6 +345,10 @@ class Server:
     # ------------------------------------------------------------ WebSocket
 
     async def _handle(self, ws: ServerConnection) -> None:
+        request = ws.request
+        if self.config.conformance_echo and request is not None and request.path.split("?", 1)[0] == ECHO_PATH:
+            await _echo(ws)
+            return
         conn = _Connection(self, ws)
         ip = conn.ip
         self.connections.add(conn)
@@ -514,6 +525,13 @@ class Server:
                 full_after = (bucket.burst if isinstance(bucket, TokenBucket) else bucket.capacity) / rate
                 if bucket.stamp is not None and now - bucket.stamp > full_after + 60:
                     del buckets[key]
+
+
+async def _echo(ws: ServerConnection) -> None:
+    """The ``conformance_echo`` route: send every message back as it came."""
+    with contextlib.suppress(ConnectionClosed):
+        async for message in ws:
+            await ws.send(message)
 
 
 class _LiveSession:
