@@ -677,9 +677,7 @@ class _Connection:
         self.live = None
         if self.close_with is None:
             self.close_with = CloseConnection(CloseCode.SESSION_TAKEN_OVER, "session taken over")
-            asyncio.get_running_loop().create_task(
-                self.ws.close(CloseCode.SESSION_TAKEN_OVER, "session taken over")
-            )
+            self._close_or_abort(self.close_with)
 
     async def _read_loop(self) -> None:
         ws, proto, writer = self.ws, self.proto, self._writer
@@ -759,6 +757,16 @@ class _Connection:
         """A slow consumer: close with 1013 (aborted after close_timeout)."""
         if self.close_with is None:
             self.close_with = CloseConnection(CloseCode.TRY_AGAIN_LATER, "slow consumer")
-            asyncio.get_running_loop().create_task(
-                self.ws.close(CloseCode.TRY_AGAIN_LATER, "slow consumer")
-            )
+            self._close_or_abort(self.close_with)
+
+    def _close_or_abort(self, close: CloseConnection) -> None:
+        """Start the closing handshake; abort the transport after close_timeout.
+
+        Where websockets leaks: ``ws.close()`` first waits for the write
+        buffer to drain, and only then starts its own close_timeout, so
+        against a peer that has stopped reading it never returns and the
+        connection (with everything queued for it) stays forever.
+        """
+        loop = asyncio.get_running_loop()
+        loop.create_task(self.ws.close(close.code, close.reason))
+        loop.call_later(self.server.config.close_timeout, self.ws.transport.abort)
