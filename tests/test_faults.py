@@ -27,11 +27,10 @@ from typing import Any
 import orjson
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed
 
 import wsserver
 from conftest import TEST_CONFIG
-from test_cli import SERVE_FAST, ServerProcess, _env, free_port
+from test_cli import ServerProcess, _env, free_port
 from wsserver.config import ServerConfig
 from wsserver.errors import ConnectionLost
 from wsserver.messages import ChatMessage
