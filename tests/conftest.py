@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import settings
 from websockets.asyncio.client import ClientConnection, connect
 
 from wsserver.config import ServerConfig
 from wsserver.server import Server
+
+# Hypothesis profiles (README "Reliability"): the default run keeps
+# hypothesis' example counts (the fuzz tests take seconds);
+# HYPOTHESIS_PROFILE=long runs 20x the examples and 4x longer stateful runs
+# (give it time: `--timeout 0`).
+# No deadline: a 2-core CI machine under load must not fail a test on timing.
+settings.register_profile("quick", deadline=None)
+settings.register_profile("long", deadline=None, max_examples=2000, stateful_step_count=200)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
 
 #: Fast defaults for tests: unpaced simulated provider, no keepalive pings.
 TEST_CONFIG = {

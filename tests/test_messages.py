@@ -119,6 +119,16 @@ class TestCodec:
         raw = '{"type":"ping","id":"p"}'
         assert decode_client(raw) == decode_client(raw.encode())
 
+    def test_text_with_lone_surrogates_is_bad_json(self) -> None:
+        # Found by tests/test_fuzz.py: str input holding a lone surrogate made
+        # the error path's json.loads raise JSONDecodeError (or, inside a JSON
+        # string, gave bad_message with field ''). Not reachable through
+        # websockets, which hands over valid UTF-8 only.
+        for data in ("\ud800", '{"type":"ping"}\udc00', '{"type":"ping","id":"\ud800"}'):
+            with pytest.raises(ProtocolError) as exc:
+                decode_client(data)
+            assert exc.value.code == ErrorCode.BAD_JSON
+
     @settings(max_examples=300, deadline=None)
     @given(st.binary(max_size=200))
     def test_arbitrary_bytes_only_raise_protocol_errors(self, data: bytes) -> None:

@@ -893,3 +893,28 @@ async def test_static_files_and_no_traversal(server: Server) -> None:
     for bad in ("/client/../../pyproject.toml", "/static/../server.py", "/client/.hidden.js", "/static/nope.js"):
         status, _, _ = await asyncio.to_thread(_http_get, f"http://127.0.0.1:{server.port}{bad}")
         assert status == 404, bad
+
+
+async def test_a_stalled_reader_closed_as_slow_consumer_is_aborted_after_close_timeout(make_server: Any) -> None:
+    # Regression: ws.close() waits for the write buffer to drain before its
+    # close_timeout starts, so a peer that had stopped reading kept its
+    # connection (and every frame queued for it) forever.
+    import socket
+
+    async with make_server(slow_consumer_bytes=256 * 1024, close_timeout=1.0) as server:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: stalls fast
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+        async with connect(server.url, compression=None, max_queue=1, sock=sock) as ws:
+            await ws.send('{"type":"hello","protocol":1}')
+            await ws.recv()
+            await ws.send('{"type":"generate","stream":"a","messages":[{"role":"user","content":"x"}],"params":{"reply_tokens":1000000}}')
+            async with asyncio.timeout(30):  # then read nothing
+                while server.stats["slow_consumer_disconnects"] == 0:
+                    await asyncio.sleep(0.05)
+            async with asyncio.timeout(10):  # close_timeout is 1 s
+                while server.connections:
+                    await asyncio.sleep(0.05)
+            ws.transport.abort()
+        assert len(server.sessions) == 1  # detached, resumable

@@ -132,6 +132,9 @@ class ServerConfig:
     )
     node_id: str | None = _opt(None, "this node's name on the backplane (default: random)")
     node_timeout: float = _opt(3.0, "a node whose heartbeat is older than this many s is declared lost")
+    conformance_echo: bool = _opt(
+        False, "testing only: also echo every message on WebSocket path /_echo (Autobahn conformance runs)"
+    )
 
     @classmethod
     def from_env(

@@ -389,6 +389,8 @@ def _protocol_error(data: str | bytes, exc: ValidationError) -> ProtocolError:
     kind = err["type"]
     if kind == "json_invalid":
         return ProtocolError(ErrorCode.BAD_JSON, f"not valid JSON: {err['msg'][14:]}")
+    if kind == "string_unicode":  # a str with lone surrogates (never from the wire: UTF-8)
+        return ProtocolError(ErrorCode.BAD_JSON, "not valid JSON: the text is not valid Unicode")
     # Valid JSON from here on, but possibly beyond what orjson reads (integers
     # over 64 bits, NaN, Infinity), so the rare error path uses the stdlib.
     obj = json.loads(data)

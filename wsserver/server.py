@@ -73,6 +73,11 @@ logger = logging.getLogger("wsserver.server")
 events = logging.getLogger("wsserver.events")
 
 WS_PATHS = frozenset({"/", "/ws"})
+#: With ``conformance_echo`` on: a WebSocket path that echoes every message,
+#: for RFC 6455 conformance suites (Autobahn cases via kosoku), which need an
+#: echo peer and know nothing of ``hello``. Same ``serve()`` settings as
+#: ``/``; off by default.
+ECHO_PATH = "/_echo"
 #: Frames waiting for the writer beyond which the reader stops reading the
 #: client's requests until the writer has caught up. A client that sends
 #: requests but never reads the answers thus meets TCP backpressure instead
@@ -296,6 +301,8 @@ class Server:
         path = request.path.split("?", 1)[0]
         headers = request.headers
         if headers.get("Upgrade", "").lower() == "websocket":
+            if path == ECHO_PATH and self.config.conformance_echo:
+                return None
             if path not in WS_PATHS:
                 return self._refuse(connection, HTTPStatus.NOT_FOUND, "no WebSocket endpoint here; use /\n", "path")
             return self._admit(connection, request)
@@ -351,6 +358,10 @@ class Server:
     # ------------------------------------------------------------ WebSocket
 
     async def _handle(self, ws: ServerConnection) -> None:
+        request = ws.request
+        if self.config.conformance_echo and request is not None and request.path.split("?", 1)[0] == ECHO_PATH:
+            await _echo(ws)
+            return
         conn = _Connection(self, ws)
         ip = conn.ip
         self.connections.add(conn)
@@ -665,6 +676,13 @@ class Server:
                     del buckets[key]
 
 
+async def _echo(ws: ServerConnection) -> None:
+    """The ``conformance_echo`` route: send every message back as it came."""
+    with contextlib.suppress(ConnectionClosed):
+        async for message in ws:
+            await ws.send(message)
+
+
 class _LiveSession:
     """A session at run time: its generation tasks, its connection, its expiry.
 
@@ -832,9 +850,7 @@ class _Connection:
         self.live = None
         if self.close_with is None:
             self.close_with = CloseConnection(CloseCode.SESSION_TAKEN_OVER, "session taken over")
-            asyncio.get_running_loop().create_task(
-                self.ws.close(CloseCode.SESSION_TAKEN_OVER, "session taken over")
-            )
+            self._close_or_abort(self.close_with)
 
     async def _read_loop(self) -> None:
         ws, proto, writer = self.ws, self.proto, self._writer
@@ -961,7 +977,7 @@ class _Connection:
         """The tunnel's owner (or Redis) was lost: close with 1012; the client resumes."""
         if self.close_with is None:
             self.close_with = CloseConnection(CloseCode.SERVICE_RESTART, "session node lost; resume")
-            asyncio.get_running_loop().create_task(self.ws.close(CloseCode.SERVICE_RESTART, "session node lost; resume"))
+            self._close_or_abort(self.close_with)
 
     def pending_bytes(self) -> int:
         """Output waiting for this client: the transport's write buffer, the
@@ -976,9 +992,19 @@ class _Connection:
         """A slow consumer: close with 1013 (aborted after close_timeout)."""
         if self.close_with is None:
             self.close_with = CloseConnection(CloseCode.TRY_AGAIN_LATER, "slow consumer")
-            asyncio.get_running_loop().create_task(
-                self.ws.close(CloseCode.TRY_AGAIN_LATER, "slow consumer")
-            )
+            self._close_or_abort(self.close_with)
+
+    def _close_or_abort(self, close: CloseConnection) -> None:
+        """Start the closing handshake; abort the transport after close_timeout.
+
+        Where websockets leaks: ``ws.close()`` first waits for the write
+        buffer to drain, and only then starts its own close_timeout, so
+        against a peer that has stopped reading it never returns and the
+        connection (with everything queued for it) stays forever.
+        """
+        loop = asyncio.get_running_loop()
+        loop.create_task(self.ws.close(close.code, close.reason))
+        loop.call_later(self.server.config.close_timeout, self.ws.transport.abort)
 
 
 class _Tunnelled:
