@@ -234,3 +234,23 @@ async def test_metrics_and_readyz_show_the_backplane(redis_server: Any) -> None:
                 break
             await asyncio.sleep(0.05)
         assert "wsserver_backplane_outages 1.0" in await asyncio.to_thread(get, "/metrics")
+
+
+async def test_a_relayed_client_that_stops_reading_is_closed_as_a_slow_consumer(redis_server: Any) -> None:
+    async with nodes(redis_server.url, slow_consumer_bytes=64 * 1024, close_timeout=0.5) as (a, b):
+        async with client(a) as (_, welcome):
+            pass
+        async with connect(b.url, compression=None, max_queue=1) as ws:
+            c = RawClient(ws)
+            await c.hello(session=welcome["session"], last_seq=0)
+            await c.send({"type": "generate", "id": "g", "messages": USER_HI, "params": {"reply_tokens": 1_000_000}})
+            for _ in range(200):  # the client reads nothing more; node B must give up on it
+                if b.stats["slow_consumer_disconnects"]:
+                    break
+                await asyncio.sleep(0.05)
+            assert b.stats["slow_consumer_disconnects"] == 1
+        for _ in range(100):  # and the session on A is detached again, its stream going on
+            if a.sessions[welcome["session"]].conn is None:
+                break
+            await asyncio.sleep(0.05)
+        assert a.sessions[welcome["session"]].conn is None

@@ -803,8 +803,10 @@ class _Connection:
         #: the hello's agent name is held by another session on any node.
         self.new_session_id: str | None = None
         self.agent_taken = False
-        #: The node this connection is tunnelled to (its session lives there).
+        #: The node this connection is tunnelled to (its session lives there),
+        #: and what came from there that the socket has not taken yet.
         self.tunnel_owner: str | None = None
+        self.tunnel_inbox: Any = None
         cfg = server.config
         self.proto = ServerProtocol(
             open_session=lambda hello: server._open_session(hello, self),
@@ -943,6 +945,7 @@ class _Connection:
         backplane = self.server.backplane
         self.tunnel_owner = owner
         tunnel, inbox = await backplane.open_tunnel(owner)
+        self.tunnel_inbox = inbox
         token = token_from_request(self.ws.request.path, self.ws.request.headers.get("Authorization")) if (
             self.ws.request is not None
         ) else None
@@ -960,7 +963,7 @@ class _Connection:
             backplane.send_to_node(owner, {"op": "close", "tunnel": tunnel})
             await backplane.close_tunnel(tunnel)
 
-    async def _relay(self, inbox: asyncio.Queue[bytes]) -> None:
+    async def _relay(self, inbox: Any) -> None:
         """Frames from the owner to the client; a close from the owner closes the connection."""
         while True:
             data = await inbox.get()
@@ -986,6 +989,8 @@ class _Connection:
         buffered = transport.get_write_buffer_size() if transport is not None else 0
         session = self.proto.session
         queued = session.pending_raw_bytes if session is not None else 0
+        if self.tunnel_inbox is not None:
+            queued += self.tunnel_inbox.bytes
         return buffered + queued + 64 * self.proto.backlog
 
     def close_slow(self) -> None:

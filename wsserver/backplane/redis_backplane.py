@@ -198,6 +198,29 @@ def _stream_id(frame: bytes) -> str:
     return str(orjson.loads(frame)["stream"])
 
 
+class TunnelInbox:
+    """What the owner sent through a tunnel, waiting for the client's socket.
+
+    ``bytes`` counts toward the connection's slow-consumer limit, so a client
+    that stops reading is closed (1013) here as it would be on the owner.
+    """
+
+    __slots__ = ("_queue", "bytes")
+
+    def __init__(self) -> None:
+        self._queue: asyncio.Queue[bytes] = asyncio.Queue()
+        self.bytes = 0
+
+    def put(self, data: bytes) -> None:
+        self.bytes += len(data)
+        self._queue.put_nowait(data)
+
+    async def get(self) -> bytes:
+        data = await self._queue.get()
+        self.bytes -= len(data)
+        return data
+
+
 class RedisHub(Hub):
     """The node-local view of the shared channels.
 
@@ -291,7 +314,7 @@ class RedisBackplane(Backplane):
         self.healthy = False
         self.down_since: float | None = None
         #: Tunnels from this node to owners elsewhere: id -> (owner, the inbox of frames).
-        self.tunnels: dict[str, tuple[str, asyncio.Queue[bytes]]] = {}
+        self.tunnels: dict[str, tuple[str, TunnelInbox]] = {}
         self._adopting: dict[str, asyncio.Task[None]] = {}
         #: Registrations of new sessions not yet confirmed (see write_log).
         self._registering: dict[str, asyncio.Future[Any]] = {}
@@ -671,7 +694,7 @@ class RedisBackplane(Backplane):
         elif channel.startswith(b"wss:p:"):
             tunnel = self.tunnels.get(channel[6:].decode())
             if tunnel is not None:
-                tunnel[1].put_nowait(data)
+                tunnel[1].put(data)
         else:
             self._control(orjson.loads(data))
 
@@ -714,9 +737,9 @@ class RedisBackplane(Backplane):
         if self.healthy:
             self._enqueue(lambda pipe: pipe.publish(f"wss:p:{tunnel}", data), wait=False)
 
-    async def open_tunnel(self, owner: str) -> tuple[str, asyncio.Queue[bytes]]:
+    async def open_tunnel(self, owner: str) -> tuple[str, TunnelInbox]:
         tunnel = secrets.token_hex(8)
-        inbox: asyncio.Queue[bytes] = asyncio.Queue()
+        inbox = TunnelInbox()
         self.tunnels[tunnel] = (owner, inbox)
         await self._listen(f"wss:p:{tunnel}")
         return tunnel, inbox
