@@ -240,7 +240,7 @@ async def test_a_relayed_client_that_stops_reading_is_closed_as_a_slow_consumer(
     async with nodes(redis_server.url, slow_consumer_bytes=64 * 1024, close_timeout=0.5) as (a, b):
         async with client(a) as (_, welcome):
             pass
-        async with connect(b.url, compression=None, max_queue=1) as ws:
+        async with connect(b.url, compression=None, max_queue=1, close_timeout=0.5) as ws:
             c = RawClient(ws)
             await c.hello(session=welcome["session"], last_seq=0)
             await c.send({"type": "generate", "id": "g", "messages": USER_HI, "params": {"reply_tokens": 1_000_000}})
