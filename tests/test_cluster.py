@@ -20,18 +20,21 @@ from wsserver.server import Server
 
 
 @asynccontextmanager
-async def nodes(redis_url: str, count: int = 2, **overrides: Any) -> AsyncIterator[list[Server]]:
+async def nodes(redis_url: str | list[str], count: int = 2, **overrides: Any) -> AsyncIterator[list[Server]]:
+    """``count`` nodes on one Redis (or node i on ``redis_url[i]``, e.g. through a proxy)."""
+    urls = [redis_url] * count if isinstance(redis_url, str) else redis_url
     async with AsyncExitStack() as stack:
         servers = []
         for i in range(count):
-            config = ServerConfig(**{**TEST_CONFIG, "redis_url": redis_url, "node_id": f"node{i}", **overrides})
+            config = ServerConfig(**{**TEST_CONFIG, "redis_url": urls[i], "node_id": f"node{i}", **overrides})
             servers.append(await stack.enter_async_context(Server(config)))
         yield servers
 
 
 @asynccontextmanager
 async def client(server: Server, **hello: Any) -> AsyncIterator[tuple[RawClient, dict[str, Any]]]:
-    async with connect(server.url, compression=None) as ws:
+    # (close_timeout: a test client that stopped reading need not wait 10 s to close)
+    async with connect(server.url, compression=None, close_timeout=0.5) as ws:
         c = RawClient(ws)
         yield c, await c.hello(**hello)
 

@@ -18,6 +18,7 @@ Random points come from ``random.Random(seed)`` with the seed in the test id.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import signal
 import socket
@@ -27,6 +28,7 @@ from typing import Any
 import orjson
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 import wsserver
 from conftest import TEST_CONFIG
@@ -317,7 +319,9 @@ async def test_stalled_reader_is_closed_1013_and_resumes_intact() -> None:
         client = Tracker(server)
         await client.open(rcvbuf=4096)
         await client.send({"type": "generate", "id": "g", "stream": "a", "messages": [{"role": "user", "content": "stall"}], "params": {"reply_tokens": 1_000_000}})
-        await client.read_until(lambda: client.index.get("a", 0) >= 3)
+        # (on a busy machine the 1013 may come before three deltas were read)
+        with contextlib.suppress(ConnectionClosed):
+            await client.read_until(lambda: client.index.get("a", 0) >= 3)
         # stop reading: the server buffers, then gives up on this socket
         async with asyncio.timeout(30):
             while server.stats["slow_consumer_disconnects"] == 0:

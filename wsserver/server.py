@@ -457,11 +457,8 @@ class Server:
             self.telemetry.resumes.labels("failed").inc()
             live.detach(conn)
             live.end("cancelled")
-        if self.backplane.shared:
-            taken = conn.agent_taken  # settled across nodes by Backplane.route()
-        else:
-            taken = hello.agent is not None and hello.agent in self.hub.agents
-        if taken:
+        # (with a shared backplane, Backplane.route() settled it across nodes too)
+        if conn.agent_taken or (hello.agent is not None and hello.agent in self.hub.agents):
             raise ProtocolError(
                 ErrorCode.AGENT_NAME_TAKEN,
                 f"agent name {hello.agent!r} is held by another session; resume that "
@@ -577,20 +574,26 @@ class Server:
         for tunnel in [t for t, rc in self.tunnelled.items() if rc.node == node]:
             self.tunnel_close(tunnel)
 
-    def fenced(self) -> None:
-        """Another node adopted this node's sessions (it was declared lost):
-        drop them here without touching the backplane; their clients get 1012
-        and resume on the adopting node."""
-        for live in list(self.sessions.values()):
-            conn, live.conn = live.conn, None
-            if conn is not None:  # nothing more reaches the client from here
-                conn.proto.release()
-                conn.live = None
-            del self.sessions[live.session.id]
-            live.end("error", (ErrorCode.NODE_LOST.value, "this node was declared lost"), forget=False, write=False)
-            if isinstance(conn, _Connection):
-                conn.close_lost()
-        self.backplane_lost()
+    def fence_session(self, sid: str) -> None:
+        """Another node adopted this session (this one was declared lost): drop
+        it here without touching the backplane; its client gets 1012 and
+        resumes on the adopting node."""
+        live = self.sessions.pop(sid, None)
+        if live is None:
+            return
+        conn, live.conn = live.conn, None
+        if conn is not None:  # nothing more reaches the client from here
+            conn.proto.release()
+            conn.live = None
+        live.end("error", (ErrorCode.NODE_LOST.value, "this node was declared lost"), forget=False, write=False)
+        if isinstance(conn, _Connection):
+            conn.close_lost()
+        elif conn is not None:
+            self.tunnel_close(conn.tunnel, code=CloseCode.SERVICE_RESTART)
+
+    def tunnel_peers(self) -> set[str]:
+        """Nodes whose clients are tunnelled here."""
+        return {conn.node for conn in self.tunnelled.values()}
 
     def backplane_lost(self) -> None:
         """Redis is unreachable: tunnels cannot carry frames; end them all."""
@@ -615,9 +618,12 @@ class Server:
         if conn is not None:
             conn.feed(text)
 
-    def tunnel_close(self, tunnel: str) -> None:
+    def tunnel_close(self, tunnel: str, *, code: int | None = None) -> None:
+        """The client's node closed the tunnel (or is gone); with ``code``, tell it to close the client."""
         conn = self.tunnelled.pop(tunnel, None)
         if conn is not None:
+            if code is not None:
+                conn.send_close(code, "session node lost; resume")
             conn.stop()
 
 
@@ -637,13 +643,18 @@ class Server:
         for session in sessions:
             live = lives.get(session.id)
             conn = live.conn if live is not None else None
-            if conn is None or channel in session.paused:
-                continue
             if session.held:  # a subscribe or publish of its own on the backplane is under way
                 held = session.held.get(channel)
                 if held is not None:
                     held.append((offset, frame))
                     continue
+            if conn is None or channel in session.paused:
+                continue
+            if offset:  # from the backplane: each offset once, in order (a late copy is dropped)
+                offsets = session.channel_offsets
+                if offset <= offsets.get(channel, 0):
+                    continue
+                offsets[channel] = offset
             if conn.busy or session.has_output:
                 session.emit_unsequenced(frame)
             else:
@@ -944,7 +955,12 @@ class _Connection:
         """Relay this connection to the node that owns its session, until either side ends."""
         backplane = self.server.backplane
         self.tunnel_owner = owner
-        tunnel, inbox = await backplane.open_tunnel(owner)
+        try:
+            tunnel, inbox = await backplane.open_tunnel(owner)
+        except Exception as exc:  # Redis went away right now: the client tries again
+            logger.warning("could not open a tunnel to node %s: %r", owner, exc)
+            self.close_with = CloseConnection(CloseCode.TRY_AGAIN_LATER, "try again")
+            return
         self.tunnel_inbox = inbox
         token = token_from_request(self.ws.request.path, self.ws.request.headers.get("Authorization")) if (
             self.ws.request is not None
@@ -1035,7 +1051,7 @@ class _Tunnelled:
         self.live: _LiveSession | None = None
         self.wake = asyncio.Event()
         self.close_with: CloseConnection | None = None
-        self._inbox: asyncio.Queue[str] = asyncio.Queue()
+        self._inbox: asyncio.Queue[str | None] = asyncio.Queue()
         cfg = server.config
         self.proto = ServerProtocol(
             open_session=lambda hello: server._open_session(hello, self),
@@ -1053,6 +1069,8 @@ class _Tunnelled:
         proto, backplane = self.proto, self.server.backplane
         while self.close_with is None:
             text = await self._inbox.get()
+            if text is None:
+                return
             if proto.state is ConnState.AWAITING_HELLO:
                 with contextlib.suppress(orjson.JSONDecodeError):
                     hello = orjson.loads(text)
@@ -1084,8 +1102,12 @@ class _Tunnelled:
                 self._close(self.close_with.code, self.close_with.reason)
                 return
 
-    def _close(self, code: int, reason: str) -> None:
+    def send_close(self, code: int, reason: str) -> None:
+        """Tell the client's node to close the client's connection with ``code``."""
         self.server.backplane.send_to_tunnel(self.tunnel, b"C" + orjson.dumps({"code": code, "reason": reason}))
+
+    def _close(self, code: int, reason: str) -> None:
+        self.send_close(code, reason)
         self.server.tunnelled.pop(self.tunnel, None)
         self.stop()
 
@@ -1093,18 +1115,19 @@ class _Tunnelled:
         """Another connection resumed the session: the client's node closes with 4000."""
         self.proto.release()
         self.live = None
-        self.server.backplane.send_to_tunnel(
-            self.tunnel, b"C" + orjson.dumps({"code": CloseCode.SESSION_TAKEN_OVER, "reason": "session taken over"})
-        )
+        self.send_close(CloseCode.SESSION_TAKEN_OVER, "session taken over")
         self.server.tunnelled.pop(self.tunnel, None)
         self.stop()
 
     def stop(self) -> None:
-        """The client left (or its node was lost): detach, as a dropped socket does."""
+        """The client left (or its node was lost): detach, as a dropped socket does.
+
+        The reader finishes the request it is on (a backplane call cut in the
+        middle would leave channel traffic held back) and then stops.
+        """
+        self.close_with = self.close_with or CloseConnection(CloseCode.GOING_AWAY, "tunnel closed")
         self.proto.release()
         if self.live is not None:
             self.live.detach(self)  # type: ignore[arg-type]
-        current = asyncio.current_task()
-        for task in self._tasks:
-            if task is not current:
-                task.cancel()
+        self._inbox.put_nowait(None)
+        self._tasks[1].cancel()  # the writer

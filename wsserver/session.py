@@ -299,6 +299,9 @@ class Session:
         #: session on that channel runs: (offset, frame), released in order after
         #: the reply (``subscribed`` or ``ok``), so nothing overtakes it.
         self.held: dict[str, list[tuple[int, bytes]]] = {}
+        #: With a shared backplane: the last offset queued per channel (a copy
+        #: of a publication that arrives late, twice, is dropped).
+        self.channel_offsets: dict[str, int] = {}
         #: With a shared backplane: (seq, frame) sequenced but not yet written
         #: there. The transport writes them before it sends the frames.
         self.unsynced: list[tuple[int, bytes]] | None = None
@@ -571,9 +574,15 @@ class Session:
 
     def release(self, channel: str, after: int = 0) -> None:
         """Stop holding back ``channel``: queue what was held with offsets above ``after``."""
-        for offset, frame in self.held.pop(channel, ()):
-            if offset > after:
+        held = self.held.pop(channel, None)
+        if held is None and not after:
+            return
+        last = max(after, self.channel_offsets.get(channel, 0))
+        for offset, frame in held or ():
+            if offset > last:
                 self.emit_unsequenced(frame)
+                last = offset
+        self.channel_offsets[channel] = last
 
     def _unsubscribe(self, msg: Unsubscribe) -> None:
         if not self._check_channel(msg.channel, msg.id):
@@ -581,6 +590,7 @@ class Session:
         assert self.hub is not None
         self.subscriptions.discard(msg.channel)
         self.paused.discard(msg.channel)
+        self.channel_offsets.pop(msg.channel, None)
         self.hub.unsubscribe(msg.channel, self)
         if msg.id is not None:
             self._emit(None, Ok, {"ref": msg.id})

@@ -42,7 +42,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..hub import Hub, valid_name
 from . import LOCAL, Backplane, Route
@@ -54,8 +55,8 @@ __all__ = ["RedisBackplane", "RedisHub"]
 
 logger = logging.getLogger("wsserver.backplane")
 
-#: Everything that means "Redis is not answering".
-DOWN = (RedisError, OSError, asyncio.TimeoutError)
+#: What means "Redis is not answering" (a script error, say, does not).
+DOWN = (RedisConnectionError, RedisTimeoutError, OSError, asyncio.TimeoutError)
 
 _CHANNEL_LUA = """
 local op = ARGV[1]
@@ -143,14 +144,65 @@ return 1
 
 _CLAIM_AGENT_LUA = """
 local cur = redis.call('GET', KEYS[1])
-if cur and cur ~= ARGV[1] and redis.call('EXISTS', 'wss:s:' .. cur) == 1 then return 0 end
+if cur and cur ~= ARGV[1] and (redis.call('EXISTS', 'wss:s:' .. cur) == 1
+                               or redis.call('EXISTS', 'wss:claim:' .. cur) == 1) then
+  return 0
+end
 redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', 'wss:claim:' .. ARGV[1], '1', 'PX', 10000)  -- held until the session is registered
+return 1
+"""
+
+# A batch of one session's sequenced frames. Written only by the session's
+# owner (else 0: another node adopted it); frames at or below the stored seq
+# are skipped, so writing the memory log again after an outage is harmless.
+# 5 ARGV per frame: seq, frame, op ('s' stream.start, 'e' stream.end,
+# 'm' direct message), stream id, the stream's request (for 's').
+_APPEND_LUA = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+local last = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local dms = 0
+for i = 4, #ARGV - 4, 5 do
+  local seq = tonumber(ARGV[i])
+  if seq > last then
+    redis.call('XADD', KEYS[2], seq .. '-0', 'f', ARGV[i + 1])
+    last = seq
+    local op = ARGV[i + 2]
+    if op == 's' then
+      redis.call('SADD', KEYS[3], ARGV[i + 3])
+      if ARGV[i + 4] ~= '' then redis.call('HSET', KEYS[4], ARGV[i + 3], ARGV[i + 4]) end
+    elseif op == 'e' then
+      redis.call('SREM', KEYS[3], ARGV[i + 3])
+      redis.call('HDEL', KEYS[4], ARGV[i + 3])
+    elseif op == 'm' then
+      dms = dms + 1
+    end
+  end
+end
+redis.call('HSET', KEYS[1], 'seq', last, 'acked', ARGV[2])
+redis.call('XTRIM', KEYS[2], 'MINID', ARGV[3] .. '-0')
+if dms > 0 then redis.call('LTRIM', KEYS[5], dms, -1) end  -- in the log now: off the queue
+return 1
+"""
+
+_END_LUA = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('SREM', KEYS[6], ARGV[2])
 return 1
 """
 
 _RELEASE_AGENT_LUA = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 0
+"""
+
+# Ownership moves only from the lost node, and before the new owner writes.
+_CLAIM_SESSION_LUA = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'owner', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+return 1
 """
 
 _HEARTBEAT_LUA = """
@@ -247,7 +299,7 @@ class RedisHub(Hub):
     def release_agent(self, session: Session) -> None:
         if session.agent is not None and self.agents.get(session.agent) is session:
             del self.agents[session.agent]
-            self.backplane.script_nowait("release_agent", [f"wss:agent:{session.agent}"], [session.id])
+            self.backplane.script_later(session.id, "release_agent", [f"wss:agent:{session.agent}"], [session.id])
 
     def publish(self, name: str, sender: str, data: Any, *, encoded_data: bytes | None = None) -> int:
         """A stream's frames into a channel: published in order, not awaited."""
@@ -260,7 +312,7 @@ class RedisHub(Hub):
         if channel is None or session not in channel.subscribers:
             return False
         del channel.subscribers[session]
-        self.backplane.channel_op_nowait(name, "leave", session.name)
+        self.backplane.channel_op_nowait(name, "leave", session.name, sid=session.id)
         self.backplane.save_subscriptions(session)
         return True
 
@@ -302,10 +354,18 @@ class RedisBackplane(Backplane):
             "claim_agent": self.redis.register_script(_CLAIM_AGENT_LUA),
             "release_agent": self.redis.register_script(_RELEASE_AGENT_LUA),
             "heartbeat": self.redis.register_script(_HEARTBEAT_LUA),
+            "append": self.redis.register_script(_APPEND_LUA),
+            "claim_session": self.redis.register_script(_CLAIM_SESSION_LUA),
+            "end": self.redis.register_script(_END_LUA),
             "alive": self.redis.register_script(_ALIVE_LUA),
         }
-        #: Writes in the order they were asked for: (fill the pipeline, future).
-        self._queue: list[tuple[Callable[[Any], None], asyncio.Future[Any] | None]] = []
+        #: Writes in the order they were asked for: (fill the pipeline, future, check).
+        self._queue: list[tuple[Callable[[Any], None], asyncio.Future[Any] | None, Any]] = []
+        #: Writes asked for during an outage, by session: replayed by _resync().
+        self._deferred: list[tuple[str, Callable[[Any], None]]] = []
+        #: Direct messages handed to a session and not yet trimmed off its queue, by id.
+        self._dm_seen: dict[str, set[str]] = {}
+        self._dm_draining: dict[str, bool] = {}
         self._flusher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: asyncio.Task[None] | None = None
@@ -386,41 +446,67 @@ class RedisBackplane(Backplane):
             except DOWN as exc:
                 logger.debug("redis still unreachable: %s", exc)
                 continue
-            self.healthy = True
             logger.warning("redis backplane reachable again; state written back")
             return
 
-    async def _resync(self) -> None:
-        """After an outage: make Redis know what this node holds.
+    async def _owners(self, sids: list[str]) -> dict[str, str | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in sids:
+            pipe.hget(_skey(sid), "owner")
+        return {sid: None if o is None else o.decode() for sid, o in zip(sids, await pipe.execute())}
 
-        A session whose hash survived gets the frames it missed; one that is
-        gone (Redis restarted empty) is written again whole, with its agent
-        name and its presence in its channels.
+    async def _resync(self) -> None:
+        """After an outage: make Redis know what this node holds, then serve again.
+
+        Sessions another node adopted meanwhile (this node was declared lost)
+        are dropped here. The others get their memory log written again (the
+        append script skips what Redis has); one whose hash is gone (Redis
+        restarted empty) is registered again with its agent name and presence.
+        What ended or left during the outage is written last.
         """
         await self._heartbeat()
-        for live in list(self.server.sessions.values()):
+        lives = list(self.server.sessions.values())
+        deferred, self._deferred = self._deferred, []
+        owners = await self._owners([live.session.id for live in lives] + [sid for sid, _ in deferred])
+        for live in lives:
+            owner = owners[live.session.id]
+            if owner is not None and owner != self.node:
+                self.server.fence_session(live.session.id)
+        # No await from here on: these go first in the write queue, before
+        # anything the sessions produce from now on.
+        for live in lives:
             session = live.session
+            if self.server.sessions.get(session.id) is not live:
+                continue
             session.unsynced = []
-            stored = await self.redis.hget(_skey(session.id), "seq")
-            pipe = self.redis.pipeline(transaction=False)
-            if stored is None:
-                self._register(pipe, session)
-                if session.agent is not None:
-                    pipe.set(f"wss:agent:{session.agent}", session.id)
-                for name in session.subscriptions:
-                    pipe.hincrby(f"wss:c:{name}:m", session.name, 1)
-                pipe.delete(f"{_skey(session.id)}:run")
-                for stream_id in session.streams:
-                    pipe.sadd(f"{_skey(session.id)}:run", stream_id)
-            after = int(stored or 0)
-            self._append(pipe, session, [(s, f) for s, f in session.log if s > after])
-            await pipe.execute(raise_on_error=False)
+            if owners[session.id] is None:
+                self._enqueue(lambda pipe, s=session: self._reregister(pipe, s), wait=False)
+            self._write(session, list(session.log), wait=False)
+        for sid, fill in deferred:
+            if owners[sid] in (None, self.node):
+                self._enqueue(fill, wait=False)
+        self.healthy = True
+        await self._flush_pending()
+
+    def _reregister(self, pipe: Any, session: Session) -> None:
+        self._register(pipe, session)
+        key = _skey(session.id)
+        if session.agent is not None:
+            pipe.set(f"wss:agent:{session.agent}", session.id)
+        for name in session.subscriptions:
+            pipe.hincrby(f"wss:c:{name}:m", session.name, 1)
+        for stream in session.streams.values():
+            pipe.sadd(f"{key}:run", stream.id)
+            pipe.hset(f"{key}:req", stream.id, _request(stream))
 
     # --------------------------------------------------------------- writes
 
-    def _enqueue(self, fill: Callable[[Any], None], wait: bool) -> asyncio.Future[Any] | None:
+    def _enqueue(
+        self, fill: Callable[[Any], None], wait: bool, check: Callable[[list[Any]], None] | None = None
+    ) -> asyncio.Future[Any] | None:
+        """Queue ``fill(pipeline)``; ``check`` gets the replies of its commands."""
         future = asyncio.get_running_loop().create_future() if wait else None
-        self._queue.append((fill, future))
+        self._queue.append((fill, future, check))
         if self._flusher is None or self._flusher.done():
             self._flusher = self._spawn(self._flush_loop())
         return future
@@ -433,20 +519,31 @@ class RedisBackplane(Backplane):
         """Everything queued, in one pipeline (one round trip)."""
         batch, self._queue = self._queue, []
         pipe = self.redis.pipeline(transaction=False)
-        for fill, _ in batch:
-            fill(pipe)
+        spans = []
+        error: BaseException | None = None
         try:
-            if len(pipe):
-                await pipe.execute(raise_on_error=False)
+            for fill, _, _ in batch:
+                first = len(pipe)
+                fill(pipe)
+                spans.append((first, len(pipe)))
+            replies = await pipe.execute(raise_on_error=False) if len(pipe) else []
         except DOWN as exc:
             self._down(exc)
-            for _, future in batch:
-                if future is not None and not future.done():
-                    future.set_exception(ConnectionError(str(exc)))
-            return
-        for _, future in batch:
+            error = exc
+        except Exception as exc:  # a bug must not stall every writer waiting here
+            logger.exception("backplane write failed")
+            error = exc
+        for i, (_, future, check) in enumerate(batch):
+            if error is None and check is not None:
+                try:
+                    check(replies[spans[i][0] : spans[i][1]])
+                except Exception:
+                    logger.exception("backplane write check failed")
             if future is not None and not future.done():
-                future.set_result(None)
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(ConnectionError(str(error)))
 
     def _register(self, pipe: Any, session: Session) -> None:
         pipe.hset(
@@ -456,8 +553,6 @@ class RedisBackplane(Backplane):
                 "identity": session.identity,
                 "agent": session.agent or "",
                 "public_id": session.public_id,
-                "seq": session.seq,
-                "acked": session.acked,
                 "subs": orjson.dumps(sorted(session.subscriptions)),
                 "rules": b""
                 if session.rules is None
@@ -466,24 +561,31 @@ class RedisBackplane(Backplane):
         )
         pipe.sadd(f"wss:node:{self.node}:sessions", session.id)
 
-    def _append(self, pipe: Any, session: Session, entries: list[tuple[int, bytes]]) -> None:
+    def _write(self, session: Session, entries: list[tuple[int, bytes]], wait: bool) -> asyncio.Future[Any] | None:
+        """Queue the append script for ``entries`` of ``session`` (the owner check included)."""
         key = _skey(session.id)
-        log, run, req = f"{key}:log", f"{key}:run", f"{key}:req"
+        keys = [key, f"{key}:log", f"{key}:run", f"{key}:req", f"{key}:dm"]
+        first = session.log[0][0] if session.log else session.seq + 1
+        args: list[Any] = [self.node, session.acked, first]
         for seq, frame in entries:
-            pipe.xadd(log, {"f": frame}, id=f"{seq}-0")
+            op, stream_id, request = "", "", b""
             if frame.startswith(b'{"type":"stream.start"'):
-                stream_id = _stream_id(frame)
-                pipe.sadd(run, stream_id)
+                op, stream_id = "s", _stream_id(frame)
                 stream = session.streams.get(stream_id)
                 if stream is not None:  # what an adopting node needs to continue it (interrupt)
-                    pipe.hset(req, stream_id, _request(stream))
+                    request = _request(stream)
             elif frame.startswith(b'{"type":"stream.end"'):
-                stream_id = _stream_id(frame)
-                pipe.srem(run, stream_id)
-                pipe.hdel(req, stream_id)
-        pipe.hset(key, mapping={"seq": session.seq, "acked": session.acked})
-        first = session.log[0][0] if session.log else session.seq + 1
-        pipe.xtrim(log, minid=f"{first}-0")
+                op, stream_id = "e", _stream_id(frame)
+            elif frame.startswith(b'{"type":"message","seq":'):
+                op = "m"
+            args += [seq, frame, op, stream_id, request]
+        script = self._scripts["append"]
+
+        def check(replies: list[Any]) -> None:
+            if replies and replies[0] == 0:  # another node owns it now
+                self.server.fence_session(session.id)
+
+        return self._enqueue(lambda pipe: _eval_in(pipe, script, keys, args), wait, check)
 
     async def write_log(self, session: Session) -> None:
         registering = self._registering.pop(session.id, None)
@@ -495,20 +597,25 @@ class RedisBackplane(Backplane):
             return
         session.unsynced = []
         if not self.healthy:
-            return  # sent without Redis; written back by _resync()
-        future = self._enqueue(lambda pipe: self._append(pipe, session, entries), wait=True)
+            return  # sent without Redis; the memory log is written again by _resync()
+        future = self._write(session, entries, wait=True)
         assert future is not None
-        try:
-            await future
-        except ConnectionError:
-            pass  # degraded: the frames go out; _resync() writes them later
+        with contextlib.suppress(ConnectionError):
+            await future  # (degraded: the frames go out; _resync() writes them later)
 
     def write_log_nowait(self, session: Session) -> None:
         entries = session.unsynced
         if entries:
             session.unsynced = []
             if self.healthy:
-                self._enqueue(lambda pipe: self._append(pipe, session, entries), wait=False)
+                self._write(session, entries, wait=False)
+
+    def _later(self, sid: str, fill: Callable[[Any], None]) -> None:
+        """A write that must not be lost to an outage: queued, or kept for _resync()."""
+        if self.healthy:
+            self._enqueue(fill, wait=False)
+        else:
+            self._deferred.append((sid, fill))
 
     def session_opened(self, session: Session) -> None:
         session.unsynced = []
@@ -519,25 +626,19 @@ class RedisBackplane(Backplane):
 
     def session_ended(self, session: Session) -> None:
         self._registering.pop(session.id, None)
-        if not self.healthy:
-            return
+        self._dm_seen.pop(session.id, None)
         key = _skey(session.id)
-
-        def fill(pipe: Any) -> None:
-            pipe.delete(key, f"{key}:log", f"{key}:run", f"{key}:req", f"{key}:dm")
-            pipe.srem(f"wss:node:{self.node}:sessions", session.id)
-
-        self._enqueue(fill, wait=False)
+        keys = [key, f"{key}:log", f"{key}:run", f"{key}:req", f"{key}:dm", f"wss:node:{self.node}:sessions"]
+        script = self._scripts["end"]
+        self._later(session.id, lambda pipe: _eval_in(pipe, script, keys, [self.node, session.id]))
 
     def save_subscriptions(self, session: Session) -> None:
-        if self.healthy:
-            subs = orjson.dumps(sorted(session.subscriptions))
-            self._enqueue(lambda pipe: pipe.hset(_skey(session.id), "subs", subs), wait=False)
+        subs = orjson.dumps(sorted(session.subscriptions))
+        self._later(session.id, lambda pipe: pipe.hset(_skey(session.id), "subs", subs))
 
-    def script_nowait(self, name: str, keys: list[str], args: list[Any]) -> None:
-        if self.healthy:
-            script = self._scripts[name]
-            self._enqueue(lambda pipe: _eval_in(pipe, script, keys, args), wait=False)
+    def script_later(self, sid: str, name: str, keys: list[str], args: list[Any]) -> None:
+        script = self._scripts[name]
+        self._later(sid, lambda pipe: _eval_in(pipe, script, keys, args))
 
     # ------------------------------------------------------------- channels
 
@@ -556,10 +657,13 @@ class RedisBackplane(Backplane):
         args = [op, hub.history_ttl, hub.history_size, f"wss:c:{name}", epoch, a6, a7, a8, name, joined]
         return keys, args
 
-    def channel_op_nowait(self, name: str, op: str, a6: Any = "", a7: Any = "") -> None:
-        if self.healthy:
-            keys, args = self._channel_args(name, op, a6, a7)
-            script = self._scripts["channel"]
+    def channel_op_nowait(self, name: str, op: str, a6: Any = "", a7: Any = "", *, sid: str | None = None) -> None:
+        """A publication (dropped during an outage) or a presence leave (kept for _resync())."""
+        keys, args = self._channel_args(name, op, a6, a7)
+        script = self._scripts["channel"]
+        if sid is not None:
+            self._later(sid, lambda pipe: _eval_in(pipe, script, keys, args))
+        elif self.healthy:
             self._enqueue(lambda pipe: _eval_in(pipe, script, keys, args), wait=False)
 
     async def call(self, session: Session, call: HubCall) -> None:
@@ -575,17 +679,22 @@ class RedisBackplane(Backplane):
                 offset = await self._scripts["channel"](keys=keys, args=args)
                 session.published(call.msg, int(offset))
             elif call.kind == "send":
-                payload = orjson.dumps({"from": session.name})[:-1] + b',"data":' + (call.encoded or b"null") + b"}"
+                head = orjson.dumps({"id": secrets.token_hex(8), "from": session.name})[:-1]
+                payload = head + b',"data":' + (call.encoded or b"null") + b"}"
                 found = await self._scripts["send"](keys=[f"wss:agent:{call.msg.to}"], args=[payload])
                 session.sent(call.msg, bool(found))
-        except (*DOWN, ConnectionError) as exc:
-            if isinstance(exc, DOWN):
-                self._down(exc)
+        except BaseException as exc:  # answered, whatever happened: the connection goes on
+            if isinstance(exc, DOWN) and not isinstance(exc, ConnectionError):
+                self._down(exc)  # (a ConnectionError of ours: the flusher saw it already)
+            elif not isinstance(exc, (*DOWN, asyncio.CancelledError)):
+                logger.error("backplane %s failed: %r", call.kind, exc)
             if call.kind == "subscribe":
                 channel = self.hub.channels.get(call.msg.channel)
                 if channel is not None and call.msg.channel not in session.subscriptions:
                     channel.subscribers.pop(session, None)
             session.hub_failed(call, "the Redis backplane is unreachable; try again")
+            if not isinstance(exc, Exception):
+                raise
 
     async def _flush_pending(self) -> None:
         if self._queue:
@@ -627,15 +736,17 @@ class RedisBackplane(Backplane):
         if old is not None:
             with _suppress_down():
                 await old.aclose()
-        self._confirmed = {}
-        channels = [f"wss:n:{self.node}"]
-        channels += [f"wss:c:{name}" for name, ch in self.hub.channels.items() if ch.subscribers]
-        channels += [f"wss:p:{tid}" for tid in self.tunnels]
-        await self._pubsub.subscribe(*channels)
-        for name in channels:
-            self._confirmed[name.encode()] = done = asyncio.get_running_loop().create_future()
-            done.set_result(None)  # confirmed by the listener's first reads; a resubscribe needs no wait
+        # Everything this node listened to, or is about to (a _listen() waiting
+        # on the old connection is confirmed by the new one).
+        names = {f"wss:n:{self.node}".encode(), *self._confirmed}
+        names |= {f"wss:c:{name}".encode() for name, ch in self.hub.channels.items() if ch.subscribers}
+        names |= {f"wss:p:{tid}".encode() for tid in self.tunnels}
+        for name in names:
+            if name not in self._confirmed or self._confirmed[name].done():
+                self._confirmed[name] = asyncio.get_running_loop().create_future()
+        await self._pubsub.subscribe(*names)  # (connects; the listener reads the confirmations)
         self._listener = asyncio.get_running_loop().create_task(self._listen_loop(self._pubsub))
+        await asyncio.wait_for(asyncio.shield(self._confirmed[f"wss:n:{self.node}".encode()]), 5.0)
 
     async def _listen(self, channel: str) -> None:
         """Subscribe this node to ``channel`` and wait until Redis confirmed it."""
@@ -713,17 +824,37 @@ class RedisBackplane(Backplane):
             logger.warning("unknown backplane control message %r", op)
 
     async def _take_direct_messages(self, sid: str) -> None:
-        live = self.server.sessions.get(sid)
-        if live is None:
-            return  # not (or no longer) ours: the new owner takes them when it adopts
+        """Hand the session the direct messages waiting for it in Redis.
+
+        They stay in its queue until the frames carrying them are in its log
+        (the append script trims the queue), so an ``ok`` to a ``send`` is
+        never lost to a crash in between; ids keep a second pass from
+        delivering one twice. One pass at a time per session, in order.
+        """
+        if sid in self._dm_draining:
+            self._dm_draining[sid] = True  # again after the running pass
+            return
+        self._dm_draining[sid] = False
         try:
-            items = await self.redis.lpop(f"{_skey(sid)}:dm", 1000)
+            while True:
+                live = self.server.sessions.get(sid)
+                if live is None:
+                    return  # not (or no longer) ours: the new owner takes them when it adopts
+                items = await self.redis.lrange(f"{_skey(sid)}:dm", 0, 999)
+                seen = self._dm_seen.setdefault(sid, set())
+                messages = [orjson.loads(item) for item in items]
+                seen.intersection_update(dm["id"] for dm in messages)  # trimmed ones are forgotten
+                for dm in messages:
+                    if dm["id"] not in seen:
+                        seen.add(dm["id"])
+                        live.session.deliver_direct(dm["from"], dm["data"])
+                if not self._dm_draining.get(sid):
+                    return
+                self._dm_draining[sid] = False
         except DOWN as exc:
             self._down(exc)
-            return
-        for item in items or ():
-            dm = orjson.loads(item)
-            live.session.deliver_direct(dm["from"], dm["data"])
+        finally:
+            self._dm_draining.pop(sid, None)
 
     # -------------------------------------------------------------- tunnels
 
@@ -741,7 +872,12 @@ class RedisBackplane(Backplane):
         tunnel = secrets.token_hex(8)
         inbox = TunnelInbox()
         self.tunnels[tunnel] = (owner, inbox)
-        await self._listen(f"wss:p:{tunnel}")
+        try:
+            await self._listen(f"wss:p:{tunnel}")
+        except BaseException:
+            del self.tunnels[tunnel]
+            self._confirmed.pop(f"wss:p:{tunnel}".encode(), None)
+            raise
         return tunnel, inbox
 
     async def close_tunnel(self, tunnel: str) -> None:
@@ -767,13 +903,21 @@ class RedisBackplane(Backplane):
             try:
                 dropped, lost = await self._heartbeat()
                 if dropped:
-                    # Another node declared this one lost (a pause longer than
-                    # node_timeout) and adopted its sessions: they are not ours
-                    # to write any more.
-                    logger.error("this node was declared lost and its sessions adopted; dropping them")
-                    self.server.fenced()
+                    # Another node may have declared this one lost (a pause
+                    # longer than node_timeout) and adopted its sessions:
+                    # those are not ours to write any more.
+                    sids = list(self.server.sessions)
+                    for sid, owner in (await self._owners(sids)).items():
+                        if owner is not None and owner != self.node:
+                            logger.error("session %s was adopted by node %s; dropping it here", sid, owner)
+                            self.server.fence_session(sid)
                 for node in lost:
                     await self.adopt_node(node.decode())
+                # Tunnels to or from nodes gone meanwhile (another node adopted them).
+                peers = {owner for owner, _ in self.tunnels.values()} | self.server.tunnel_peers()
+                for node in peers:
+                    if not await self.alive(node):
+                        self.server.node_lost(node)
             except DOWN as exc:
                 self._down(exc)
             except Exception:  # the watcher must outlive any one bad round
@@ -802,37 +946,42 @@ class RedisBackplane(Backplane):
         sids = [s.decode() for s in await self.redis.smembers(f"wss:node:{node}:sessions")]
         logger.warning("node %s was lost; adopting its %d sessions", node, len(sids))
         for sid in sids:
-            await self.adopt_session(sid)
+            await self.adopt_session(sid, node)
         await self.redis.delete(f"wss:node:{node}:sessions")
         await self.redis.zrem("wss:nodes", node)
         await self.redis.delete(f"wss:adopt:{node}")
 
     async def _adopt_previous(self) -> None:
         """Sessions a previous run of this node (same ``node_id``) left behind."""
+        lock = f"wss:adopt:{self.node}"
+        for _ in range(100):  # another node adopting them already: let it finish
+            if await self.redis.set(lock, self.node, nx=True, ex=60):
+                break
+            await asyncio.sleep(0.1)
         sids = [s.decode() for s in await self.redis.smembers(f"wss:node:{self.node}:sessions")]
         if sids:
             logger.warning("adopting %d sessions left by this node's previous run", len(sids))
         for sid in sids:
-            await self.adopt_session(sid)
+            await self.adopt_session(sid, self.node)
+        await self.redis.delete(lock)
 
-    async def adopt_session(self, sid: str) -> None:
+    async def adopt_session(self, sid: str, lost: str) -> None:
+        """Own session ``sid`` of node ``lost`` (if it is still that node's) and run it here."""
         key = _skey(sid)
+        if sid in self.server.sessions or not await self._scripts["claim_session"](
+            keys=[key, f"wss:node:{self.node}:sessions"], args=[lost, self.node, sid]
+        ):
+            return
         pipe = self.redis.pipeline(transaction=False)
         pipe.hgetall(key)
         pipe.xrange(f"{key}:log")
         pipe.smembers(f"{key}:run")
         pipe.hgetall(f"{key}:req")
         fields, entries, running, requests = await pipe.execute()
-        if not fields or sid in self.server.sessions:
-            return
         state = {k.decode(): v.decode() for k, v in fields.items()}
         log = [(int(entry_id.split(b"-")[0]), entry[b"f"]) for entry_id, entry in entries]
-        lost = {r.decode(): orjson.loads(requests[r]) if r in requests else None for r in running}
-        session = self.server.adopt(sid, state, log, lost)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(key, "owner", self.node)
-        pipe.sadd(f"wss:node:{self.node}:sessions", sid)
-        await pipe.execute()
+        streams = {r.decode(): orjson.loads(requests[r]) if r in requests else None for r in running}
+        session = self.server.adopt(sid, state, log, streams)
         self.stats["adopted_sessions"] += 1
         self.write_log_nowait(session)  # the node_lost ends
         await self._take_direct_messages(sid)
@@ -871,7 +1020,13 @@ class RedisBackplane(Backplane):
         if live is not None and live.session.agent == agent:
             return  # resuming the session that holds it
         conn.new_session_id = secrets.token_urlsafe(16)
-        claimed = await self._scripts["claim_agent"](keys=[f"wss:agent:{agent}"], args=[conn.new_session_id])
+        if not self.healthy:
+            return  # degraded: only this node's names are checked (Server._open_session)
+        try:
+            claimed = await self._scripts["claim_agent"](keys=[f"wss:agent:{agent}"], args=[conn.new_session_id])
+        except DOWN as exc:
+            self._down(exc)
+            return
         conn.agent_taken = not claimed
 
 
