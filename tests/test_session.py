@@ -470,3 +470,70 @@ class TestInterrupt:
         assert feed(s, {"type": "interrupt", "stream": a.id, "input": "x", "new_stream": "taken"}) == []
         assert a.state is StreamState.RUNNING
         assert frames(s)[-1]["code"] == "stream_exists"
+
+
+class RemoteHub:
+    """What a session sees of a shared backplane: every messaging call becomes a HubCall."""
+
+    remote = True
+
+    def __init__(self) -> None:
+        self.left: list[str] = []
+
+    def unsubscribe(self, name: str, session: Session) -> bool:
+        self.left.append(name)
+        return True
+
+
+class TestSharedBackplane:
+    """Subscribe, publish and send with a remote hub, still without a network."""
+
+    def remote(self) -> Session:
+        return make_session(hub=RemoteHub())  # type: ignore[arg-type]
+
+    def test_subscribe_is_handed_over_and_its_answer_keeps_order(self) -> None:
+        from wsserver.session import HubCall
+
+        s = self.remote()
+        (call,) = feed(s, {"type": "subscribe", "id": "s1", "channel": "team", "since": 4, "epoch": "e"})
+        assert isinstance(call, HubCall) and call.kind == "subscribe"
+        assert frames(s) == []  # nothing until the backplane answered
+        # live traffic while the call runs is held back, including a copy of a recovered one
+        s.held["team"].append((6, b'{"type":"message","channel":"team","offset":6,"from":"x","data":6}'))
+        s.held["team"].append((7, b'{"type":"message","channel":"team","offset":7,"from":"x","data":7}'))
+        missed = [b'{"type":"message","channel":"team","offset":5,"from":"x","data":5}',
+                  b'{"type":"message","channel":"team","offset":6,"from":"x","data":6}']
+        s.subscribed(call.msg, "e", 6, True, ["me", "x"], missed)
+        out = frames(s)
+        assert out[0]["type"] == "subscribed" and out[0]["offset"] == 6 and out[0]["recovered"] is True
+        assert [f["offset"] for f in out[1:]] == [5, 6, 7]  # recovered, then what arrived meanwhile, once each
+        assert "team" not in s.held and s.channel_offsets["team"] == 7
+
+    def test_publish_ok_comes_before_the_own_copy(self) -> None:
+        s = self.remote()
+        s.subscriptions.add("team")
+        (call,) = feed(s, {"type": "publish", "id": "p", "channel": "team", "data": 1})
+        own = b'{"type":"message","channel":"team","offset":9,"from":"me","data":1}'
+        s.held["team"].append((9, own))  # the pub/sub copy overtook the script's reply
+        s.published(call.msg, 9)
+        out = frames(s)
+        assert out[0] == {"type": "ok", "seq": 1, "ref": "p", "offset": 9}
+        assert out[1]["offset"] == 9 and len(out) == 2
+
+    def test_send_to_nobody_and_a_failed_call(self) -> None:
+        s = self.remote()
+        (call,) = feed(s, {"type": "send", "id": "m", "to": "ghost", "data": 1})
+        s.sent(call.msg, False)
+        (call2,) = feed(s, {"type": "subscribe", "id": "s", "channel": "team"})
+        s.hub_failed(call2, "redis is down")
+        out = frames(s)
+        assert out[0]["code"] == "unknown_agent" and out[0]["ref"] == "m"
+        assert out[1]["code"] == "backplane_unavailable" and out[1]["retry_after_ms"] == 1000
+        assert "team" not in s.held and "team" not in s.subscriptions
+
+    def test_sequenced_frames_are_kept_for_the_backplane(self) -> None:
+        s = self.remote()
+        s.unsynced = []
+        start(s, id="g")
+        out = s.take_output()
+        assert s.unsynced == [(1, out[0])]  # written there before it is sent
