@@ -626,7 +626,6 @@ class Server:
                 conn.send_close(code, "session node lost; resume")
             conn.stop()
 
-
     def _deliver(self, channel: str, frame: bytes, sessions: list[Session], offset: int = 0) -> None:
         """Send one encoded channel frame to the attached ones among ``sessions``.
 
