@@ -17,16 +17,20 @@ Keys (``{sid}`` a session id, ``{c}`` a channel, ``{n}`` a node)::
     wss:s:{sid}               HASH owner identity agent public_id seq acked subs
     wss:s:{sid}:log           STREAM the replay log, entry id "{seq}-0", field f = frame
     wss:s:{sid}:run           SET  ids of the session's running streams
-    wss:s:{sid}:dm            LIST direct messages not yet taken by the owner
+    wss:s:{sid}:req           HASH running stream id -> its request (for an adopting node)
+    wss:s:{sid}:dm            LIST direct messages not yet in the session's log
+    wss:claim:{sid}           a new session's agent claim, until it is registered
     wss:agent:{name}          STRING the session holding the agent name
     wss:c:{c}:e / :o / :h / :m  epoch, offset counter, history STREAM, members HASH
     pub/sub  wss:c:{c}        "{offset} {frame}" of every channel publication
     pub/sub  wss:n:{n}        control messages to a node (tunnels, direct messages)
     pub/sub  wss:p:{tunnel}   frames from the owner back to the tunnelling node
 
-Costs: a batch of frames of one session (a writer's flush) is one pipeline:
-one XADD per frame plus HSET and XTRIM, a single round trip; a publication is
-one EVALSHA (INCR, XADD, PUBLISH inside Redis); a direct message one EVALSHA.
+Costs: a batch of frames of one session (a writer's flush) is one EVALSHA
+(the owner check, one XADD per frame, HSET, XTRIM inside Redis); everything
+queued in one loop turn goes in one pipeline, a single round trip. A
+publication is one EVALSHA (INCR, XADD, PUBLISH inside Redis); a direct
+message one EVALSHA.
 Redis Cluster is not supported (scripts touch keys they are not given).
 """
 
