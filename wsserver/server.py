@@ -5,10 +5,15 @@ Per connection there are two tasks and one task per running stream:
 * the *reader* (the websockets handler) feeds text frames into
   :class:`~wsserver.protocol.ServerProtocol` and carries out the actions it
   returns (start or stop a generation, close the connection);
-* the *writer* sleeps on an event, takes every pending frame from the
-  protocol (sequenced and, when the socket lags, coalesced there) and sends
-  them in order. A single writer is what keeps frames in ``seq`` order, since
-  several stream tasks produce output concurrently;
+* pending output is written at the end of the event loop's turn in which it
+  appeared (one ``call_soon`` callback, no task switch), by
+  ``broadcast()``, while no batch is in flight and the socket takes data
+  without waiting. Otherwise the *writer* task (created on first need) is
+  woken and sends, awaiting the socket. Either way every pending frame is
+  taken from the protocol at once (sequenced and, when the socket lags or
+  a provider hands over a burst, coalesced there) and only one batch is in
+  flight, which keeps frames in ``seq`` order although several stream
+  tasks produce output concurrently;
 * each generation runs :func:`~wsserver.streams.run_generation` in a task
   that belongs to the session (:class:`_LiveSession`), not to the
   connection: a dropped socket detaches the session and its streams go on
@@ -41,6 +46,7 @@ from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from . import __version__
 from .config import ServerConfig
@@ -225,7 +231,7 @@ class Server:
         notice = encode(Shutdown(reconnect_ms=cfg.reconnect_ms, drain_ms=int(timeout * 1000)))
         for conn in list(self.connections):
             conn.proto.send_unsequenced(notice)
-            conn.wake.set()
+            conn.send_soon()
         deadline = loop.time() + timeout
         while loop.time() < deadline and any(live.session.streams for live in self.sessions.values()):
             await asyncio.sleep(0.05)
@@ -538,7 +544,7 @@ class _LiveSession:
         """Output is pending: the writer sends it, or (detached) the log takes it."""
         conn = self.conn
         if conn is not None:
-            conn.wake.set()
+            conn.send_soon()
         elif not self._drain_scheduled:
             self._drain_scheduled = True
             asyncio.get_running_loop().call_soon(self._drain_detached)
@@ -611,6 +617,7 @@ class _Connection:
         self.close_with: CloseConnection | None = None
         self.live: _LiveSession | None = None
         self.busy = False  # the writer is sending a batch
+        self._send_scheduled = False
         self._flush_on_close = False
         self._writer: asyncio.Task[None] | None = None
         self.ip = _client_ip(ws)
@@ -623,22 +630,24 @@ class _Connection:
         )
 
     async def run(self) -> None:
-        writer = self._writer = asyncio.get_running_loop().create_task(self._write_loop())
         try:
             await self._read_loop()
         except ConnectionClosed:
             pass
         finally:
+            writer = self._writer
             if self._flush_on_close:  # a violation: send the error first
                 with contextlib.suppress(ConnectionClosed):
-                    writer.cancel()
+                    if writer is not None:
+                        writer.cancel()
                     await self._flush()
             self.proto.release()
             if self.live is not None:
                 self.live.detach(self)  # a dropped socket never cancels anything
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+            if writer is not None:
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writer
         if self.close_with is not None:
             # Keep reading (and discarding) while the closing handshake runs:
             # unread messages would pause the transport and hide the peer's
@@ -664,9 +673,8 @@ class _Connection:
             )
 
     async def _read_loop(self) -> None:
-        ws, proto, writer = self.ws, self.proto, self._writer
+        ws, proto = self.ws, self.proto
         telemetry = self.server.telemetry
-        assert writer is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.server.config.hello_timeout
         while self.close_with is None:
@@ -693,10 +701,42 @@ class _Connection:
                 elif self.live is not None:
                     self.live.apply([action])
             if proto.has_output:
-                self.wake.set()
-                while proto.backlog >= MAX_BACKLOG and not writer.done():
+                self.send_soon()
+                if proto.backlog >= MAX_BACKLOG:
+                    self.send_now()
+                writer = self._writer
+                while proto.backlog >= MAX_BACKLOG and writer is not None and not writer.done():
                     self.drained.clear()
                     await self.drained.wait()
+
+    def send_soon(self) -> None:
+        """Output is pending: send it at the end of this turn of the event
+        loop, together with whatever else is produced in the same turn."""
+        if not self._send_scheduled:
+            self._send_scheduled = True
+            asyncio.get_running_loop().call_soon(self.send_now)
+
+    def send_now(self) -> None:
+        """Write what is pending now if no batch is in flight and the socket
+        takes it without waiting (the write buffer is below ``write_limit``),
+        through ``broadcast()``; else wake the writer, which awaits the socket."""
+        self._send_scheduled = False
+        ws = self.ws
+        if self.busy or ws.paused or ws.protocol.state is not State.OPEN:
+            self.wake.set()
+            if self._writer is None:
+                self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+            return
+        frames = self.proto.data_to_send()
+        if not frames:
+            return
+        target = (ws,)
+        for frame in frames:
+            broadcast(target, frame, text=True)
+        telemetry = self.server.telemetry
+        telemetry.delivery.observe(0.0)
+        telemetry.frames_out.inc(len(frames))
+        telemetry.bytes_out.inc(sum(map(len, frames)))
 
     async def _write_loop(self) -> None:
         wake, drained = self.wake, self.drained

@@ -216,7 +216,8 @@ class Session:
             them the oldest frames are dropped, acknowledged or not.
         coalesce: merge a stream's pending deltas when the socket lags.
         clock: monotonic clock in seconds (injectable for tests).
-        on_output: called when output becomes pending (the transport's wake-up).
+        on_output: called when output becomes pending (the transport's wake-up),
+            right after the first frame is queued: it may take the output at once.
     """
 
     def __init__(
@@ -639,9 +640,10 @@ class Session:
             stream.counted_tokens += 1
         else:
             stream.counted_tokens += tokens
-        if not self._pending and self.on_output is not None:
+        pending = self._pending
+        pending.append((_DELTA, stream, text))
+        if len(pending) == 1 and self.on_output is not None:
             self.on_output()
-        self._pending.append((_DELTA, stream, text))
         if stream.channel is not None and self.hub is not None:
             index, stream.channel_index = stream.channel_index, stream.channel_index + 1
             data = {"type": "stream.delta", "stream": stream.id, "index": index, "text": text}
@@ -748,16 +750,18 @@ class Session:
     # ----------------------------------------------------------------- output
 
     def _emit(self, stream: Stream | None, model: type[BaseModel], fields: dict[str, Any]) -> None:
-        if not self._pending and self.on_output is not None:
+        pending = self._pending
+        pending.append((_FRAME, stream, model, fields))
+        if len(pending) == 1 and self.on_output is not None:
             self.on_output()
-        self._pending.append((_FRAME, stream, model, fields))
 
     def emit_unsequenced(self, frame: bytes) -> None:
         """Queue a frame that carries no ``seq`` (``pong``) in order with the rest."""
-        if not self._pending and self.on_output is not None:
-            self.on_output()
-        self._pending.append((_RAW, None, frame))
+        pending = self._pending
+        pending.append((_RAW, None, frame))
         self.pending_raw_bytes += len(frame)
+        if len(pending) == 1 and self.on_output is not None:
+            self.on_output()
 
     def _emit_error(self, code: str, message: str, **fields: Any) -> None:
         if self.observer is not None:
