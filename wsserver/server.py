@@ -531,6 +531,8 @@ class _LiveSession:
     ``error expired``, upstreams closed) and its memory is released.
     """
 
+    __slots__ = ("_drain_scheduled", "_expiry", "conn", "server", "session", "tasks")
+
     def __init__(self, server: Server, session: Session) -> None:
         self.server = server
         self.session = session
@@ -609,11 +611,17 @@ class _LiveSession:
 class _Connection:
     """The pump of one WebSocket connection."""
 
+    __slots__ = (
+        "_flush_on_close", "_send_scheduled", "_writer", "busy", "close_with", "drained",
+        "ip", "live", "proto", "server", "wake", "ws",
+    )
+
     def __init__(self, server: Server, ws: ServerConnection) -> None:
         self.server = server
         self.ws = ws
-        self.wake = asyncio.Event()
-        self.drained = asyncio.Event()  # set each time the writer finished a batch
+        # made with the writer task, on first need (most connections never need it)
+        self.wake: asyncio.Event | None = None
+        self.drained: asyncio.Event | None = None  # set each time the writer finished a batch
         self.close_with: CloseConnection | None = None
         self.live: _LiveSession | None = None
         self.busy = False  # the writer is sending a batch
@@ -704,10 +712,11 @@ class _Connection:
                 self.send_soon()
                 if proto.backlog >= MAX_BACKLOG:
                     self.send_now()
-                writer = self._writer
+                writer, drained = self._writer, self.drained
                 while proto.backlog >= MAX_BACKLOG and writer is not None and not writer.done():
-                    self.drained.clear()
-                    await self.drained.wait()
+                    assert drained is not None
+                    drained.clear()
+                    await drained.wait()
 
     def send_soon(self) -> None:
         """Output is pending: send it at the end of this turn of the event
@@ -723,9 +732,11 @@ class _Connection:
         self._send_scheduled = False
         ws = self.ws
         if self.busy or ws.paused or ws.protocol.state is not State.OPEN:
-            self.wake.set()
             if self._writer is None:
+                self.wake, self.drained = asyncio.Event(), asyncio.Event()
                 self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+            assert self.wake is not None
+            self.wake.set()
             return
         frames = self.proto.data_to_send()
         if not frames:
@@ -740,6 +751,7 @@ class _Connection:
 
     async def _write_loop(self) -> None:
         wake, drained = self.wake, self.drained
+        assert wake is not None and drained is not None
         observe = self.server.telemetry.delivery.observe
         clock = asyncio.get_running_loop().time
         try:

@@ -140,6 +140,8 @@ class MessagingLimits:
 class TokenBucket:
     """``take(now)`` returns 0 if a token was available, else seconds to wait."""
 
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
     def __init__(self, rate: float, burst: float) -> None:
         self.rate = rate
         self.burst = burst
@@ -161,6 +163,8 @@ class TokenBucket:
 class TokenBudget:
     """Output tokens per minute: spending may go negative; new generations wait
     until the budget is positive again."""
+
+    __slots__ = ("capacity", "level", "rate", "stamp")
 
     def __init__(self, per_minute: float) -> None:
         self.capacity = per_minute
@@ -220,6 +224,15 @@ class Session:
             right after the first frame is queued: it may take the output at once.
     """
 
+    # One per session, thousands per server: no per-instance __dict__.
+    __slots__ = (
+        "_answered", "_auto_ids", "_pending", "_publish_bucket", "_recent", "_used_stream_ids",
+        "acked", "agent", "clock", "coalesce", "generate_bucket", "hub", "id", "identity",
+        "limits", "log", "log_bytes", "max_log_bytes", "max_log_messages", "max_streams",
+        "observer", "on_output", "paused", "pending_raw_bytes", "providers", "public_id",
+        "remember_ids", "rules", "seq", "streams", "subscriptions", "token_budget", "__weakref__",
+    )
+
     def __init__(
         self,
         session_id: str,
@@ -264,8 +277,9 @@ class Session:
         #: Bytes of encoded frames waiting in the queue (channel traffic, pong).
         self.pending_raw_bytes = 0
         #: The replay log: (seq, frame) of every sequenced frame not yet
-        #: acknowledged, oldest first, within the bounds.
-        self.log: deque[tuple[int, bytes]] = deque()
+        #: acknowledged, oldest first, within the bounds. An empty tuple
+        #: until the first frame (an empty deque takes 760 bytes).
+        self.log: deque[tuple[int, bytes]] | tuple[()] = ()
         self.log_bytes = 0
         self.hub = hub
         self.agent = agent
@@ -789,6 +803,8 @@ class Session:
         out: list[bytes] = []
         seq = self.seq
         log, log_bytes = self.log, self.log_bytes
+        if not isinstance(log, deque):
+            log = self.log = deque()
         for item in pending:
             if item[0] == _RAW:
                 out.append(item[2])
