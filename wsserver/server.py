@@ -138,6 +138,9 @@ class Server:
         self.providers = providers or default_providers(self.config)
         self._ws_server: _WSServer | None = None
         self.connections: set[_Connection] = set()
+        #: Connections whose output may be backing up (the writer was needed,
+        #: or the socket's buffer passed write_limit): all the monitor checks.
+        self._lagging: set[_Connection] = set()
         #: Live sessions by id, attached or not.
         self.sessions: dict[str, _LiveSession] = {}
         cfg = self.config
@@ -354,6 +357,7 @@ class Server:
             await conn.run()
         finally:
             self.connections.discard(conn)
+            self._lagging.discard(conn)
             self.telemetry.connections_open.dec()
             session = conn.proto.session or (conn.live.session if conn.live else None)
             events.info(
@@ -490,24 +494,31 @@ class Server:
             conn = live.conn if live is not None else None
             if conn is None or channel in session.paused:
                 continue
-            if conn.busy or session.has_output:
-                session.emit_unsequenced(frame)
+            if conn.busy or session.has_output or conn.ws.paused:
+                session.emit_unsequenced(frame)  # a paused socket: through the writer (drain)
             else:
                 direct.append(conn.ws)
         if direct:
             broadcast(direct, frame, text=True)
 
     async def _watch(self) -> None:
-        """Every 0.25 s: close slow consumers (1013) and forget idle channels."""
+        """Every 0.25 s: close slow consumers (1013) and forget idle channels.
+
+        Only lagging connections are looked at: output backs up only behind
+        a busy writer or a paused socket, and both put the connection there.
+        """
         limit = self.config.slow_consumer_bytes
+        lagging = self._lagging
         while True:
             await asyncio.sleep(0.25)
-            for conn in list(self.connections):
+            for conn in list(lagging):
                 if conn.pending_bytes() > limit and conn.close_with is None:
                     self.stats["slow_consumer_disconnects"] += 1
                     self.telemetry.slow_consumers.inc()
                     logger.warning("closing a slow consumer (1013): %d bytes waiting", conn.pending_bytes())
                     conn.close_slow()
+                if conn.close_with is not None or not (conn.busy or conn.ws.paused or conn.proto.has_output):
+                    lagging.discard(conn)
             self.hub.sweep()
             self._prune_budgets()
 
@@ -732,6 +743,7 @@ class _Connection:
         self._send_scheduled = False
         ws = self.ws
         if self.busy or ws.paused or ws.protocol.state is not State.OPEN:
+            self.server._lagging.add(self)
             if self._writer is None:
                 self.wake, self.drained = asyncio.Event(), asyncio.Event()
                 self._writer = asyncio.get_running_loop().create_task(self._write_loop())
@@ -744,6 +756,8 @@ class _Connection:
         target = (ws,)
         for frame in frames:
             broadcast(target, frame, text=True)
+        if ws.paused:  # past write_limit now: watched until it drains
+            self.server._lagging.add(self)
         telemetry = self.server.telemetry
         telemetry.delivery.observe(0.0)
         telemetry.frames_out.inc(len(frames))
