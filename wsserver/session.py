@@ -226,9 +226,9 @@ class Session:
 
     # One per session, thousands per server: no per-instance __dict__.
     __slots__ = (
-        "_answered", "_auto_ids", "_pending", "_publish_bucket", "_recent", "_used_stream_ids",
-        "acked", "agent", "clock", "coalesce", "generate_bucket", "hub", "id", "identity",
-        "limits", "log", "log_bytes", "max_log_bytes", "max_log_messages", "max_streams",
+        "_answered", "_auto_ids", "_log", "_log_first", "_pending", "_publish_bucket", "_recent",
+        "_used_stream_ids", "acked", "agent", "clock", "coalesce", "generate_bucket", "hub", "id",
+        "identity", "limits", "log_bytes", "max_log_bytes", "max_log_messages", "max_streams",
         "observer", "on_output", "paused", "pending_raw_bytes", "providers", "public_id",
         "remember_ids", "rules", "seq", "streams", "subscriptions", "token_budget", "__weakref__",
     )
@@ -276,10 +276,13 @@ class Session:
         self._pending: list[tuple[Any, ...]] = []
         #: Bytes of encoded frames waiting in the queue (channel traffic, pong).
         self.pending_raw_bytes = 0
-        #: The replay log: (seq, frame) of every sequenced frame not yet
-        #: acknowledged, oldest first, within the bounds. An empty tuple
-        #: until the first frame (an empty deque takes 760 bytes).
-        self.log: deque[tuple[int, bytes]] | tuple[()] = ()
+        # The replay log (see :attr:`log`): the frames, oldest first, and the
+        # seq of the first. Frames only, no (seq, frame) tuples: a tuple per
+        # frame is a GC-tracked object per token, and their growth alone made
+        # the cyclic GC run ~30 times a second under load. An empty tuple
+        # until the first frame (an empty deque takes 760 bytes).
+        self._log: deque[bytes] | tuple[()] = ()
+        self._log_first = 1
         self.log_bytes = 0
         self.hub = hub
         self.agent = agent
@@ -634,9 +637,13 @@ class Session:
             return
         if msg.seq > self.acked:
             self.acked = msg.seq
-            log = self.log
-            while log and log[0][0] <= msg.seq:
-                self.log_bytes -= len(log.popleft()[1])
+            log = self._log
+            drop = min(len(log), msg.seq - self._log_first + 1)
+            if drop > 0:
+                assert isinstance(log, deque)
+                for _ in range(drop):
+                    self.log_bytes -= len(log.popleft())
+                self._log_first += drop
         if msg.id is not None:
             self._emit(None, Ok, {"ref": msg.id})
 
@@ -739,13 +746,20 @@ class Session:
         """
         if last_seq > self.seq or last_seq < self.acked:
             return None  # claims frames never sent, or goes back behind an ack
-        log = self.log
-        first = log[0][0] if log else self.seq + 1
+        log = self._log
+        first = self._log_first if log else self.seq + 1
         if first > last_seq + 1:
             return None  # trimmed by the bounds
-        if not log or log[-1][0] <= last_seq:
+        if not log or self.seq <= last_seq:  # the log ends at self.seq
             return []
-        return [frame for seq, frame in log if seq > last_seq]
+        return list(itertools.islice(log, last_seq + 1 - first, None))
+
+    @property
+    def log(self) -> list[tuple[int, bytes]]:
+        """The replay log: ``(seq, frame)`` of every sequenced frame not yet
+        acknowledged, oldest first, within the bounds (a copy)."""
+        first = self._log_first
+        return [(first + i, frame) for i, frame in enumerate(self._log)]
 
     def snapshot(self) -> None:
         """Queue one ``stream.snapshot`` per running stream (for a refreshed page).
@@ -802,9 +816,9 @@ class Session:
             pending = _coalesce(pending)
         out: list[bytes] = []
         seq = self.seq
-        log, log_bytes = self.log, self.log_bytes
+        log, log_bytes = self._log, self.log_bytes
         if not isinstance(log, deque):
-            log = self.log = deque()
+            log = self._log = deque()
         for item in pending:
             if item[0] == _RAW:
                 out.append(item[2])
@@ -819,10 +833,13 @@ class Session:
                 frame = encode(item[2](seq=seq, **item[3]))
             frame = compact(frame)  # kept in the log: count the bytes actually held
             out.append(frame)
-            log.append((seq, frame))
+            log.append(frame)
             log_bytes += len(frame)
+        dropped = 0
         while log and (len(log) > self.max_log_messages or log_bytes > self.max_log_bytes):
-            log_bytes -= len(log.popleft()[1])
+            log_bytes -= len(log.popleft())
+            dropped += 1
+        self._log_first += dropped
         self.seq = seq
         self.log_bytes = log_bytes
         return out
