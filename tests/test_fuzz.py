@@ -184,6 +184,18 @@ REQUEST_IDS = ["r1", "r2", "r3", "r4", "r5", "r6"]
 TEXT = st.text(alphabet="abcxyz é🙂", min_size=1, max_size=6)
 
 
+class RecordingSession(Session):
+    """A session that shows every batch it sequences to ``recorder`` (the test's truth)."""
+
+    recorder: Any = None
+
+    def take_output(self) -> list[bytes]:
+        out = super().take_output()
+        if self.recorder is not None:
+            self.recorder(self, out)
+        return out
+
+
 class SessionMachine(RuleBasedStateMachine):
     """One client, one server-side session at a time, and a provider per stream.
 
@@ -225,21 +237,14 @@ class SessionMachine(RuleBasedStateMachine):
 
     def _make_session(self) -> Session:
         self.generation += 1
-        session = Session(
+        session = RecordingSession(
             f"s{self.generation}",
             providers=Providers([SimulatedProvider()], default="simulated"),
             clock=self.clock,
             max_log_messages=self.log_bound,
             max_streams=3,
         )
-        take = session.take_output
-
-        def recording_take_output() -> list[bytes]:
-            out = take()
-            self._record(session, out)
-            return out
-
-        session.take_output = recording_take_output  # type: ignore[method-assign]
+        session.recorder = self._record
         return session
 
     def _record(self, session: Session, frames: list[bytes]) -> None:

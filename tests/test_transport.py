@@ -6,13 +6,27 @@ import asyncio
 from typing import Any
 
 import orjson
+from websockets.protocol import State
 
 from wsserver.config import ServerConfig
 from wsserver.server import MAX_BACKLOG, Server, _Connection
 
 
+class FakeProtocol:
+    """What ``broadcast()`` uses of the sans-I/O protocol: the transport writes
+    inline through it while the socket takes data without waiting."""
+
+    def __init__(self, ws: FakeWebSocket) -> None:
+        self.ws = ws
+        self.state = State.OPEN
+
+    def send_text(self, frame: bytes) -> None:
+        self.ws.sent.append(frame)
+
+
 class FakeWebSocket:
-    """Serves queued frames to recv(); send() can be made to block (a reader that stalls)."""
+    """Serves queued frames to recv(); send() can be made to block (a reader
+    that stalls: after the first frame, the socket stays paused too)."""
 
     def __init__(self, frames: list[str], *, stall_sends: bool = False) -> None:
         self.frames = list(frames)
@@ -20,6 +34,15 @@ class FakeWebSocket:
         self.sent: list[bytes] = []
         self.stall = asyncio.Event() if stall_sends else None
         self.exhausted = asyncio.Event()
+        self.protocol = FakeProtocol(self)
+        self.send_in_progress = None
+
+    @property
+    def paused(self) -> bool:  # the write buffer is above write_limit
+        return self.stall is not None and not self.stall.is_set() and bool(self.sent)
+
+    def send_data(self) -> None:
+        pass
 
     async def recv(self) -> str:
         if not self.frames:
@@ -66,8 +89,10 @@ async def test_reader_pauses_when_the_writer_cannot_keep_up() -> None:
     conn = new_connection(ws)
     task = asyncio.ensure_future(conn.run())
     await asyncio.sleep(0.3)
-    # the writer sent the welcome and stalls; the reader stopped at the limit
-    assert ws.received <= MAX_BACKLOG + 2
+    # the first batch (welcome + answers up to the limit, produced before any
+    # write) went out inline; then the socket is paused, the writer stalls
+    # and the reader stops at the limit again
+    assert ws.received <= 2 * MAX_BACKLOG + 2
     assert conn.proto.backlog <= MAX_BACKLOG + 1
     assert ws.stall is not None
     ws.stall.set()  # the client reads again: everything is answered, nothing lost

@@ -53,10 +53,13 @@ class Channel:
     history: deque[tuple[int, float, bytes]] = field(default_factory=deque)
     #: Subscribed sessions, in subscription order.
     subscribers: dict[Session, None] = field(default_factory=dict)
+    #: Subscribed sessions per name (several sessions may share an agent
+    #: name): presence is decided in O(1) per join and leave.
+    names: dict[str, int] = field(default_factory=dict)
 
     @property
     def members(self) -> list[str]:
-        return sorted({s.name for s in self.subscribers})
+        return sorted(self.names)
 
 
 class Hub:
@@ -138,6 +141,8 @@ class Hub:
         joined = session not in channel.subscribers
         if joined:
             channel.subscribers[session] = None
+            names = channel.names
+            names[session.name] = names.get(session.name, 0) + 1
         return channel, recovered, missed, joined
 
     def unsubscribe(self, name: str, session: Session) -> bool:
@@ -145,12 +150,17 @@ class Hub:
         if channel is None or session not in channel.subscribers:
             return False
         del channel.subscribers[session]
-        if not any(s.name == session.name for s in channel.subscribers):
-            self.publish_presence(channel, left=session.name)
+        name, names = session.name, channel.names
+        left = names[name] - 1
+        if left:
+            names[name] = left
+        else:
+            del names[name]
+            self.publish_presence(channel, left=name)
         return True
 
     def join_announce(self, channel: Channel, session: Session) -> None:
-        if sum(1 for s in channel.subscribers if s.name == session.name) == 1:
+        if channel.names.get(session.name) == 1:
             self.publish_presence(channel, joined=session.name)
 
     def leave_all(self, session: Session) -> None:

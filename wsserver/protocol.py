@@ -80,6 +80,11 @@ class ServerProtocol:
             ``limits``, ``server``).
     """
 
+    __slots__ = (
+        "_bucket", "_open_session", "_out", "_violations", "_welcome",
+        "abuse_threshold", "clock", "last_type", "session", "state",
+    )
+
     def __init__(
         self,
         *,
@@ -93,7 +98,7 @@ class ServerProtocol:
         self._bucket = TokenBucket(message_rate, message_rate * 2)
         #: Close with 1008 after this many refused messages within ABUSE_WINDOW_S (0 = never).
         self.abuse_threshold = abuse_threshold
-        self._violations: deque[float] = deque()
+        self._violations: deque[float] | None = None  # made on the first one (a deque is 760 bytes)
         #: Type of the last message received ("invalid" if it did not decode).
         self.last_type = ""
         self.state = ConnState.AWAITING_HELLO
@@ -160,6 +165,8 @@ class ServerProtocol:
             return []
         now = self.clock()
         window = self._violations
+        if window is None:
+            window = self._violations = deque()
         window.append(now)
         while window and window[0] < now - ABUSE_WINDOW_S:
             window.popleft()
@@ -263,4 +270,9 @@ class ServerProtocol:
         """
         session, self.session = self.session, None
         self.state = ConnState.CLOSED
+        self._open_session = _closed  # the transport's callback refers back to it: no cycle
         return session
+
+
+def _closed(hello: Hello) -> Opened:  # pragma: no cover - never called once CLOSED
+    raise AssertionError("the connection is closed")

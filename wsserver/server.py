@@ -5,10 +5,15 @@ Per connection there are two tasks and one task per running stream:
 * the *reader* (the websockets handler) feeds text frames into
   :class:`~wsserver.protocol.ServerProtocol` and carries out the actions it
   returns (start or stop a generation, close the connection);
-* the *writer* sleeps on an event, takes every pending frame from the
-  protocol (sequenced and, when the socket lags, coalesced there) and sends
-  them in order. A single writer is what keeps frames in ``seq`` order, since
-  several stream tasks produce output concurrently;
+* pending output is written at the end of the event loop's turn in which it
+  appeared (one ``call_soon`` callback, no task switch), by
+  ``broadcast()``, while no batch is in flight and the socket takes data
+  without waiting. Otherwise the *writer* task (created on first need) is
+  woken and sends, awaiting the socket. Either way every pending frame is
+  taken from the protocol at once (sequenced and, when the socket lags or
+  a provider hands over a burst, coalesced there) and only one batch is in
+  flight, which keeps frames in ``seq`` order although several stream
+  tasks produce output concurrently;
 * each generation runs :func:`~wsserver.streams.run_generation` in a task
   that belongs to the session (:class:`_LiveSession`), not to the
   connection: a dropped socket detaches the session and its streams go on
@@ -42,6 +47,7 @@ from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 
 from . import __version__
 from .config import ServerConfig
@@ -141,6 +147,13 @@ class Server:
         self.providers = providers or default_providers(self.config)
         self._ws_server: _WSServer | None = None
         self.connections: set[_Connection] = set()
+        #: Connections whose output may be backing up (the writer was needed,
+        #: or the socket's buffer passed write_limit): all the monitor checks.
+        self._lagging: set[_Connection] = set()
+        #: Frames and bytes written inline since the counters were last
+        #: updated (a prometheus Counter.inc takes a lock: ~1 us per frame).
+        self._out_frames = 0
+        self._out_bytes = 0
         #: Live sessions by id, attached or not.
         self.sessions: dict[str, _LiveSession] = {}
         cfg = self.config
@@ -235,7 +248,7 @@ class Server:
         notice = encode(Shutdown(reconnect_ms=cfg.reconnect_ms, drain_ms=int(timeout * 1000)))
         for conn in list(self.connections):
             conn.proto.send_unsequenced(notice)
-            conn.wake.set()
+            conn.send_soon()
         deadline = loop.time() + timeout
         while loop.time() < deadline and any(live.session.streams for live in self.sessions.values()):
             await asyncio.sleep(0.05)
@@ -317,6 +330,7 @@ class Server:
             token = self.config.metrics_token
             if token and headers.get("Authorization", "") != f"Bearer {token}":
                 return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
+            self._count_output()
             body = self.telemetry.render()
             return Response(
                 200, "OK", Headers([("Content-Type", METRICS_CONTENT_TYPE), ("Content-Length", str(len(body)))]), body
@@ -372,6 +386,7 @@ class Server:
             await conn.run()
         finally:
             self.connections.discard(conn)
+            self._lagging.discard(conn)
             self.telemetry.connections_open.dec()
             session = conn.proto.session or (conn.live.session if conn.live else None)
             events.info(
@@ -525,12 +540,10 @@ class Server:
         session = self._new_session(sid, state.get("identity", ANONYMOUS), rules, state.get("agent") or None, "ip:?")
         session.public_id = state.get("public_id") or session.public_id
         session.unsynced = []
-        session.seq = max(int(state.get("seq") or 0), log[-1][0] if log else 0)
-        session.acked = min(int(state.get("acked") or 0), session.seq)
+        seq = max(int(state.get("seq") or 0), log[-1][0] if log else 0)
+        session.restore_log(seq, int(state.get("acked") or 0), log[0][0] if log else seq + 1, [f for _, f in log])
         texts: dict[str, list[str]] = {}
-        for seq, frame in log:
-            session.log.append((seq, frame))
-            session.log_bytes += len(frame)
+        for _, frame in log:
             msg = orjson.loads(frame)
             if msg.get("ref") is not None:
                 session._remember(msg["ref"], msg.get("stream") if msg["type"] == "stream.start" else None)
@@ -654,26 +667,42 @@ class Server:
                 if offset <= offsets.get(channel, 0):
                     continue
                 offsets[channel] = offset
-            if conn.busy or session.has_output:
-                session.emit_unsequenced(frame)
+            if conn.busy or session.has_output or conn.ws.paused:
+                session.emit_unsequenced(frame)  # a paused socket: through the writer (drain)
             else:
                 direct.append(conn.ws)
         if direct:
             broadcast(direct, frame, text=True)
 
     async def _watch(self) -> None:
-        """Every 0.25 s: close slow consumers (1013) and forget idle channels."""
+        """Every 0.25 s: close slow consumers (1013) and forget idle channels.
+
+        Only lagging connections are looked at: output backs up only behind
+        a busy writer or a paused socket, and both put the connection there.
+        """
         limit = self.config.slow_consumer_bytes
+        lagging = self._lagging
         while True:
             await asyncio.sleep(0.25)
-            for conn in list(self.connections):
+            for conn in list(lagging):
                 if conn.pending_bytes() > limit and conn.close_with is None:
                     self.stats["slow_consumer_disconnects"] += 1
                     self.telemetry.slow_consumers.inc()
                     logger.warning("closing a slow consumer (1013): %d bytes waiting", conn.pending_bytes())
                     conn.close_slow()
+                if conn.close_with is not None or not (
+                    conn.busy or conn.ws.paused or conn.proto.has_output or conn.tunnel_inbox is not None
+                ):
+                    lagging.discard(conn)
             self.hub.sweep()
             self._prune_budgets()
+            self._count_output()
+
+    def _count_output(self) -> None:
+        if self._out_frames:
+            self.telemetry.frames_out.inc(self._out_frames)
+            self.telemetry.bytes_out.inc(self._out_bytes)
+            self._out_frames = self._out_bytes = 0
 
     def _prune_budgets(self) -> None:
         """Forget rate-limit state of identities idle long enough to be full again."""
@@ -702,6 +731,8 @@ class _LiveSession:
     ``error expired``, upstreams closed) and its memory is released.
     """
 
+    __slots__ = ("_drain_scheduled", "_expiry", "conn", "server", "session", "tasks")
+
     def __init__(self, server: Server, session: Session) -> None:
         self.server = server
         self.session = session
@@ -715,7 +746,7 @@ class _LiveSession:
         """Output is pending: the writer sends it, or (detached) the log takes it."""
         conn = self.conn
         if conn is not None:
-            conn.wake.set()
+            conn.send_soon()
         elif not self._drain_scheduled:
             self._drain_scheduled = True
             asyncio.get_running_loop().call_soon(self._drain_detached)
@@ -797,14 +828,22 @@ class _LiveSession:
 class _Connection:
     """The pump of one WebSocket connection."""
 
+    __slots__ = (
+        "_flush_on_close", "_send_scheduled", "_writer", "agent_taken", "busy", "close_with", "drained",
+        "identity", "ip", "live", "new_session_id", "proto", "server", "tunnel_inbox", "tunnel_owner",
+        "wake", "ws",
+    )
+
     def __init__(self, server: Server, ws: ServerConnection) -> None:
         self.server = server
         self.ws = ws
-        self.wake = asyncio.Event()
-        self.drained = asyncio.Event()  # set each time the writer finished a batch
+        # made with the writer task, on first need (most connections never need it)
+        self.wake: asyncio.Event | None = None
+        self.drained: asyncio.Event | None = None  # set each time the writer finished a batch
         self.close_with: CloseConnection | None = None
         self.live: _LiveSession | None = None
         self.busy = False  # the writer is sending a batch
+        self._send_scheduled = False
         self._flush_on_close = False
         self._writer: asyncio.Task[None] | None = None
         self.ip = _client_ip(ws)
@@ -826,22 +865,24 @@ class _Connection:
         )
 
     async def run(self) -> None:
-        writer = self._writer = asyncio.get_running_loop().create_task(self._write_loop())
         try:
             await self._read_loop()
         except ConnectionClosed:
             pass
         finally:
+            writer = self._writer
             if self._flush_on_close:  # a violation: send the error first
                 with contextlib.suppress(ConnectionClosed):
-                    writer.cancel()
+                    if writer is not None:
+                        writer.cancel()
                     await self._flush()
             self.proto.release()
             if self.live is not None:
                 self.live.detach(self)  # a dropped socket never cancels anything
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+            if writer is not None:
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writer
         if self.close_with is not None:
             # Keep reading (and discarding) while the closing handshake runs:
             # unread messages would pause the transport and hide the peer's
@@ -865,9 +906,8 @@ class _Connection:
             self._close_or_abort(self.close_with)
 
     async def _read_loop(self) -> None:
-        ws, proto, writer = self.ws, self.proto, self._writer
+        ws, proto = self.ws, self.proto
         telemetry = self.server.telemetry
-        assert writer is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.server.config.hello_timeout
         while self.close_with is None:
@@ -902,13 +942,55 @@ class _Connection:
                 elif self.live is not None:
                     self.live.apply([action])
             if proto.has_output:
-                self.wake.set()
-                while proto.backlog >= MAX_BACKLOG and not writer.done():
-                    self.drained.clear()
-                    await self.drained.wait()
+                self.send_soon()
+                if proto.backlog >= MAX_BACKLOG:
+                    self.send_now()
+                writer, drained = self._writer, self.drained
+                while proto.backlog >= MAX_BACKLOG and writer is not None and not writer.done():
+                    assert drained is not None
+                    drained.clear()
+                    await drained.wait()
+
+    def send_soon(self) -> None:
+        """Output is pending: send it at the end of this turn of the event
+        loop, together with whatever else is produced in the same turn."""
+        if not self._send_scheduled:
+            self._send_scheduled = True
+            asyncio.get_running_loop().call_soon(self.send_now)
+
+    def send_now(self) -> None:
+        """Write what is pending now if no batch is in flight and the socket
+        takes it without waiting (the write buffer is below ``write_limit``),
+        through ``broadcast()``; else wake the writer, which awaits the socket."""
+        self._send_scheduled = False
+        ws = self.ws
+        session = self.proto.session
+        # (a shared backplane: the writer writes the frames to Redis before it sends them)
+        shared = session is not None and session.unsynced is not None
+        if self.busy or ws.paused or ws.protocol.state is not State.OPEN or shared:
+            self.server._lagging.add(self)
+            if self._writer is None:
+                self.wake, self.drained = asyncio.Event(), asyncio.Event()
+                self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+            assert self.wake is not None
+            self.wake.set()
+            return
+        frames = self.proto.data_to_send()
+        if not frames:
+            return
+        target = (ws,)
+        for frame in frames:
+            broadcast(target, frame, text=True)
+        if ws.paused:  # past write_limit now: watched until it drains
+            self.server._lagging.add(self)
+        server = self.server
+        server.telemetry.delivery.observe(0.0)
+        server._out_frames += len(frames)
+        server._out_bytes += sum(map(len, frames))
 
     async def _write_loop(self) -> None:
         wake, drained = self.wake, self.drained
+        assert wake is not None and drained is not None
         observe = self.server.telemetry.delivery.observe
         clock = asyncio.get_running_loop().time
         try:
@@ -961,6 +1043,7 @@ class _Connection:
             self.close_with = CloseConnection(CloseCode.TRY_AGAIN_LATER, "try again")
             return
         self.tunnel_inbox = inbox
+        self.server._lagging.add(self)  # watched for the slow-consumer limit while relayed
         token = token_from_request(self.ws.request.path, self.ws.request.headers.get("Authorization")) if (
             self.ws.request is not None
         ) else None
@@ -977,6 +1060,10 @@ class _Connection:
             relay.cancel()
             backplane.send_to_node(owner, {"op": "close", "tunnel": tunnel})
             await backplane.close_tunnel(tunnel)
+
+    def tunnel_backlog(self) -> int:
+        """Bytes relayed from the session's node that the client's socket has not taken yet."""
+        return self.tunnel_inbox.bytes if self.tunnel_inbox is not None else 0
 
     async def _relay(self, inbox: Any) -> None:
         """Frames from the owner to the client; a close from the owner closes the connection."""
@@ -1004,9 +1091,7 @@ class _Connection:
         buffered = transport.get_write_buffer_size() if transport is not None else 0
         session = self.proto.session
         queued = session.pending_raw_bytes if session is not None else 0
-        if self.tunnel_inbox is not None:
-            queued += self.tunnel_inbox.bytes
-        return buffered + queued + 64 * self.proto.backlog
+        return buffered + queued + self.tunnel_backlog() + 64 * self.proto.backlog
 
     def close_slow(self) -> None:
         """A slow consumer: close with 1013 (aborted after close_timeout)."""
@@ -1063,6 +1148,9 @@ class _Tunnelled:
 
     def feed(self, text: str) -> None:
         self._inbox.put_nowait(text)
+
+    def send_soon(self) -> None:
+        self.wake.set()
 
     async def _read_loop(self) -> None:
         proto, backplane = self.proto, self.server.backplane

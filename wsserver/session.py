@@ -153,6 +153,8 @@ class MessagingLimits:
 class TokenBucket:
     """``take(now)`` returns 0 if a token was available, else seconds to wait."""
 
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
     def __init__(self, rate: float, burst: float) -> None:
         self.rate = rate
         self.burst = burst
@@ -174,6 +176,8 @@ class TokenBucket:
 class TokenBudget:
     """Output tokens per minute: spending may go negative; new generations wait
     until the budget is positive again."""
+
+    __slots__ = ("capacity", "level", "rate", "stamp")
 
     def __init__(self, per_minute: float) -> None:
         self.capacity = per_minute
@@ -229,8 +233,50 @@ class Session:
             them the oldest frames are dropped, acknowledged or not.
         coalesce: merge a stream's pending deltas when the socket lags.
         clock: monotonic clock in seconds (injectable for tests).
-        on_output: called when output becomes pending (the transport's wake-up).
+        on_output: called when output becomes pending (the transport's wake-up),
+            right after the first frame is queued: it may take the output at once.
     """
+
+    # One per session, thousands per server: no per-instance __dict__.
+    __slots__ = (
+        "__weakref__",
+        "_answered",
+        "_auto_ids",
+        "_log",
+        "_log_first",
+        "_pending",
+        "_publish_bucket",
+        "_recent",
+        "_used_stream_ids",
+        "acked",
+        "agent",
+        "channel_offsets",
+        "clock",
+        "coalesce",
+        "generate_bucket",
+        "held",
+        "hub",
+        "id",
+        "identity",
+        "limits",
+        "log_bytes",
+        "max_log_bytes",
+        "max_log_messages",
+        "max_streams",
+        "observer",
+        "on_output",
+        "paused",
+        "pending_raw_bytes",
+        "providers",
+        "public_id",
+        "remember_ids",
+        "rules",
+        "seq",
+        "streams",
+        "subscriptions",
+        "token_budget",
+        "unsynced",
+    )
 
     def __init__(
         self,
@@ -275,9 +321,13 @@ class Session:
         self._pending: list[tuple[Any, ...]] = []
         #: Bytes of encoded frames waiting in the queue (channel traffic, pong).
         self.pending_raw_bytes = 0
-        #: The replay log: (seq, frame) of every sequenced frame not yet
-        #: acknowledged, oldest first, within the bounds.
-        self.log: deque[tuple[int, bytes]] = deque()
+        # The replay log (see :attr:`log`): the frames, oldest first, and the
+        # seq of the first. Frames only, no (seq, frame) tuples: a tuple per
+        # frame is a GC-tracked object per token, and their growth alone made
+        # the cyclic GC run ~30 times a second under load. An empty tuple
+        # until the first frame (an empty deque takes 760 bytes).
+        self._log: deque[bytes] | tuple[()] = ()
+        self._log_first = 1
         self.log_bytes = 0
         self.hub = hub
         self.agent = agent
@@ -696,9 +746,13 @@ class Session:
             return
         if msg.seq > self.acked:
             self.acked = msg.seq
-            log = self.log
-            while log and log[0][0] <= msg.seq:
-                self.log_bytes -= len(log.popleft()[1])
+            log = self._log
+            drop = min(len(log), msg.seq - self._log_first + 1)
+            if drop > 0:
+                assert isinstance(log, deque)
+                for _ in range(drop):
+                    self.log_bytes -= len(log.popleft())
+                self._log_first += drop
         if msg.id is not None:
             self._emit(None, Ok, {"ref": msg.id})
 
@@ -716,9 +770,10 @@ class Session:
             stream.counted_tokens += 1
         else:
             stream.counted_tokens += tokens
-        if not self._pending and self.on_output is not None:
+        pending = self._pending
+        pending.append((_DELTA, stream, text))
+        if len(pending) == 1 and self.on_output is not None:
             self.on_output()
-        self._pending.append((_DELTA, stream, text))
         if stream.channel is not None and self.hub is not None:
             index, stream.channel_index = stream.channel_index, stream.channel_index + 1
             data = {"type": "stream.delta", "stream": stream.id, "index": index, "text": text}
@@ -800,13 +855,33 @@ class Session:
         """
         if last_seq > self.seq or last_seq < self.acked:
             return None  # claims frames never sent, or goes back behind an ack
-        log = self.log
-        first = log[0][0] if log else self.seq + 1
+        log = self._log
+        first = self._log_first if log else self.seq + 1
         if first > last_seq + 1:
             return None  # trimmed by the bounds
-        if not log or log[-1][0] <= last_seq:
+        if not log or self.seq <= last_seq:  # the log ends at self.seq
             return []
-        return [frame for seq, frame in log if seq > last_seq]
+        return list(itertools.islice(log, last_seq + 1 - first, None))
+
+    @property
+    def log_first(self) -> int:
+        """The seq of the oldest frame in the replay log (``seq + 1`` when it is empty)."""
+        return self._log_first if self._log else self.seq + 1
+
+    def restore_log(self, seq: int, acked: int, first: int, frames: list[bytes]) -> None:
+        """Take over a replay log kept elsewhere (a lost node's, from the backplane):
+        ``frames`` are seqs ``first`` on, the session's seq is ``seq``."""
+        self.seq, self.acked = seq, min(acked, seq)
+        self._log = deque(frames) if frames else ()
+        self._log_first = first if frames else seq + 1
+        self.log_bytes = sum(map(len, frames))
+
+    @property
+    def log(self) -> list[tuple[int, bytes]]:
+        """The replay log: ``(seq, frame)`` of every sequenced frame not yet
+        acknowledged, oldest first, within the bounds (a copy)."""
+        first = self._log_first
+        return [(first + i, frame) for i, frame in enumerate(self._log)]
 
     def snapshot(self) -> None:
         """Queue one ``stream.snapshot`` per running stream (for a refreshed page).
@@ -825,16 +900,18 @@ class Session:
     # ----------------------------------------------------------------- output
 
     def _emit(self, stream: Stream | None, model: type[BaseModel], fields: dict[str, Any]) -> None:
-        if not self._pending and self.on_output is not None:
+        pending = self._pending
+        pending.append((_FRAME, stream, model, fields))
+        if len(pending) == 1 and self.on_output is not None:
             self.on_output()
-        self._pending.append((_FRAME, stream, model, fields))
 
     def emit_unsequenced(self, frame: bytes) -> None:
         """Queue a frame that carries no ``seq`` (``pong``) in order with the rest."""
-        if not self._pending and self.on_output is not None:
-            self.on_output()
-        self._pending.append((_RAW, None, frame))
+        pending = self._pending
+        pending.append((_RAW, None, frame))
         self.pending_raw_bytes += len(frame)
+        if len(pending) == 1 and self.on_output is not None:
+            self.on_output()
 
     def _emit_error(self, code: str, message: str, **fields: Any) -> None:
         if self.observer is not None:
@@ -861,7 +938,9 @@ class Session:
             pending = _coalesce(pending)
         out: list[bytes] = []
         seq = self.seq
-        log, log_bytes = self.log, self.log_bytes
+        log, log_bytes = self._log, self.log_bytes
+        if not isinstance(log, deque):
+            log = self._log = deque()
         unsynced = self.unsynced
         for item in pending:
             if item[0] == _RAW:
@@ -877,12 +956,15 @@ class Session:
                 frame = encode(item[2](seq=seq, **item[3]))
             frame = compact(frame)  # kept in the log: count the bytes actually held
             out.append(frame)
-            log.append((seq, frame))
+            log.append(frame)
             log_bytes += len(frame)
             if unsynced is not None:
                 unsynced.append((seq, frame))
+        dropped = 0
         while log and (len(log) > self.max_log_messages or log_bytes > self.max_log_bytes):
-            log_bytes -= len(log.popleft()[1])
+            log_bytes -= len(log.popleft())
+            dropped += 1
+        self._log_first += dropped
         self.seq = seq
         self.log_bytes = log_bytes
         return out

@@ -569,8 +569,7 @@ class RedisBackplane(Backplane):
         """Queue the append script for ``entries`` of ``session`` (the owner check included)."""
         key = _skey(session.id)
         keys = [key, f"{key}:log", f"{key}:run", f"{key}:req", f"{key}:dm"]
-        first = session.log[0][0] if session.log else session.seq + 1
-        args: list[Any] = [self.node, session.acked, first]
+        args: list[Any] = [self.node, session.acked, session.log_first]
         for seq, frame in entries:
             op, stream_id, request = "", "", b""
             if frame.startswith(b'{"type":"stream.start"'):

@@ -23,7 +23,7 @@ import hashlib
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import orjson
 
@@ -54,6 +54,12 @@ def count_tokens(text: str) -> int:
 
 def simulated_reply(messages: Sequence[ChatMessage], reply_tokens: int | None = None) -> list[str]:
     """The tokens of the reply to ``messages`` (deterministic)."""
+    return list(_reply_tokens(messages, reply_tokens))
+
+
+def _reply_tokens(messages: Sequence[ChatMessage], reply_tokens: int | None) -> Iterator[str]:
+    """:func:`simulated_reply`, one sentence at a time: a stream's first token
+    does not wait for the whole reply to be made up."""
     canonical = orjson.dumps([[m.role, m.content] for m in messages])
     rng = random.Random(hashlib.sha256(canonical).digest())
     last_user = next((m.content for m in reversed(messages) if m.role == "user"), "")
@@ -61,12 +67,18 @@ def simulated_reply(messages: Sequence[ChatMessage], reply_tokens: int | None = 
     quoted = " ".join(words[:_ECHO_WORDS]) + (" …" if len(words) > _ECHO_WORDS else "")
     tokens = _TOKEN.findall(f'You said "{quoted}".' if quoted else "You said nothing.")
     target = reply_tokens if reply_tokens is not None else rng.randint(24, 64)
-    while len(tokens) < target:  # whole sentences; cut only for an exact reply_tokens
+    count = 0
+    while count < target:  # whole sentences; cut only for an exact reply_tokens
+        if reply_tokens is not None and count + len(tokens) > reply_tokens:
+            tokens = tokens[: reply_tokens - count]
+        yield from tokens
+        count += len(tokens)
+        if count >= target:
+            return
         sentence = [rng.choice(_WORDS) for _ in range(rng.randint(4, 11))]
         sentence[0] = sentence[0].capitalize()
-        tokens.extend(" " + w for w in sentence)
+        tokens = [" " + w for w in sentence]
         tokens.append(rng.choice(".!?") if rng.random() < 0.3 else ".")
-    return tokens[:reply_tokens] if reply_tokens is not None else tokens
 
 
 class SimulatedProvider(Provider):
@@ -89,10 +101,10 @@ class SimulatedProvider(Provider):
         params = request.params
         rate = params.tokens_per_s if params.tokens_per_s is not None else self.tokens_per_s
         ttft = params.ttft_ms if params.ttft_ms is not None else self.ttft_ms
-        tokens = simulated_reply(request.messages, params.reply_tokens)
+        tokens = _reply_tokens(request.messages, params.reply_tokens)  # made up as it goes
         reason = "complete"
-        if params.max_tokens is not None and params.max_tokens < len(tokens):
-            tokens, reason = tokens[: params.max_tokens], "length"
+        limit = params.max_tokens if params.max_tokens is not None else -1
+        sent = 0
 
         yield UsageReport(input_tokens=sum(count_tokens(m.content) + 3 for m in request.messages))
         if ttft > 0:
@@ -102,14 +114,22 @@ class SimulatedProvider(Provider):
             interval = 1.0 / rate
             start = time.monotonic()
             for i, token in enumerate(tokens):
+                if i == limit:  # there is more: cut at max_tokens
+                    reason = "length"
+                    break
                 if i:  # the first token comes right after ttft
                     delay = start + i * interval - time.monotonic()
                     await sleep(delay if delay > 0 else 0)
+                sent = i + 1
                 yield TextDelta(token, 1)
         else:
-            for i, token in enumerate(tokens, 1):
+            for i, token in enumerate(tokens):
+                if i == limit:
+                    reason = "length"
+                    break
+                sent = i + 1
                 yield TextDelta(token, 1)
-                if i % UNPACED_BURST == 0:
+                if sent % UNPACED_BURST == 0:
                     await sleep(0)  # as fast as possible, but never starve the loop
-        yield UsageReport(output_tokens=len(tokens))
+        yield UsageReport(output_tokens=sent)
         yield Finish(reason)  # type: ignore[arg-type]
