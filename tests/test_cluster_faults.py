@@ -18,6 +18,13 @@ from conftest import USER_HI, RawClient
 from test_cluster import client, nodes, of_type
 
 
+async def until(condition: Any, timeout: float = 10.0) -> None:
+    """Wait (bounded) for ``condition()``; the assertion after the wait says what failed."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+
+
 def kill_node(server: Any) -> None:
     """A node that stops without a word, in-process: no more heartbeats, deaf to pub/sub."""
     backplane = server.backplane
@@ -91,18 +98,12 @@ async def test_session_ending_during_a_blip_frees_its_name_and_presence(redis_se
                 await solo.send({"type": "subscribe", "id": "s", "channel": "room"})
                 await solo.recv_until(of_type("subscribed"))
             proxy.cut()  # node a loses Redis for 2 s (Redis itself is fine)
-            for _ in range(50):
-                if not a.backplane.healthy:
-                    break
-                await asyncio.sleep(0.05)
+            await until(lambda: not a.backplane.healthy)
             assert not a.backplane.healthy
             await asyncio.sleep(1.0)  # the detached session expires meanwhile
             assert not a.sessions
             proxy.restore()
-            for _ in range(100):
-                if a.backplane.healthy:
-                    break
-                await asyncio.sleep(0.1)
+            await until(lambda: a.backplane.healthy)
             assert a.backplane.healthy
             await asyncio.sleep(0.5)
             async with client(b) as (watch, _):
@@ -133,16 +134,10 @@ async def test_a_node_declared_lost_is_fenced_when_it_reconnects(redis_server):
                 await c.send({"type": "generate", "id": "g", "messages": USER_HI, "params": {"reply_tokens": 5000}})
                 await c.recv_until(of_type("stream.delta"))
                 proxy.cut()
-                for _ in range(100):
-                    if sid in b.sessions:
-                        break
-                    await asyncio.sleep(0.1)
+                await until(lambda: sid in b.sessions)
                 assert sid in b.sessions, "b adopted the session"
                 proxy.restore()
-                for _ in range(100):
-                    if a.backplane.healthy:
-                        break
-                    await asyncio.sleep(0.1)
+                await until(lambda: a.backplane.healthy)
                 await asyncio.sleep(2.0)  # several heartbeats of a
                 r = redis_server.client()
                 log = [(e[0].decode(), orjson.loads(e[1][b"f"])) for e in r.xrange(f"wss:s:{sid}:log")]
@@ -285,10 +280,7 @@ async def test_no_holes_in_the_redis_log_after_an_outage(redis_server):
                 proxy.cut()
                 await asyncio.sleep(0.5)
                 proxy.restore()
-                for _ in range(100):
-                    if a.backplane.healthy:
-                        break
-                    await asyncio.sleep(0.05)
+                await until(lambda: a.backplane.healthy)
                 assert a.backplane.healthy
                 await asyncio.sleep(1.0)
                 r = redis_server.client()
@@ -333,10 +325,7 @@ async def test_degraded_node_keeps_names_unique_locally(redis_server):
     try:
         async with nodes([proxy.url], count=1, node_timeout=10.0) as (a,):
             proxy.cut()
-            for _ in range(50):
-                if not a.backplane.healthy:
-                    break
-                await asyncio.sleep(0.05)
+            await until(lambda: not a.backplane.healthy)
             (w1, t1) = await hello(a, "solo")
             (w2, t2) = await hello(a, "solo")
             await w1.close(); await w2.close()

@@ -432,6 +432,16 @@ class Server:
                 budget = self._token_budgets[key] = TokenBudget(cfg.token_rate)
         return bucket, budget
 
+    def _protocol_for(self, conn: _Connection | _Tunnelled) -> ServerProtocol:
+        """The protocol state machine of a new connection (or tunnel) ``conn``."""
+        cfg = self.config
+        return ServerProtocol(
+            open_session=lambda hello: self._open_session(hello, conn),
+            welcome=self.welcome,
+            message_rate=cfg.message_rate,
+            abuse_threshold=max(50, cfg.abuse_threshold) if cfg.abuse_threshold else 0,
+        )
+
     def _open_session(self, hello: Hello, conn: _Connection | _Tunnelled) -> Opened:
         """Resume the session ``hello`` names if possible, else open a fresh one."""
         before: list[bytes] = []
@@ -856,13 +866,7 @@ class _Connection:
         #: and what came from there that the socket has not taken yet.
         self.tunnel_owner: str | None = None
         self.tunnel_inbox: Any = None
-        cfg = server.config
-        self.proto = ServerProtocol(
-            open_session=lambda hello: server._open_session(hello, self),
-            welcome=server.welcome,
-            message_rate=cfg.message_rate,
-            abuse_threshold=max(50, cfg.abuse_threshold) if cfg.abuse_threshold else 0,
-        )
+        self.proto = server._protocol_for(self)
 
     async def run(self) -> None:
         try:
@@ -1136,13 +1140,7 @@ class _Tunnelled:
         self.wake = asyncio.Event()
         self.close_with: CloseConnection | None = None
         self._inbox: asyncio.Queue[str | None] = asyncio.Queue()
-        cfg = server.config
-        self.proto = ServerProtocol(
-            open_session=lambda hello: server._open_session(hello, self),
-            welcome=server.welcome,
-            message_rate=cfg.message_rate,
-            abuse_threshold=max(50, cfg.abuse_threshold) if cfg.abuse_threshold else 0,
-        )
+        self.proto = server._protocol_for(self)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._read_loop()), loop.create_task(self._write_loop())]
 
