@@ -276,7 +276,7 @@ class TestObservability:
         assert during["wsserver_messages_in_total{type=invalid}"] == 1
         assert during["wsserver_frames_out_total"] >= 5  # start, deltas (maybe merged), end, error, pong
         assert during["wsserver_bytes_out_total"] > before.get("wsserver_bytes_out_total", 0)
-        assert during["wsserver_delivery_seconds_count"] > 0
+        assert "wsserver_delivery_seconds_count" in during  # sampled only when a socket lags
 
     async def test_metrics_token_and_off(self, make_server: Any) -> None:
         async with make_server(metrics_token="m") as server:

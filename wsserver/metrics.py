@@ -46,7 +46,8 @@ class Telemetry:
         self.ttft = Histogram(p + "ttft_seconds", "Time to first token", buckets=_TTFT_BUCKETS, registry=r)
         self.delivery = Histogram(
             p + "delivery_seconds",
-            "Time from a writer being woken by pending output to the batch being written",
+            "Time a batch of output waited for a socket that lagged (a writer woken to the batch"
+            " written); output written at once, the usual case, is not sampled",
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

@@ -662,6 +662,19 @@ class Server:
         """
         direct = []
         lives = self.sessions
+        if not offset:  # one node: the fan-out hot path, per subscriber as little as possible
+            for session in sessions:
+                live = lives.get(session.id)
+                conn = live.conn if live is not None else None
+                if conn is None or channel in session.paused:
+                    continue
+                if conn.busy or session._pending or conn.ws.paused:  # (_pending: has_output, inlined)
+                    session.emit_unsequenced(frame)  # a paused socket: through the writer (drain)
+                else:
+                    direct.append(conn.ws)
+            if direct:
+                broadcast(direct, frame, text=True)
+            return
         for session in sessions:
             live = lives.get(session.id)
             conn = live.conn if live is not None else None
@@ -672,11 +685,10 @@ class Server:
                     continue
             if conn is None or channel in session.paused:
                 continue
-            if offset:  # from the backplane: each offset once, in order (a late copy is dropped)
-                offsets = session.channel_offsets
-                if offset <= offsets.get(channel, 0):
-                    continue
-                offsets[channel] = offset
+            offsets = session.channel_offsets  # each offset once, in order (a late copy is dropped)
+            if offset <= offsets.get(channel, 0):
+                continue
+            offsets[channel] = offset
             if conn.busy or session.has_output or conn.ws.paused:
                 session.emit_unsequenced(frame)  # a paused socket: through the writer (drain)
             else:
@@ -987,8 +999,7 @@ class _Connection:
             broadcast(target, frame, text=True)
         if ws.paused:  # past write_limit now: watched until it drains
             self.server._lagging.add(self)
-        server = self.server
-        server.telemetry.delivery.observe(0.0)
+        server = self.server  # (no delivery_seconds sample: an inline write does not wait)
         server._out_frames += len(frames)
         server._out_bytes += sum(map(len, frames))
 

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ..hub import Hub, valid_name
@@ -229,8 +230,9 @@ return 0
 
 
 def _eval_in(pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
-    """Queue a registered script in a pipeline (loaded by ``execute`` if Redis lacks it)."""
-    pipe.scripts.add(script)
+    """Queue a script in a pipeline by its sha. The scripts are loaded when the
+    node connects (:meth:`RedisBackplane._load_scripts`); redis-py's own way
+    (``pipe.scripts``) would cost a ``SCRIPT EXISTS`` round trip per pipeline."""
     pipe.evalsha(script.sha, len(keys), *keys, *args)
 
 
@@ -389,6 +391,7 @@ class RedisBackplane(Backplane):
 
     async def start(self) -> None:
         await self.redis.ping()  # fail fast at startup: a wrong URL is a configuration error
+        await self._load_scripts()
         await self._connect_pubsub()
         self.healthy = True
         await self._heartbeat()
@@ -453,6 +456,12 @@ class RedisBackplane(Backplane):
             logger.warning("redis backplane reachable again; state written back")
             return
 
+    async def _load_scripts(self) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for script in self._scripts.values():
+            pipe.script_load(script.script)
+        await pipe.execute()
+
     async def _owners(self, sids: list[str]) -> dict[str, str | None]:
         pipe = self.redis.pipeline(transaction=False)
         for sid in sids:
@@ -468,6 +477,7 @@ class RedisBackplane(Backplane):
         restarted empty) is registered again with its agent name and presence.
         What ended or left during the outage is written last.
         """
+        await self._load_scripts()  # (a restarted Redis has none)
         await self._heartbeat()
         lives = list(self.server.sessions.values())
         deferred, self._deferred = self._deferred, []
@@ -537,6 +547,11 @@ class RedisBackplane(Backplane):
         except Exception as exc:  # a bug must not stall every writer waiting here
             logger.exception("backplane write failed")
             error = exc
+        if error is None and any(isinstance(r, NoScriptError) for r in replies):
+            # Redis forgot the scripts (it restarted under us): recover as from
+            # an outage, which loads them and writes every session again.
+            error = ConnectionError("redis lost its scripts")
+            self._down(error)
         for i, (_, future, check) in enumerate(batch):
             if error is None and check is not None:
                 try:
