@@ -453,6 +453,9 @@ class RedisBackplane(Backplane):
             except DOWN as exc:
                 logger.debug("redis still unreachable: %s", exc)
                 continue
+            except Exception:  # never give up on recovering: log it and try again
+                logger.exception("writing this node's state back to Redis failed; retrying")
+                continue
             logger.warning("redis backplane reachable again; state written back")
             return
 
@@ -480,7 +483,7 @@ class RedisBackplane(Backplane):
         await self._load_scripts()  # (a restarted Redis has none)
         await self._heartbeat()
         lives = list(self.server.sessions.values())
-        deferred, self._deferred = self._deferred, []
+        deferred = list(self._deferred)  # (kept until the writes are queued: this may fail)
         owners = await self._owners([live.session.id for live in lives] + [sid for sid, _ in deferred])
         for live in lives:
             owner = owners[live.session.id]
@@ -499,6 +502,7 @@ class RedisBackplane(Backplane):
         for sid, fill in deferred:
             if owners[sid] in (None, self.node):
                 self._enqueue(fill, wait=False)
+        del self._deferred[: len(deferred)]
         self.healthy = True
         await self._flush_pending()
 
