@@ -128,7 +128,10 @@ class ServerConfig:
     log_level: str = _opt("info", "logging level", choices=("debug", "info", "warning", "error"))
     # Several nodes (README "Running several nodes").
     redis_url: str | None = _opt(
-        None, "Redis backplane URL (redis://host:6379/0): share sessions and channels with other nodes", flag="--redis"
+        None,
+        "Redis backplane URL (redis://host:6379/0): share sessions and channels with other nodes",
+        flag="--redis",
+        secret=True,  # it may hold a password
     )
     node_id: str | None = _opt(None, "this node's name on the backplane (default: random)")
     node_timeout: float = _opt(3.0, "a node whose heartbeat is older than this many s is declared lost")

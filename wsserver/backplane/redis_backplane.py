@@ -248,6 +248,16 @@ def _request(stream: Any) -> bytes:
     )
 
 
+def _redacted(url: str) -> str:
+    """``url`` without its password (for logs)."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = creds.partition(":")[0]
+    return f"{scheme}{sep}{user + ':' if user else ':'}***@{host}"
+
+
 def _skey(sid: str) -> str:
     return f"wss:s:{sid}"
 
@@ -398,7 +408,7 @@ class RedisBackplane(Backplane):
         await self._adopt_previous()
         loop = asyncio.get_running_loop()
         self._watcher = loop.create_task(self._watch_nodes())
-        logger.info("redis backplane %s: node %s", self.url, self.node)
+        logger.info("redis backplane %s: node %s", _redacted(self.url), self.node)
 
     async def close(self) -> None:
         for task in (self._watcher, self._listener, self._recovering, *self._adopting.values()):
