@@ -65,8 +65,16 @@ async def test_survives_random_connection_kills_during_a_long_stream(server: Ser
         assert live.session.acked > 0
 
 
+class SteadyBackoff(Backoff):
+    """Always 0.2 s: full jitter may pick ~0 s, and a reconnect that fast can
+    come and go between two looks at ``client.state`` (a 1-in-40 flake)."""
+
+    def delay(self, attempt: int) -> float:
+        return 0.2
+
+
 async def test_requests_made_while_disconnected_are_sent_once_reconnected(server: Server) -> None:
-    async with asyncio.timeout(10), wsserver.connect(server.url, backoff=Backoff(base=0.2, cap=0.2)) as client:
+    async with asyncio.timeout(10), wsserver.connect(server.url, backoff=SteadyBackoff()) as client:
         kill_connections(server)
         while client.state == "open":
             await asyncio.sleep(0.005)
