@@ -588,13 +588,14 @@ class Server:
         live.start_detached()
         return session
 
-    def node_lost(self, node: str) -> None:
-        """``node`` stopped: end the tunnels to it (their clients reconnect and
-        resume on the node that adopts its sessions) and those from it."""
+    def node_lost(self, node: str | None) -> None:
+        """``node`` stopped (``None``: Redis is unreachable, so every node is out
+        of reach): end the tunnels to it, whose clients reconnect and resume on
+        the node that adopts its sessions, and those from it."""
         for conn in list(self.connections):
-            if conn.tunnel_owner == node:
+            if conn.tunnel_owner is not None and node in (None, conn.tunnel_owner):
                 conn.close_lost()
-        for tunnel in [t for t, rc in self.tunnelled.items() if rc.node == node]:
+        for tunnel in [t for t, rc in self.tunnelled.items() if node in (None, rc.node)]:
             self.tunnel_close(tunnel)
 
     def fence_session(self, sid: str) -> None:
@@ -617,14 +618,6 @@ class Server:
     def tunnel_peers(self) -> set[str]:
         """Nodes whose clients are tunnelled here."""
         return {conn.node for conn in self.tunnelled.values()}
-
-    def backplane_lost(self) -> None:
-        """Redis is unreachable: tunnels cannot carry frames; end them all."""
-        for conn in list(self.connections):
-            if conn.tunnel_owner is not None:
-                conn.close_lost()
-        for tunnel in list(self.tunnelled):
-            self.tunnel_close(tunnel)
 
     def tunnel_open(self, tunnel: str, node: str, hello: str, token: str | None, ip: str) -> None:
         """A client reached ``node`` with a hello for a session of ours: serve it through a tunnel."""
@@ -735,6 +728,30 @@ class Server:
                 full_after = (bucket.burst if isinstance(bucket, TokenBucket) else bucket.capacity) / rate
                 if bucket.stamp is not None and now - bucket.stamp > full_after + 60:
                     del buckets[key]
+
+
+async def _carry_out(conn: _Connection | _Tunnelled, actions: list[Any]) -> CloseConnection | None:
+    """Carry out what the protocol asked for after one client message; returns a close, if asked."""
+    close = None
+    for action in actions:
+        if type(action) is CloseConnection:
+            close = action
+        elif type(action) is HubCall:
+            session = conn.proto.session
+            if session is not None:  # (awaited: replies leave in request order)
+                await conn.server.backplane.call(session, action)
+        elif conn.live is not None:
+            conn.live.apply([action])
+    return close
+
+
+def _hello_of(text: str) -> dict[str, Any] | None:
+    """The fields of a ``hello`` (for routing before the protocol reads it), or None."""
+    try:
+        msg = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return None  # refused by the protocol
+    return msg if isinstance(msg, dict) and msg.get("type") == "hello" else None
 
 
 async def _echo(ws: ServerConnection) -> None:
@@ -917,9 +934,7 @@ class _Connection:
         """Another connection resumed this one's session: close with 4000."""
         self.proto.release()
         self.live = None
-        if self.close_with is None:
-            self.close_with = CloseConnection(CloseCode.SESSION_TAKEN_OVER, "session taken over")
-            self._close_or_abort(self.close_with)
+        self._close_or_abort(CloseCode.SESSION_TAKEN_OVER, "session taken over")
 
     async def _read_loop(self) -> None:
         ws, proto = self.ws, self.proto
@@ -948,15 +963,10 @@ class _Connection:
             else:
                 actions = proto.receive_binary(data)
                 telemetry.messages_in.labels("binary").inc()
-            for action in actions:
-                if type(action) is CloseConnection:
-                    self.close_with = action
-                    self._flush_on_close = True
-                elif type(action) is HubCall:
-                    if proto.session is not None:  # (awaited: replies leave in request order)
-                        await self.server.backplane.call(proto.session, action)
-                elif self.live is not None:
-                    self.live.apply([action])
+            close = await _carry_out(self, actions)
+            if close is not None:
+                self.close_with = close
+                self._flush_on_close = True  # the error goes out before the close
             if proto.has_output:
                 self.send_soon()
                 if proto.backlog >= MAX_BACKLOG:
@@ -1026,9 +1036,7 @@ class _Connection:
         self.busy = True
         frames = self.proto.data_to_send()
         try:
-            session = self.proto.session
-            if session is not None and session.unsynced is not None:  # a shared backplane
-                await self.server.backplane.write_log(session)  # before the client sees a seq
+            await self.server.backplane.write_log(self.proto.session)  # before the client sees a seq
             for frame in frames:
                 await send(frame, text=True)
         finally:
@@ -1039,13 +1047,8 @@ class _Connection:
 
     async def _route(self, text: str) -> str | None:
         """A hello on a shared backplane: the node that owns its session, if not this one."""
-        try:
-            hello = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            return None  # refused by the protocol
-        if not isinstance(hello, dict) or hello.get("type") != "hello":
-            return None
-        return (await self.server.backplane.route(self, hello)).owner
+        hello = _hello_of(text)
+        return None if hello is None else (await self.server.backplane.route(self, hello)).owner
 
     async def _tunnel(self, owner: str, hello: str) -> None:
         """Relay this connection to the node that owns its session, until either side ends."""
@@ -1095,9 +1098,7 @@ class _Connection:
 
     def close_lost(self) -> None:
         """The tunnel's owner (or Redis) was lost: close with 1012; the client resumes."""
-        if self.close_with is None:
-            self.close_with = CloseConnection(CloseCode.SERVICE_RESTART, "session node lost; resume")
-            self._close_or_abort(self.close_with)
+        self._close_or_abort(CloseCode.SERVICE_RESTART, "session node lost; resume")
 
     def pending_bytes(self) -> int:
         """Output waiting for this client: the transport's write buffer, the
@@ -1110,20 +1111,22 @@ class _Connection:
 
     def close_slow(self) -> None:
         """A slow consumer: close with 1013 (aborted after close_timeout)."""
-        if self.close_with is None:
-            self.close_with = CloseConnection(CloseCode.TRY_AGAIN_LATER, "slow consumer")
-            self._close_or_abort(self.close_with)
+        self._close_or_abort(CloseCode.TRY_AGAIN_LATER, "slow consumer")
 
-    def _close_or_abort(self, close: CloseConnection) -> None:
-        """Start the closing handshake; abort the transport after close_timeout.
+    def _close_or_abort(self, code: int, reason: str) -> None:
+        """Unless closing already: start the closing handshake, and abort the
+        transport after close_timeout.
 
         Where websockets leaks: ``ws.close()`` first waits for the write
         buffer to drain, and only then starts its own close_timeout, so
         against a peer that has stopped reading it never returns and the
         connection (with everything queued for it) stays forever.
         """
+        if self.close_with is not None:
+            return
+        self.close_with = CloseConnection(code, reason)
         loop = asyncio.get_running_loop()
-        loop.create_task(self.ws.close(close.code, close.reason))
+        loop.create_task(self.ws.close(code, reason))
         loop.call_later(self.server.config.close_timeout, self.ws.transport.abort)
 
 
@@ -1167,19 +1170,10 @@ class _Tunnelled:
             text = await self._inbox.get()
             if text is None:
                 return
-            if proto.state is ConnState.AWAITING_HELLO:
-                with contextlib.suppress(orjson.JSONDecodeError):
-                    hello = orjson.loads(text)
-                    if isinstance(hello, dict):
-                        await backplane.claim_agent(self, hello, hello.get("session"))
-            for action in proto.receive_text(text):
-                if type(action) is CloseConnection:
-                    self.close_with = action
-                elif type(action) is HubCall:
-                    if proto.session is not None:
-                        await backplane.call(proto.session, action)
-                elif self.live is not None:
-                    self.live.apply([action])
+            hello = _hello_of(text) if proto.state is ConnState.AWAITING_HELLO else None
+            if hello is not None:
+                await backplane.claim_agent(self, hello, hello.get("session"))
+            self.close_with = await _carry_out(self, proto.receive_text(text))
             if proto.has_output or self.close_with is not None:
                 self.wake.set()
 
@@ -1189,9 +1183,7 @@ class _Tunnelled:
             await self.wake.wait()
             self.wake.clear()
             frames = proto.data_to_send()
-            session = proto.session
-            if session is not None and session.unsynced is not None:
-                await backplane.write_log(session)
+            await backplane.write_log(proto.session)
             if frames:
                 backplane.send_to_tunnel(self.tunnel, b"F" + b"\n".join(frames))
             if self.close_with is not None:
@@ -1211,9 +1203,7 @@ class _Tunnelled:
         """Another connection resumed the session: the client's node closes with 4000."""
         self.proto.release()
         self.live = None
-        self.send_close(CloseCode.SESSION_TAKEN_OVER, "session taken over")
-        self.server.tunnelled.pop(self.tunnel, None)
-        self.stop()
+        self._close(CloseCode.SESSION_TAKEN_OVER, "session taken over")
 
     def stop(self) -> None:
         """The client left (or its node was lost): detach, as a dropped socket does.

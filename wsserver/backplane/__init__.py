@@ -68,8 +68,8 @@ class Backplane:
         """Carry out a subscribe, publish or send of ``session`` (only when ``hub.remote``)."""
         raise NotImplementedError
 
-    async def write_log(self, session: Session) -> None:
-        """Write ``session.unsynced`` before those frames are sent."""
+    async def write_log(self, session: Session | None) -> None:
+        """Write ``session.unsynced`` (if any) before those frames are sent."""
 
     def write_log_nowait(self, session: Session) -> None:
         """Write ``session.unsynced`` in order with other writes, without waiting."""

@@ -446,7 +446,7 @@ class RedisBackplane(Backplane):
             self.stats["outages"] += 1
             self.down_since = asyncio.get_running_loop().time()
             logger.warning("redis backplane unreachable (%s); serving local sessions only", exc)
-            self.server.backplane_lost()
+            self.server.node_lost(None)  # every tunnel goes through Redis
         if self._recovering is None or self._recovering.done():
             self._recovering = self._spawn(self._recover())
 
@@ -619,7 +619,9 @@ class RedisBackplane(Backplane):
 
         return self._enqueue(lambda pipe: _eval_in(pipe, script, keys, args), wait, check)
 
-    async def write_log(self, session: Session) -> None:
+    async def write_log(self, session: Session | None) -> None:
+        if session is None:
+            return
         registering = self._registering.pop(session.id, None)
         if registering is not None:  # its welcome waits until other nodes can find it
             with contextlib.suppress(ConnectionError):
