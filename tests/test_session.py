@@ -537,3 +537,29 @@ class TestSharedBackplane:
         start(s, id="g")
         out = s.take_output()
         assert s.unsynced == [(1, out[0])]  # written there before it is sent
+
+
+def test_a_log_taken_over_from_a_lost_node_keeps_what_its_frames_tell() -> None:
+    """restore_log + end_lost, as a node adopting a lost node's session uses them."""
+    from wsserver.messages import GenerateParams
+    from wsserver.session import Stream
+
+    first = make_session(coalesce=False)
+    stream = start(first, id="g", stream="a")
+    first.stream_delta(stream, "Hel", 1)
+    first.stream_delta(stream, "lo", 1)
+    frames = first.take_output()  # what the lost node had written: start + 2 deltas
+    s = make_session()
+    texts = s.restore_log(3, 1, 1, frames)
+    assert texts == {"a": ["Hel", "lo"]} and s.seq == 3 and s.acked == 1
+    assert s.replay_after(1) == frames[1:]
+    lost = Stream(
+        id="a", ref=None, provider="simulated", model="sim-1", messages=(), params=GenerateParams(), started_at=0
+    )
+    s.end_lost(lost, texts["a"], ("node_lost", "gone"))
+    feed(s, {"type": "generate", "id": "g", "messages": HI})  # its id was answered before
+    out = [orjson.loads(f) for f in s.take_output()]
+    assert out[0]["type"] == "stream.end" and out[0]["seq"] == 4 and out[0]["error"]["code"] == "node_lost"
+    assert out[0]["usage"]["output_tokens"] == 2 and out[0]["usage"]["estimated"] is True
+    assert out[1]["code"] == "duplicate_request" and out[1]["stream"] == "a"
+    assert s._recent["a"].text == "Hello"  # an interrupt continues from the partial answer

@@ -551,16 +551,9 @@ class Server:
         session.public_id = state.get("public_id") or session.public_id
         session.unsynced = []
         seq = max(int(state.get("seq") or 0), log[-1][0] if log else 0)
-        session.restore_log(seq, int(state.get("acked") or 0), log[0][0] if log else seq + 1, [f for _, f in log])
-        texts: dict[str, list[str]] = {}
-        for _, frame in log:
-            msg = orjson.loads(frame)
-            if msg.get("ref") is not None:
-                session._remember(msg["ref"], msg.get("stream") if msg["type"] == "stream.start" else None)
-            if msg["type"] == "stream.start":
-                session._used_stream_ids.add(msg["stream"])
-            elif msg["type"] == "stream.delta":
-                texts.setdefault(msg["stream"], []).append(msg["text"])
+        texts = session.restore_log(
+            seq, int(state.get("acked") or 0), log[0][0] if log else seq + 1, [f for _, f in log]
+        )
         for name in orjson.loads(state.get("subs") or "[]"):
             session.subscriptions.add(name)
             session.paused.add(name)
@@ -568,8 +561,8 @@ class Server:
         live = _LiveSession(self, session)
         self.sessions[sid] = live
         now = session.clock()
+        lost = (ErrorCode.NODE_LOST.value, "the node running this stream was lost")
         for stream_id, request in sorted(running.items()):
-            session._used_stream_ids.add(stream_id)
             request = request or {}
             stream = Stream(
                 id=stream_id,
@@ -581,10 +574,7 @@ class Server:
                 started_at=now,
                 channel=request.get("channel"),
             )
-            stream.parts = texts.get(stream_id, [])
-            stream.counted_tokens, stream.exact_count = len(stream.parts), False
-            session.streams[stream_id] = stream
-            session.stream_end(stream, "error", (ErrorCode.NODE_LOST.value, "the node running this stream was lost"))
+            session.end_lost(stream, texts.get(stream_id, []), lost)
         live.start_detached()
         return session
 

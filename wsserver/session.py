@@ -868,13 +868,39 @@ class Session:
         """The seq of the oldest frame in the replay log (``seq + 1`` when it is empty)."""
         return self._log_first if self._log else self.seq + 1
 
-    def restore_log(self, seq: int, acked: int, first: int, frames: list[bytes]) -> None:
+    def restore_log(self, seq: int, acked: int, first: int, frames: list[bytes]) -> dict[str, list[str]]:
         """Take over a replay log kept elsewhere (a lost node's, from the backplane):
-        ``frames`` are seqs ``first`` on, the session's seq is ``seq``."""
+        ``frames`` are seqs ``first`` on, the session's seq is ``seq``.
+
+        What the frames tell is taken back too: the request ids answered
+        (``duplicate_request`` still holds) and the stream ids used. Returns
+        the text of each stream's deltas in the log, by stream id.
+        """
         self.seq, self.acked = seq, min(acked, seq)
         self._log = deque(frames) if frames else ()
         self._log_first = first if frames else seq + 1
         self.log_bytes = sum(map(len, frames))
+        texts: dict[str, list[str]] = {}
+        for frame in frames:
+            msg = orjson.loads(frame)
+            kind = msg["type"]
+            if msg.get("ref") is not None:
+                self._remember(msg["ref"], msg.get("stream") if kind == "stream.start" else None)
+            if kind == "stream.start":
+                self._used_stream_ids.add(msg["stream"])
+            elif kind == "stream.delta":
+                texts.setdefault(msg["stream"], []).append(msg["text"])
+        return texts
+
+    def end_lost(self, stream: Stream, parts: list[str], error: tuple[str, str]) -> None:
+        """A stream that ran elsewhere and is gone with its node: it gets the
+        text it had (``parts``, for an ``interrupt`` to continue from) and
+        ends with ``error`` (its usage estimated from the deltas)."""
+        self._used_stream_ids.add(stream.id)
+        stream.parts = parts
+        stream.counted_tokens, stream.exact_count = len(parts), False
+        self.streams[stream.id] = stream
+        self.stream_end(stream, "error", error)
 
     @property
     def log(self) -> list[tuple[int, bytes]]:
