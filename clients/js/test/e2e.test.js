@@ -283,7 +283,9 @@ describe("resume", () => {
   test("a replay log that fell short: resume_failed, the stream fails, a new session follows", async () => {
     const small = await startServer(["--replay-max-messages", "5"]);
     try {
-      const client = newClient({}, small.url);
+      // a fixed delay: full jitter may retry within a few ms, before the 5-frame
+      // log has overflowed, and the resume would then (rightly) succeed
+      const client = newClient({ reconnectAfterMs: () => 100 }, small.url);
       await client.connect();
       const oldSession = client.session;
       const events = [];
