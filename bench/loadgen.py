@@ -61,6 +61,18 @@ def save(spec: dict[str, Any], what: str, values: list[float] | array) -> str:
     return path
 
 
+def save_latencies(
+    spec: dict[str, Any], result: dict[str, Any], paced: bool, lats: Any, ttfts: Any, gaps: Any
+) -> None:
+    """Write a stream run's samples; their files go into ``result``: latencies
+    against the schedule when paced, else time to first token and the gaps."""
+    if paced:
+        result["lat_file"] = save(spec, "lat", lats)
+    else:
+        result["ttft_file"] = save(spec, "ttft", ttfts)
+        result["gap_file"] = save(spec, "gap", gaps)
+
+
 class Stdin:
     """Line reader for the harness's commands."""
 
@@ -237,11 +249,7 @@ async def role_stream(spec: dict[str, Any], stdin: Stdin) -> None:
         "bad_frames": bad,
         "client_cpu_s": cpu_s() - cpu0,
     }
-    if paced:
-        result["lat_file"] = save(spec, "lat", lats)
-    else:
-        result["ttft_file"] = save(spec, "ttft", ttfts)
-        result["gap_file"] = save(spec, "gap", gaps)
+    save_latencies(spec, result, paced, lats, ttfts, gaps)
     emit("RESULT", result)
 
 
@@ -334,11 +342,7 @@ async def role_stream_sse(spec: dict[str, Any], stdin: Stdin) -> None:
         "bad_frames": bad,
         "client_cpu_s": cpu_s() - cpu0,
     }
-    if paced:
-        result["lat_file"] = save(spec, "lat", lats)
-    else:
-        result["ttft_file"] = save(spec, "ttft", ttfts)
-        result["gap_file"] = save(spec, "gap", gaps)
+    save_latencies(spec, result, paced, lats, ttfts, gaps)
     await session.close()
     emit("RESULT", result)
 
