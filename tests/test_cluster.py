@@ -257,3 +257,19 @@ async def test_a_relayed_client_that_stops_reading_is_closed_as_a_slow_consumer(
                 break
             await asyncio.sleep(0.05)
         assert a.sessions[welcome["session"]].conn is None
+
+
+async def test_bad_input_through_a_tunnel_gets_the_same_errors(redis_server: Any) -> None:
+    async with nodes(redis_server.url) as (a, b):
+        async with client(a) as (_, welcome):
+            pass
+        async with client(b, session=welcome["session"], last_seq=0) as (c, resumed):
+            assert resumed["resumed"] is True and len(a.tunnelled) == 1
+            await c.ws.send(b"\x00\x01")
+            assert (await c.recv_until(of_type("error")))[-1]["code"] == "binary_frame"
+            await c.send("{not json")
+            assert (await c.recv_until(of_type("error")))[-1]["code"] == "bad_json"
+            await c.send({"type": "explode", "id": "x"})
+            assert (await c.recv_until(of_type("error")))[-1]["code"] == "unknown_type"
+            await c.send({"type": "ping", "id": "p"})
+            assert (await c.recv_until(of_type("pong")))[-1]["ref"] == "p"  # the connection goes on

@@ -619,7 +619,8 @@ class Server:
         conn = self.tunnelled[tunnel] = _Tunnelled(self, tunnel, node, ip, identity)
         conn.feed(hello)
 
-    def tunnel_input(self, tunnel: str, text: str) -> None:
+    def tunnel_input(self, tunnel: str, text: str | bytes) -> None:
+        """A client message relayed from the client's node (``bytes``: a binary frame)."""
         conn = self.tunnelled.get(tunnel)
         if conn is not None:
             conn.feed(text)
@@ -1062,8 +1063,10 @@ class _Connection:
         try:
             while self.close_with is None and not relay.done():
                 data = await self.ws.recv()
-                text = data if isinstance(data, str) else data.decode("utf-8", "replace")
-                backplane.send_to_node(owner, {"op": "in", "tunnel": tunnel, "text": text})
+                if isinstance(data, str):
+                    backplane.send_to_node(owner, {"op": "in", "tunnel": tunnel, "text": data})
+                else:  # refused there as here (binary_frame); its bytes do not matter
+                    backplane.send_to_node(owner, {"op": "in", "tunnel": tunnel, "binary": True})
         finally:
             relay.cancel()
             backplane.send_to_node(owner, {"op": "close", "tunnel": tunnel})
@@ -1143,12 +1146,12 @@ class _Tunnelled:
         self.live: _LiveSession | None = None
         self.wake = asyncio.Event()
         self.close_with: CloseConnection | None = None
-        self._inbox: asyncio.Queue[str | None] = asyncio.Queue()
+        self._inbox: asyncio.Queue[str | bytes | None] = asyncio.Queue()
         self.proto = server._protocol_for(self)
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._read_loop()), loop.create_task(self._write_loop())]
 
-    def feed(self, text: str) -> None:
+    def feed(self, text: str | bytes) -> None:
         self._inbox.put_nowait(text)
 
     def send_soon(self) -> None:
@@ -1160,10 +1163,13 @@ class _Tunnelled:
             text = await self._inbox.get()
             if text is None:
                 return
-            hello = _hello_of(text) if proto.state is ConnState.AWAITING_HELLO else None
-            if hello is not None:
-                await backplane.claim_agent(self, hello, hello.get("session"))
-            self.close_with = await _carry_out(self, proto.receive_text(text))
+            if isinstance(text, bytes):
+                self.close_with = await _carry_out(self, proto.receive_binary(text))
+            else:
+                hello = _hello_of(text) if proto.state is ConnState.AWAITING_HELLO else None
+                if hello is not None:
+                    await backplane.claim_agent(self, hello, hello.get("session"))
+                self.close_with = await _carry_out(self, proto.receive_text(text))
             if proto.has_output or self.close_with is not None:
                 self.wake.set()
 

@@ -851,7 +851,7 @@ class RedisBackplane(Backplane):
         elif op == "open":
             server.tunnel_open(msg["tunnel"], msg["node"], msg["hello"], msg.get("token"), msg.get("ip", "?"))
         elif op == "in":
-            server.tunnel_input(msg["tunnel"], msg["text"])
+            server.tunnel_input(msg["tunnel"], b"" if msg.get("binary") else msg["text"])
         elif op == "close":
             server.tunnel_close(msg["tunnel"])
         else:
