@@ -70,7 +70,7 @@ def raise_nofile() -> int:
 
 def write_tokens(path: Path) -> None:
     """The simulated provider's reply to the bench's request, for the baselines."""
-    from wsserver.messages import ChatMessage
+    from wsserver.wire.messages import ChatMessage
     from wsserver.providers.simulated import simulated_reply
 
     from .loadgen import MESSAGES

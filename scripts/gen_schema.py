@@ -19,7 +19,7 @@ from pydantic import TypeAdapter
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from wsserver.messages import ClientMessage, ServerMessage  # noqa: E402
+from wsserver.wire.messages import ClientMessage, ServerMessage  # noqa: E402
 
 SCHEMA_DIR = ROOT / "protocol" / "schema"
 

@@ -16,7 +16,7 @@ from websockets.asyncio.client import ClientConnection, connect
 import wsserver
 from conftest import RawClient
 from wsserver.client import Backoff, ChannelMessage, Presence
-from wsserver.messages import ChatMessage
+from wsserver.wire.messages import ChatMessage
 from wsserver.providers import simulated_reply
 from wsserver.server import Server
 
@@ -123,7 +123,7 @@ async def test_python_client_send_and_inbox(server: Server) -> None:
             await b.send("a1", ["hello", 1])
             msg = await a.inbox.get()
             assert msg.data == ["hello", 1] and msg.sender.startswith("anon-")
-            with pytest.raises(wsserver.errors.ServerError) as info:
+            with pytest.raises(wsserver.client.ServerError) as info:
                 await b.send("nobody", 1)
             assert info.value.code == "unknown_agent"
 

@@ -10,8 +10,8 @@ import pytest
 
 import wsserver
 from wsserver.client import Client, ClientStream, StreamResult
-from wsserver.errors import ConnectionLost, ServerError
-from wsserver.messages import ChatMessage
+from wsserver.wire.errors import ConnectionLost, ServerError
+from wsserver.wire.messages import ChatMessage
 from wsserver.providers import simulated_reply
 from wsserver.server import Server
 

@@ -10,8 +10,8 @@ import pytest
 
 import wsserver
 from wsserver.client import Backoff
-from wsserver.errors import ConnectionLost
-from wsserver.messages import ChatMessage
+from wsserver.wire.errors import ConnectionLost
+from wsserver.wire.messages import ChatMessage
 from wsserver.providers import simulated_reply
 from wsserver.server import Server
 
@@ -96,7 +96,7 @@ async def test_a_request_lost_in_the_drop_is_answered_exactly_once(server: Serve
         results = await asyncio.gather(*(h.wait() for h in handles))
         assert [r.text for r in results] == [expected(f"q{i}", 5) for i in range(8)]
         live = server.sessions[client.session]  # type: ignore[index]
-        assert len(live.session._used_stream_ids) == 8  # nothing ran twice
+        assert len(live.session.book.ids_used) == 8  # nothing ran twice
         assert client.resent_requests > 0  # the re-send path was taken
         assert client.unsolicited_errors == []
 

@@ -116,7 +116,7 @@ async def test_resume_on_another_node_and_cancel_there(redis_server: Any) -> Non
             assert seqs == list(range(seqs[0], seqs[0] + len(seqs)))
             assert (await second.recv_until(of_type("ok", ref="c")))[-1]["seq"] == seqs[-1] + 1
             # served by node A through a tunnel: B holds no session
-            assert len(a.tunnelled) == 1 and welcome["session"] not in b.sessions
+            assert len(a.tunnels) == 1 and welcome["session"] not in b.sessions
         # the stream really stopped on node A
         live = a.sessions[welcome["session"]]
         assert not live.session.streams and not live.tasks
@@ -264,7 +264,7 @@ async def test_bad_input_through_a_tunnel_gets_the_same_errors(redis_server: Any
         async with client(a) as (_, welcome):
             pass
         async with client(b, session=welcome["session"], last_seq=0) as (c, resumed):
-            assert resumed["resumed"] is True and len(a.tunnelled) == 1
+            assert resumed["resumed"] is True and len(a.tunnels) == 1
             await c.ws.send(b"\x00\x01")
             assert (await c.recv_until(of_type("error")))[-1]["code"] == "binary_frame"
             await c.send("{not json")

@@ -205,7 +205,7 @@ async def test_publication_during_subscribe_reaches_the_subscriber(redis_server,
                     await sub.send({"type": "subscribe", "id": "s0", "channel": "ch"})
                     first = (await sub.recv_until(of_type("subscribed")))[-1]
                     since, epoch = first["offset"], first["epoch"]
-            b.backplane._scripts["channel"] = SlowSub(b.backplane._scripts["channel"])
+            b.backplane.scripts["channel"] = SlowSub(b.backplane.scripts["channel"])
             hello = {"session": welcome["session"], "last_seq": 0} if resumed else {}
             async with client(b, **hello) as (sub, _), client(a) as (pub, _):
                 msg = {"type": "subscribe", "id": "s1", "channel": "ch"}

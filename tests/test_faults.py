@@ -34,8 +34,8 @@ import wsserver
 from conftest import TEST_CONFIG
 from test_cli import ServerProcess, _env, free_port
 from wsserver.config import ServerConfig
-from wsserver.errors import ConnectionLost
-from wsserver.messages import ChatMessage
+from wsserver.wire.errors import ConnectionLost
+from wsserver.wire.messages import ChatMessage
 from wsserver.providers import Providers, SimulatedProvider, simulated_reply
 from wsserver.providers.base import (
     Finish,

@@ -8,8 +8,8 @@
   valid server messages and documented error codes, and never raises.
 * :class:`SessionMachine` drives random sequences of client requests,
   provider events, dropped connections (also in the middle of a write),
-  resumes and expiry into :class:`~wsserver.session.Session` and
-  :class:`~wsserver.protocol.ServerProtocol`, and checks after every step:
+  resumes and expiry into :class:`~wsserver.core.session.Session` and
+  :class:`~wsserver.core.protocol.ServerProtocol`, and checks after every step:
   seq is contiguous on the server and at the client, each stream ends exactly
   once and sends nothing after its end, a resume replays exactly the frames
   after the client's ``last_seq`` (the unacknowledged suffix), and what the
@@ -37,11 +37,14 @@ from hypothesis.stateful import (
     rule,
 )
 
-from wsserver.errors import ErrorCode, ProtocolError
-from wsserver.messages import CLIENT_TYPES, Error, decode_client, decode_server, encode
-from wsserver.protocol import ConnState, Opened, ServerProtocol
+from wsserver.wire.errors import ErrorCode, ProtocolError
+from wsserver.wire.codec import encode
+from wsserver.wire.messages import CLIENT_TYPES, Error, decode_client, decode_server
+from wsserver.core.protocol import ConnState, Opened, ServerProtocol
 from wsserver.providers import Providers, SimulatedProvider
-from wsserver.session import Session, StartGeneration, StopGeneration, StreamState
+from wsserver.core.actions import StartGeneration, StopGeneration
+from wsserver.core.session import Session
+from wsserver.core.streams import StreamState
 
 VECTORS = Path(__file__).resolve().parent.parent / "protocol" / "vectors"
 DECODING_CODES = {ErrorCode.BAD_JSON, ErrorCode.BAD_MESSAGE, ErrorCode.UNKNOWN_TYPE}
@@ -199,7 +202,7 @@ class RecordingSession(Session):
 class SessionMachine(RuleBasedStateMachine):
     """One client, one server-side session at a time, and a provider per stream.
 
-    The transport is modelled the way wsserver/server.py runs the core: a
+    The transport is modelled the way wsserver/server/ runs the core: a
     *writer* takes every pending frame with ``data_to_send()`` and sends it;
     a socket may drop between two frames of a batch; a detached session has
     its pending output sequenced into the replay log (``take_output``); a
@@ -490,7 +493,7 @@ class SessionMachine(RuleBasedStateMachine):
         """A small replay log: a long gap then makes a resume fail (resume_failed)."""
         self.log_bound = bound
         if self.session is not None:
-            self.session.max_log_messages = bound
+            self.session.out.max_log_messages = bound
 
     @rule(seconds=st.floats(0, 5))
     def tick(self, seconds: float) -> None:
@@ -507,11 +510,11 @@ class SessionMachine(RuleBasedStateMachine):
         if seqs:
             assert seqs == list(range(seqs[0], session.seq + 1)), "log not contiguous up to seq"
             assert seqs[0] > session.acked
-            if session.max_log_messages >= 10_000:
+            if session.out.max_log_messages >= 10_000:
                 assert seqs[0] == session.acked + 1, "an unacknowledged frame left the log"
             assert all(self.truth[seq] == frame for seq, frame in session.log)
         assert session.seq == len(self.truth)
-        assert session.log_bytes == sum(len(frame) for _, frame in session.log)
+        assert session.out.log_bytes == sum(len(frame) for _, frame in session.log)
 
     @invariant()
     def each_stream_ends_exactly_once(self) -> None:

@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import wsserver
 from conftest import RawClient
-from wsserver.auth import Authenticator, make_jwt, origin_allowed, token_from_request
+from wsserver.server.auth import Authenticator, make_jwt, origin_allowed, token_from_request
 from wsserver.config import ServerConfig
 from wsserver.server import Server
 

@@ -6,10 +6,12 @@ from typing import Any
 
 import orjson
 
-from wsserver.hub import Hub
-from wsserver.messages import decode_client
+from wsserver.core.actions import MessagingCall
+from wsserver.core.channels import Channels
+from wsserver.core.limits import MessagingLimits
+from wsserver.core.session import Session
 from wsserver.providers import Providers, SimulatedProvider
-from wsserver.session import MessagingLimits, Session
+from wsserver.wire.messages import decode_client
 
 
 class Clock:
@@ -20,24 +22,31 @@ class Clock:
         return self.now
 
 
-def make(**hub_kwargs: Any) -> tuple[Hub, list[tuple[bytes, list[Session]]]]:
-    """A hub whose delivery queues each frame on the subscribers' sessions
-    (what the transport does for a busy connection), and records it."""
-    sent: list[tuple[bytes, list[Session]]] = []
+class RecordingChannels(Channels):
+    """Channels whose deliveries, once flushed, are queued on the subscribers'
+    sessions (what the transport does for a busy connection) and recorded."""
 
-    def deliver(channel: str, frame: bytes, sessions: list[Session]) -> None:
-        sent.append((frame, sessions))
-        for s in sessions:
-            s.emit_unsequenced(frame)
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sent: list[tuple[bytes, list[Session]]] = []
 
-    return Hub(deliver=deliver, **hub_kwargs), sent
+    def flush(self) -> None:
+        for _, _, frame, sessions in self.take_deliveries():
+            self.sent.append((frame, sessions))
+            for s in sessions:
+                s.emit_unsequenced(frame)
 
 
-def session(hub: Hub, agent: str | None = None, **kwargs: Any) -> Session:
+def make(**hub_kwargs: Any) -> tuple[RecordingChannels, list[tuple[bytes, list[Session]]]]:
+    hub = RecordingChannels(**hub_kwargs)
+    return hub, hub.sent
+
+
+def session(hub: Channels, agent: str | None = None, **kwargs: Any) -> Session:
     s = Session(
         f"id-{agent}",
         providers=Providers([SimulatedProvider()], default="simulated"),
-        hub=hub,
+        channels=hub,
         agent=agent,
         **kwargs,
     )
@@ -47,7 +56,14 @@ def session(hub: Hub, agent: str | None = None, **kwargs: Any) -> Session:
 
 
 def feed(s: Session, message: dict[str, Any]) -> list[dict[str, Any]]:
-    s.handle(decode_client(orjson.dumps(message)))
+    """Handle ``message``, carry out its messaging call (the memory backplane
+    answers at once), flush the channel traffic, and return ``s``'s frames."""
+    hub = s.members.sink
+    assert isinstance(hub, RecordingChannels)
+    for action in s.handle(decode_client(orjson.dumps(message))):
+        if isinstance(action, MessagingCall):
+            hub.carry_out(s, action)
+    hub.flush()
     return [orjson.loads(f) for f in s.take_output()]
 
 
@@ -70,7 +86,7 @@ def test_subscribe_reports_position_members_and_recovers_since() -> None:
     hub, _ = make()
     a = session(hub, "a")
     for i in range(5):
-        hub.publish("c", "x", i)
+        hub.publish("c", "x", orjson.dumps(i))
     out = feed(a, {"type": "subscribe", "channel": "c", "since": 2, "id": "s"})
     sub = out[0]
     assert (sub["type"], sub["offset"], sub["recovered"], sub["members"], sub["ref"]) == ("subscribed", 5, True, ["a"], "s")
@@ -82,7 +98,7 @@ def test_recovery_fails_when_history_is_short_or_epoch_differs() -> None:
     hub, _ = make(history_size=3)
     a = session(hub, "a")
     for i in range(10):
-        hub.publish("c", "x", i)
+        hub.publish("c", "x", orjson.dumps(i))
     out = feed(a, {"type": "subscribe", "channel": "c", "since": 2})
     assert out[0]["recovered"] is False and out[0]["offset"] == 10
     assert [f["type"] for f in out[1:]] == ["presence"]
@@ -97,7 +113,7 @@ def test_recovery_fails_when_history_is_short_or_epoch_differs() -> None:
 def test_history_expires_by_age() -> None:
     clock = Clock()
     hub, _ = make(history_ttl=10, clock=clock)
-    hub.publish("c", "x", 1)
+    hub.publish("c", "x", b"1")
     clock.now += 11
     a = session(hub, "a")
     assert feed(a, {"type": "subscribe", "channel": "c", "since": 0})[0]["recovered"] is False
@@ -112,6 +128,7 @@ def test_presence_leave_and_sweep() -> None:
     feed(b, {"type": "unsubscribe", "channel": "c"})
     assert orjson.loads(sent[0][0]) == {"type": "presence", "channel": "c", "offset": 3, "left": "b"}
     hub.leave_all(a)
+    hub.flush()
     assert "a" not in hub.agents and not hub.channels["c"].subscribers
     hub.history_ttl = -1
     assert hub.sweep() == 1 and not hub.channels

@@ -13,19 +13,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wsserver.errors import ErrorCode, ProtocolError
-from wsserver.messages import (
+from wsserver.wire.errors import ErrorCode, ProtocolError
+from wsserver.wire.messages import (
     CLIENT_TYPES,
     Message,
     StreamDelta,
     decode_client,
     decode_server,
-    encode,
-    encode_delta,
 )
-from wsserver.protocol import CloseConnection, Opened, ServerProtocol
+from wsserver.wire.codec import encode, encode_delta
+from wsserver.core.actions import CloseConnection
+from wsserver.core.protocol import Opened, ServerProtocol
 from wsserver.providers import Providers, SimulatedProvider
-from wsserver.session import Session
+from wsserver.core.session import Session
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "protocol" / "vectors"

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 import wsserver
-from wsserver.errors import StreamFailed
-from wsserver.messages import ChatMessage, GenerateParams
+from wsserver.wire.errors import StreamFailed
+from wsserver.wire.messages import ChatMessage, GenerateParams
 from wsserver.providers import (
     AnthropicProvider,
     Finish,

@@ -15,7 +15,7 @@ import pytest
 
 import wsserver
 from wsserver.config import ServerConfig, add_arguments, from_args
-from wsserver.errors import ServerError
+from wsserver.wire.errors import ServerError
 from wsserver.providers import ProviderUnavailable
 from wsserver.server import Server, default_providers
 

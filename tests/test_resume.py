@@ -14,7 +14,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from conftest import RawClient
-from wsserver.messages import ChatMessage
+from wsserver.wire.messages import ChatMessage
 from wsserver.providers import simulated_reply
 from wsserver.server import Server
 

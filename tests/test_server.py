@@ -17,7 +17,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from wsserver import __version__
-from wsserver.messages import ChatMessage, decode_server
+from wsserver.wire.messages import ChatMessage, decode_server
 from wsserver.providers import simulated_reply
 from wsserver.server import Server
 

@@ -7,10 +7,12 @@ from typing import Any
 import orjson
 import pytest
 
-from wsserver.errors import ProtocolError
-from wsserver.messages import ChatMessage, decode_client, decode_server
+from wsserver.wire.errors import ProtocolError
+from wsserver.wire.messages import ChatMessage, decode_client, decode_server
 from wsserver.providers import Providers, SimulatedProvider
-from wsserver.session import Session, StartGeneration, StopGeneration, StreamState
+from wsserver.core.actions import MessagingCall, StartGeneration, StopGeneration
+from wsserver.core.session import Session
+from wsserver.core.streams import Stream, StreamState
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -263,8 +265,8 @@ class TestAck:
         assert (err["code"], err["field"]) == ("bad_message", "seq")
 
 
-class TestWithoutHub:
-    """A session built without a hub (no messaging) says so."""
+class TestWithoutMessaging:
+    """A session built without channels (no messaging) says so."""
 
     @pytest.mark.parametrize(
         "message",
@@ -341,7 +343,7 @@ class TestReplayLog:
         out = s.take_output()
         assert [seq for seq, _ in s.log] == [1, 2]
         assert [f for _, f in s.log] == [out[0], out[1]]
-        assert s.log_bytes == len(out[0]) + len(out[1])
+        assert s.out.log_bytes == len(out[0]) + len(out[1])
 
     def test_ack_trims_the_log(self) -> None:
         s = make_session(coalesce=False)
@@ -352,7 +354,7 @@ class TestReplayLog:
         feed(s, {"type": "ack", "seq": 3})
         s.take_output()
         assert [seq for seq, _ in s.log] == [4]
-        assert s.log_bytes == len(s.log[0][1])
+        assert s.out.log_bytes == len(s.log[0][1])
 
     def test_bounds_drop_the_oldest(self) -> None:
         s = make_session(coalesce=False, max_log_messages=3)
@@ -366,7 +368,7 @@ class TestReplayLog:
         for t in "abcdefgh":
             s2.stream_delta(b, t, 1)
         s2.take_output()
-        assert s2.log_bytes <= 200 and s2.log[-1][0] == 9
+        assert s2.out.log_bytes <= 200 and s2.log[-1][0] == 9
 
     def test_replay_after(self) -> None:
         s = make_session(coalesce=False, max_log_messages=4)
@@ -472,49 +474,44 @@ class TestInterrupt:
         assert frames(s)[-1]["code"] == "stream_exists"
 
 
-class RemoteHub:
-    """What a session sees of a shared backplane: every messaging call becomes a HubCall."""
-
-    remote = True
+class RemoteChannels:
+    """What a session sees of a shared backplane: somewhere to publish a stream's frames."""
 
     def __init__(self) -> None:
-        self.left: list[str] = []
+        self.published: list[tuple[str, str, bytes]] = []
 
-    def unsubscribe(self, name: str, session: Session) -> bool:
-        self.left.append(name)
-        return True
+    def publish_nowait(self, channel: str, sender: str, data: bytes) -> None:
+        self.published.append((channel, sender, data))
 
 
 class TestSharedBackplane:
     """Subscribe, publish and send with a remote hub, still without a network."""
 
     def remote(self) -> Session:
-        return make_session(hub=RemoteHub())  # type: ignore[arg-type]
+        return make_session(channels=RemoteChannels())
 
     def test_subscribe_is_handed_over_and_its_answer_keeps_order(self) -> None:
-        from wsserver.session import HubCall
-
         s = self.remote()
         (call,) = feed(s, {"type": "subscribe", "id": "s1", "channel": "team", "since": 4, "epoch": "e"})
-        assert isinstance(call, HubCall) and call.kind == "subscribe"
+        assert isinstance(call, MessagingCall) and call.kind == "subscribe"
         assert frames(s) == []  # nothing until the backplane answered
         # live traffic while the call runs is held back, including a copy of a recovered one
-        s.held["team"].append((6, b'{"type":"message","channel":"team","offset":6,"from":"x","data":6}'))
-        s.held["team"].append((7, b'{"type":"message","channel":"team","offset":7,"from":"x","data":7}'))
+        s.members.held["team"].append((6, b'{"type":"message","channel":"team","offset":6,"from":"x","data":6}'))
+        s.members.held["team"].append((7, b'{"type":"message","channel":"team","offset":7,"from":"x","data":7}'))
         missed = [b'{"type":"message","channel":"team","offset":5,"from":"x","data":5}',
                   b'{"type":"message","channel":"team","offset":6,"from":"x","data":6}']
         s.subscribed(call.msg, "e", 6, True, ["me", "x"], missed)
         out = frames(s)
         assert out[0]["type"] == "subscribed" and out[0]["offset"] == 6 and out[0]["recovered"] is True
         assert [f["offset"] for f in out[1:]] == [5, 6, 7]  # recovered, then what arrived meanwhile, once each
-        assert "team" not in s.held and s.channel_offsets["team"] == 7
+        assert "team" not in s.members.held and s.members.channel_offsets["team"] == 7
 
     def test_publish_ok_comes_before_the_own_copy(self) -> None:
         s = self.remote()
         s.subscriptions.add("team")
         (call,) = feed(s, {"type": "publish", "id": "p", "channel": "team", "data": 1})
         own = b'{"type":"message","channel":"team","offset":9,"from":"me","data":1}'
-        s.held["team"].append((9, own))  # the pub/sub copy overtook the script's reply
+        s.members.held["team"].append((9, own))  # the pub/sub copy overtook the script's reply
         s.published(call.msg, 9)
         out = frames(s)
         assert out[0] == {"type": "ok", "seq": 1, "ref": "p", "offset": 9}
@@ -525,24 +522,23 @@ class TestSharedBackplane:
         (call,) = feed(s, {"type": "send", "id": "m", "to": "ghost", "data": 1})
         s.sent(call.msg, False)
         (call2,) = feed(s, {"type": "subscribe", "id": "s", "channel": "team"})
-        s.hub_failed(call2, "redis is down")
+        s.failed(call2, "redis is down")
         out = frames(s)
         assert out[0]["code"] == "unknown_agent" and out[0]["ref"] == "m"
         assert out[1]["code"] == "backplane_unavailable" and out[1]["retry_after_ms"] == 1000
-        assert "team" not in s.held and "team" not in s.subscriptions
+        assert "team" not in s.members.held and "team" not in s.subscriptions
 
     def test_sequenced_frames_are_kept_for_the_backplane(self) -> None:
         s = self.remote()
-        s.unsynced = []
+        s.out.journal = []
         start(s, id="g")
         out = s.take_output()
-        assert s.unsynced == [(1, out[0])]  # written there before it is sent
+        assert s.out.journal == [(1, out[0])]  # written there before it is sent
 
 
 def test_a_log_taken_over_from_a_lost_node_keeps_what_its_frames_tell() -> None:
     """restore_log + end_lost, as a node adopting a lost node's session uses them."""
-    from wsserver.messages import GenerateParams
-    from wsserver.session import Stream
+    from wsserver.wire.messages import GenerateParams
 
     first = make_session(coalesce=False)
     stream = start(first, id="g", stream="a")
@@ -562,4 +558,4 @@ def test_a_log_taken_over_from_a_lost_node_keeps_what_its_frames_tell() -> None:
     assert out[0]["type"] == "stream.end" and out[0]["seq"] == 4 and out[0]["error"]["code"] == "node_lost"
     assert out[0]["usage"]["output_tokens"] == 2 and out[0]["usage"]["estimated"] is True
     assert out[1]["code"] == "duplicate_request" and out[1]["stream"] == "a"
-    assert s._recent["a"].text == "Hello"  # an interrupt continues from the partial answer
+    assert s.book.find("a").text == "Hello"  # an interrupt continues from the partial answer

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from wsserver.messages import ChatMessage, GenerateParams
+from wsserver.wire.messages import ChatMessage, GenerateParams
 from wsserver.providers import (
     Finish,
     GenerationRequest,

@@ -18,7 +18,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 import wsserver
-from wsserver.messages import ChatMessage
+from wsserver.wire.messages import ChatMessage
 from wsserver.providers import simulated_reply
 from wsserver.server import Server
 
@@ -156,5 +156,5 @@ async def test_churn_1000_connections_returns_to_baseline(make_server: Any) -> N
         assert stats["completed"] and stats["cancelled"] and stats["dropped"] and stats["resumed"]
         assert tasks == base_tasks
         assert fds <= base_fds + 2
-        assert not server.hub.agents
+        assert not server.backplane.channels.agents
         assert rss < base_rss + 512  # generous: the figure itself goes in the README

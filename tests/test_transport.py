@@ -9,7 +9,8 @@ import orjson
 from websockets.protocol import State
 
 from wsserver.config import ServerConfig
-from wsserver.server import MAX_BACKLOG, Server, _Connection
+from wsserver.server import Server
+from wsserver.server.connection import MAX_BACKLOG, Connection
 
 
 class FakeProtocol:
@@ -60,10 +61,10 @@ class FakeWebSocket:
         pass
 
 
-def new_connection(ws: Any) -> _Connection:
+def new_connection(ws: Any) -> Connection:
     # no rate limit or abuse threshold: these tests flood the connection on purpose
     config = ServerConfig(port=0, sim_tokens_per_s=0, sim_ttft_ms=0, message_rate=0, abuse_threshold=0)
-    return _Connection(Server(config), ws)
+    return Connection(Server(config), ws, None)
 
 
 async def test_frames_leave_in_seq_order_while_streams_run_concurrently() -> None:

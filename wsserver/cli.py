@@ -92,7 +92,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if config.log_format == "json":
-        from .metrics import JsonFormatter
+        from .server.metrics import JsonFormatter
 
         for handler in logging.getLogger().handlers:
             handler.setFormatter(JsonFormatter())
@@ -122,7 +122,7 @@ async def chat(
 ) -> int:
     """A terminal chat. Interactive: a line typed while an answer streams steers it."""
     from .client import ClientStream, connect
-    from .errors import ConnectionLost, ServerError, StreamFailed
+    from .wire.errors import ConnectionLost, ServerError, StreamFailed
 
     loop = asyncio.get_running_loop()
     main_task = asyncio.current_task()

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..messages import ChatMessage, GenerateParams
+from ..wire.messages import ChatMessage, GenerateParams
 
 __all__ = [
     "Finish",

@@ -28,15 +28,17 @@ constructors import them): ``import wsserver.server`` imports neither.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from ..config import ServerConfig
 from .base import Provider
 from .upstream import RetryPolicy
 
-__all__ = ["HINTS", "real_providers"]
+__all__ = ["HINTS", "ProviderSettings", "real_providers"]
 
 logger = logging.getLogger("wsserver.providers")
 
@@ -44,6 +46,33 @@ HINTS = {
     "openai": "set OPENAI_API_KEY (or --openai-api-key / --openai-base-url)",
     "anthropic": "set ANTHROPIC_API_KEY (or --anthropic-api-key / --anthropic-base-url)",
 }
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProviderSettings:
+    """What choosing and building the providers needs (the server's options of
+    the same names; see ``wsserver serve --help``)."""
+
+    provider: str = "simulated"
+    model: str | None = None
+    base_url: str | None = None
+    openai_api_key: str | None = dataclasses.field(default=None, repr=False)
+    openai_base_url: str | None = None
+    openai_model: str = "gpt-5-mini"
+    openai_api: Literal["chat", "responses"] = "chat"
+    anthropic_api_key: str | None = dataclasses.field(default=None, repr=False)
+    anthropic_base_url: str | None = None
+    anthropic_model: str = "claude-haiku-4-5"
+    anthropic_max_tokens: int = 4096
+    provider_retries: int = 2
+    provider_backoff: float = 0.5
+    provider_retry_max: float = 10.0
+    provider_timeout: float = 120.0
+
+    @classmethod
+    def of(cls, options: Any) -> ProviderSettings:
+        """The settings of the same names from any object that has them (a server config)."""
+        return cls(**{f.name: getattr(options, f.name) for f in dataclasses.fields(cls)})
 
 
 def _first(*values: str | None) -> str | None:
@@ -54,7 +83,7 @@ def _first(*values: str | None) -> str | None:
 
 
 def real_providers(
-    config: ServerConfig, environ: Mapping[str, str] | None = None
+    config: ProviderSettings, environ: Mapping[str, str] | None = None
 ) -> tuple[list[Provider], dict[str, str]]:
     """The configured real providers, and a hint for each one that is not."""
     env = os.environ if environ is None else environ
@@ -83,7 +112,7 @@ def real_providers(
                     api_key=key,
                     base_url=base,
                     default_model=default_model("openai", config.openai_model),
-                    api=config.openai_api,  # type: ignore[arg-type]
+                    api=config.openai_api,
                     timeout=config.provider_timeout,
                     retry=retry,
                 )

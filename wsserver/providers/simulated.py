@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 
 import orjson
 
-from ..messages import ChatMessage
+from ..wire.messages import ChatMessage
 from .base import Finish, GenerationRequest, Provider, ProviderEvent, TextDelta, UsageReport
 
 __all__ = ["SimulatedProvider", "count_tokens", "simulated_reply"]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import fnmatch
 import hashlib
 import hmac
 import json
@@ -27,6 +26,9 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
+
+from ..core.limits import ChannelRules
+from ..core.session import ANONYMOUS
 
 __all__ = [
     "ANONYMOUS",
@@ -40,26 +42,11 @@ __all__ = [
 
 
 @dataclass(frozen=True, slots=True)
-class ChannelRules:
-    subscribe: tuple[str, ...] = ("*",)
-    publish: tuple[str, ...] = ("*",)
-
-    def may_subscribe(self, channel: str) -> bool:
-        return any(fnmatch.fnmatchcase(channel, p) for p in self.subscribe)
-
-    def may_publish(self, channel: str) -> bool:
-        return any(fnmatch.fnmatchcase(channel, p) for p in self.publish)
-
-
-@dataclass(frozen=True, slots=True)
 class Identity:
     """An authenticated client. ``id`` is what sessions and agent names bind to."""
 
     id: str
     rules: ChannelRules
-
-
-ANONYMOUS = "anonymous"
 
 
 def _b64decode(part: str) -> bytes:

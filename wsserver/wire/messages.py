@@ -1,13 +1,11 @@
-"""Wire messages of protocol v1: pydantic models, and the orjson codec.
+"""Wire messages of protocol v1: the pydantic models, and decoding client frames.
 
 The models below are the single source of truth: ``protocol/schema/`` is
 generated from them (``scripts/gen_schema.py``) and a test fails when it is
 stale. Client messages are validated strictly (``"1"`` is not an integer);
 unknown fields are ignored so that newer clients keep working.
 
-Hot path: ``stream.delta`` frames are encoded by :func:`encode_delta` straight
-from a dict, without building a model; a test checks that its output is a
-valid :class:`StreamDelta` and byte-identical to the model's encoding.
+Encoding server frames is :mod:`wsserver.wire.codec`'s business.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal, Union
 
-import orjson
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -28,6 +25,7 @@ from pydantic import (
 )
 
 from .errors import ErrorCode, ProtocolError
+from .names import NAME_PATTERN
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -63,8 +61,6 @@ __all__ = [
     "Welcome",
     "decode_client",
     "decode_server",
-    "encode",
-    "encode_delta",
 ]
 
 PROTOCOL_VERSION = 1
@@ -72,7 +68,7 @@ SUPPORTED_PROTOCOLS = (1,)
 SUBPROTOCOL = "wsserver.v1"
 
 #: Agent, channel and stream names.
-Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:\-]{1,128}$")]
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 #: Client-chosen request id, unique within a session.
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 Seq = PositiveInt
@@ -344,32 +340,7 @@ CLIENT_TYPES = frozenset(
 
 
 # --------------------------------------------------------------------------
-# Codec
-
-
-def encode(msg: BaseModel) -> bytes:
-    """Encode a server message as the UTF-8 JSON bytes of one text frame.
-
-    Absent optional fields are left out rather than sent as null, except
-    ``message.data``, which may be a JSON null.
-    """
-    fields = msg.model_dump(by_alias=True, exclude_none=True)
-    if type(msg) is Message:
-        fields["data"] = msg.data
-    return orjson.dumps(fields)
-
-
-def compact(frame: bytes) -> bytes:
-    """An exact-size copy of an orjson result (orjson's bytes keep a ~4 KiB
-    buffer); for frames that are kept (replay log, channel history)."""
-    return bytes(memoryview(frame))
-
-
-def encode_delta(seq: int, stream: str, index: int, text: str) -> bytes:
-    """Hot-path encoder of ``stream.delta`` (same bytes as ``encode(StreamDelta(...))``)."""
-    return orjson.dumps(
-        {"type": "stream.delta", "seq": seq, "stream": stream, "index": index, "text": text}
-    )
+# Decoding
 
 
 def decode_client(data: str | bytes) -> Any:

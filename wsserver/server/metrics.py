@@ -20,7 +20,8 @@ import orjson
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
-    from .session import Stream
+    from ..cluster.backplane import Backplane
+    from ..core.streams import Stream
 
 __all__ = ["CONTENT_TYPE", "JsonFormatter", "Telemetry"]
 
@@ -72,7 +73,7 @@ class Telemetry:
         self.sessions.labels("detached").set_function(lambda: sessions()[1])
         self.streams_active.set_function(lambda: sessions()[2])
 
-    def bind_backplane(self, backplane: Any) -> None:
+    def bind_backplane(self, backplane: Backplane) -> None:
         """Gauges of a shared backplane, read at scrape time (nothing when alone)."""
         if not backplane.shared:
             return
@@ -87,7 +88,7 @@ class Telemetry:
         ):
             Gauge(p + key, text + " (since start)", registry=r).set_function(lambda k=key: backplane.stats[k])
         Gauge(p + "tunnels", "Connections relayed to their session's node", registry=r).set_function(
-            lambda: len(backplane.tunnels)
+            backplane.tunnel_count
         )
 
     def render(self) -> bytes:

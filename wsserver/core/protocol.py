@@ -2,10 +2,10 @@
 
 ``ServerProtocol`` owns what happens on one WebSocket connection before and
 after ``hello``: the hello gate, protocol version negotiation, ``ping``, and
-the routing of everything else to the :class:`~wsserver.session.Session`.
+the routing of everything else to the :class:`~wsserver.core.session.Session`.
 Frames in (``receive_text``/``receive_binary``), frames out
 (``data_to_send``), and actions for the transport (start/stop a generation,
-close the connection). Like :mod:`wsserver.session`, it does no I/O.
+close the connection). Like :mod:`wsserver.core.session`, it does no I/O.
 
 States::
 
@@ -29,17 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import CloseCode, ErrorCode, ProtocolError
-from .messages import (
-    SUPPORTED_PROTOCOLS,
-    Error,
-    Hello,
-    Pong,
-    Welcome,
-    decode_client,
-    encode,
-)
-from .session import Action, Session, TokenBucket
+from ..wire.codec import encode
+from ..wire.errors import CloseCode, ErrorCode, ProtocolError
+from ..wire.messages import SUPPORTED_PROTOCOLS, Error, Hello, Pong, Welcome, decode_client
+from .actions import Action, CloseConnection
+from .limits import TokenBucket
+from .session import Session
 
 #: The window over which refused messages are counted for the abuse threshold.
 ABUSE_WINDOW_S = 10.0
@@ -51,12 +46,6 @@ class ConnState(enum.IntEnum):
     AWAITING_HELLO = 0
     OPEN = 1
     CLOSED = 2
-
-
-@dataclass(frozen=True, slots=True)
-class CloseConnection:
-    code: int
-    reason: str
 
 
 @dataclass(frozen=True, slots=True)

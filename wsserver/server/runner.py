@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from .errors import ErrorCode
-from .providers.base import (
+from ..wire.errors import ErrorCode
+from ..providers.base import (
     Finish,
     GenerationRequest,
     Provider,
@@ -22,7 +22,8 @@ from .providers.base import (
     TextDelta,
     UsageReport,
 )
-from .session import Session, Stream
+from ..core.session import Session
+from ..core.streams import Stream
 
 __all__ = ["run_generation"]
 

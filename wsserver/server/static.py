@@ -28,14 +28,15 @@ _TYPES = {
 }
 _SAFE = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*$")
 
-PACKAGE_STATIC = Path(__file__).resolve().parent / "static"
+#: ``wsserver/static/``: data files of the package, next to its modules.
+PACKAGE_STATIC = Path(__file__).resolve().parent.parent / "static"
 
 
 def _client_dir() -> Path:
     shipped = PACKAGE_STATIC / "client"
     if shipped.is_dir():
         return shipped
-    return Path(__file__).resolve().parent.parent / "clients" / "js" / "src"
+    return PACKAGE_STATIC.parent.parent / "clients" / "js" / "src"  # a source checkout
 
 
 class StaticFiles:

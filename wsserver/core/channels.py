@@ -1,23 +1,26 @@
-"""Channels, presence and the agent directory (sans-I/O).
+"""Channels, presence and the agent directory of one process (sans-I/O).
 
-A channel message is encoded ONCE, stored once in the channel's history and
-handed to the transport's ``deliver`` callback together with the sessions
-subscribed to it; the transport sends those bytes to every attached
-subscriber with ``websockets.broadcast()``. That is why channel traffic
-carries a per-channel ``offset`` (and an ``epoch`` that changes whenever the
-channel's history starts afresh) instead of each recipient's ``seq``.
+This is the memory backplane's state. A channel message is encoded ONCE,
+stored once in the channel's history and queued as a *delivery* (the frame
+and the sessions subscribed to it) that the transport pulls with
+:meth:`Channels.take_deliveries` and sends to every attached subscriber with
+``websockets.broadcast()``. That is why channel traffic carries a
+per-channel ``offset`` (and an ``epoch`` that changes whenever the channel's
+history starts afresh) instead of each recipient's ``seq``.
 
 Presence events (``presence {channel, offset, joined|left}``) are channel
 traffic too: they take an offset and enter the history. A session is a
 member of a channel from its first ``subscribe`` until it unsubscribes or
 ends; a detached session stays present until it expires.
 
-Nothing here touches a socket; the time source is injectable.
+:meth:`Channels.carry_out` answers a session's
+:class:`~wsserver.core.actions.MessagingCall` at once (the memory backplane
+has nothing to wait for). Nothing here touches a socket; time and the epoch
+generator are injectable.
 """
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from collections import deque
@@ -25,22 +28,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
-from .messages import compact
+from ..wire.codec import channel_message, compact, presence
+from ..wire.messages import Publish, Send, Subscribe
 
 if TYPE_CHECKING:
+    from .actions import MessagingCall
     from .session import Session
 
-__all__ = ["NAME_RE", "NAME_RULE", "Channel", "Hub", "valid_name"]
+__all__ = ["Channel", "Channels", "Delivery"]
 
-#: Agent and channel names.
-NAME_RE = re.compile(r"^[A-Za-z0-9_.:\-]{1,128}$")
-NAME_RULE = "is 1 to 128 characters of A-Z a-z 0-9 _ . : -"
-
-
-def valid_name(name: str) -> bool:
-    return NAME_RE.match(name) is not None
+#: A frame for the attached ones among the sessions: (channel, offset, frame, sessions).
+Delivery = tuple[str, int, bytes, list["Session"]]
 
 
 @dataclass(eq=False)
@@ -62,38 +60,36 @@ class Channel:
         return sorted(self.names)
 
 
-class Hub:
+class Channels:
     """Every channel and agent name of one server (the memory backplane).
 
     Args:
-        deliver: ``deliver(channel, frame, sessions)`` sends an encoded
-            channel frame to the given subscribers (the transport broadcasts
-            it to those attached whose subscription is not paused).
         history_size, history_ttl: each channel keeps at most this many
             messages, none older than this many seconds.
         clock: wall-clock-like time in seconds (for history age).
+        new_epoch: makes a channel's epoch.
+        on_output: called when a delivery becomes pending (the transport's
+            wake-up); the transport pulls them with :meth:`take_deliveries`.
     """
-
-    #: False: offsets, history, presence and agent names live here and every
-    #: call completes at once. A shared backplane (Redis) sets it, and sessions
-    #: then hand subscribe, publish and send over as :class:`HubCall` actions.
-    remote = False
 
     def __init__(
         self,
         *,
-        deliver: Callable[[str, bytes, list[Session]], Any] | None = None,
         history_size: int = 1000,
         history_ttl: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        new_epoch: Callable[[], str] = lambda: secrets.token_hex(4),
+        on_output: Callable[[], Any] | None = None,
     ) -> None:
-        self.deliver = deliver
         self.history_size = history_size
         self.history_ttl = history_ttl
         self.clock = clock
+        self.new_epoch = new_epoch
+        self.on_output = on_output
         self.channels: dict[str, Channel] = {}
         #: Agent name -> the session that holds it (attached or detached).
         self.agents: dict[str, Session] = {}
+        self._deliveries: list[Delivery] = []
 
     # ----------------------------------------------------------------- agents
 
@@ -114,7 +110,7 @@ class Hub:
     def channel(self, name: str) -> Channel:
         channel = self.channels.get(name)
         if channel is None:
-            channel = self.channels[name] = Channel(name, epoch=secrets.token_hex(4))
+            channel = self.channels[name] = Channel(name, epoch=self.new_epoch())
         return channel
 
     def subscribe(
@@ -170,36 +166,20 @@ class Hub:
         session.subscriptions.clear()
         self.release_agent(session)
 
-    def publish(self, name: str, sender: str, data: Any, *, encoded_data: bytes | None = None) -> int:
-        """Publish ``data`` on channel ``name``; returns its offset."""
+    def publish(self, name: str, sender: str, data: bytes) -> int:
+        """Publish ``data`` (already JSON) on channel ``name``; returns its offset."""
         channel = self.channel(name)
         offset = channel.offset + 1
-        if encoded_data is None:
-            encoded_data = orjson.dumps(data)
-        frame = b"".join(
-            (
-                b'{"type":"message","channel":',
-                orjson.dumps(name),
-                b',"offset":',
-                str(offset).encode(),
-                b',"from":',
-                orjson.dumps(sender),
-                b',"data":',
-                encoded_data,
-                b"}",
-            )
-        )
-        self._append(channel, offset, frame)
+        self._append(channel, offset, channel_message(name, offset, sender, data))
         return offset
+
+    def publish_nowait(self, channel: str, sender: str, data: bytes) -> None:
+        """A stream's frame into ``channel`` (see :class:`~wsserver.core.messaging.ChannelSink`)."""
+        self.publish(channel, sender, data)
 
     def publish_presence(self, channel: Channel, *, joined: str | None = None, left: str | None = None) -> int:
         offset = channel.offset + 1
-        event: dict[str, Any] = {"type": "presence", "channel": channel.name, "offset": offset}
-        if joined is not None:
-            event["joined"] = joined
-        if left is not None:
-            event["left"] = left
-        self._append(channel, offset, orjson.dumps(event))
+        self._append(channel, offset, presence(channel.name, offset, joined=joined, left=left))
         return offset
 
     def _append(self, channel: Channel, offset: int, frame: bytes) -> None:
@@ -209,8 +189,16 @@ class Hub:
         history.append((offset, self.clock(), frame))
         if len(history) > self.history_size:
             history.popleft()
-        if self.deliver is not None and channel.subscribers:
-            self.deliver(channel.name, frame, list(channel.subscribers))
+        if channel.subscribers:
+            deliveries = self._deliveries
+            deliveries.append((channel.name, offset, frame, list(channel.subscribers)))
+            if len(deliveries) == 1 and self.on_output is not None:
+                self.on_output()
+
+    def take_deliveries(self) -> list[Delivery]:
+        """The frames queued for subscribers since the last call, in order."""
+        deliveries, self._deliveries = self._deliveries, []
+        return deliveries
 
     def _trim(self, channel: Channel) -> None:
         horizon = self.clock() - self.history_ttl
@@ -227,3 +215,26 @@ class Hub:
                 del self.channels[name]
                 gone += 1
         return gone
+
+    # ------------------------------------------------------ messaging calls
+
+    def carry_out(self, session: Session, call: MessagingCall) -> None:
+        """Answer a session's messaging request at once (nothing to wait for here)."""
+        msg = call.msg
+        if call.kind == "subscribe":
+            assert isinstance(msg, Subscribe)
+            channel, recovered, missed, joined = self.subscribe(msg.channel, session, msg.since, msg.epoch)
+            session.subscribed(msg, channel.epoch, channel.offset, recovered, channel.members, missed)
+            if joined:
+                self.join_announce(channel, session)
+        elif call.kind == "unsubscribe":
+            self.unsubscribe(msg.channel, session)  # type: ignore[union-attr]
+        elif call.kind == "publish":
+            assert isinstance(msg, Publish) and call.encoded is not None
+            session.published(msg, self.publish(msg.channel, session.name, call.encoded))
+        else:
+            assert isinstance(msg, Send)
+            recipient = self.agents.get(msg.to)
+            if recipient is not None:
+                recipient.deliver_direct(session.name, msg.data)
+            session.sent(msg, recipient is not None)

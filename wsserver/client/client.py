@@ -11,9 +11,9 @@
 One reader task per connection dispatches frames: replies go to the request
 that carries the matching ``id`` (``ref``), stream frames to their stream.
 Every request sent by this client carries an ``id``, so each has exactly one
-answer. Errors arrive as :class:`~wsserver.errors.ServerError` (with
+answer. Errors arrive as :class:`~wsserver.wire.errors.ServerError` (with
 ``.code``) on the call that caused them; a stream that ends with reason
-``error`` raises :class:`~wsserver.errors.StreamFailed` from its iterator.
+``error`` raises :class:`~wsserver.wire.errors.StreamFailed` from its iterator.
 
 Reconnection: when the connection drops, the client reconnects by itself
 with full-jitter exponential backoff (the first retry is jittered too, so a
@@ -24,7 +24,7 @@ requests whose answers had not arrived are re-sent with the same ``id``
 (the server never acts twice on an id), so a caller iterating a stream sees
 no gap and no duplicate across any number of reconnects. If the session
 cannot be resumed (expired, or its log fell short), running streams and
-pending requests fail with :class:`~wsserver.errors.ConnectionLost` and the
+pending requests fail with :class:`~wsserver.wire.errors.ConnectionLost` and the
 client carries on with a fresh session. It does not reconnect after close
 codes that say retrying is pointless or harmful (4000 session taken over,
 4001, 4400, 4401, 4403, 1008), nor after :meth:`Client.close`.
@@ -37,8 +37,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterable, Mapping
 from typing import Any
 
 import orjson
@@ -46,25 +45,16 @@ from websockets.asyncio.client import ClientConnection
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from .errors import CloseCode, ConnectionLost, ServerError, StreamFailed, server_error
-from .messages import PROTOCOL_VERSION, SUBPROTOCOL
+from ..wire.errors import CloseCode, ConnectionLost, ServerError, server_error
+from ..wire.messages import PROTOCOL_VERSION, SUBPROTOCOL
+from .channels import Subscription
+from .streams import ClientStream
+from .types import Backoff, DirectMessage
 
-__all__ = [
-    "Backoff",
-    "ChannelMessage",
-    "Client",
-    "ClientStream",
-    "DirectMessage",
-    "Presence",
-    "StreamResult",
-    "Subscription",
-    "Usage",
-    "connect",
-]
+__all__ = ["Client", "connect"]
 
 logger = logging.getLogger("wsserver.client")
 
-_END = object()
 #: Close codes after which reconnecting would be pointless or harmful.
 NO_RECONNECT = frozenset(
     {
@@ -76,253 +66,6 @@ NO_RECONNECT = frozenset(
         CloseCode.POLICY,
     }
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    input_tokens: int
-    output_tokens: int
-    estimated: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class StreamResult:
-    """How a stream ended (``stream.end``)."""
-
-    reason: str
-    usage: Usage
-    ttft_ms: float | None
-    duration_ms: float
-    text: str
-    error_code: str | None = None
-    error_message: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Backoff:
-    """Full-jitter exponential backoff: attempt n waits uniform(0, min(cap, base * 2**n)).
-
-    ``give_up_after`` bounds the total time spent reconnecting (None: never give up).
-    """
-
-    base: float = 0.25
-    cap: float = 10.0
-    give_up_after: float | None = 60.0
-
-    def delay(self, attempt: int) -> float:
-        return random.uniform(0, min(self.cap, self.base * (2**attempt)))
-
-
-@dataclass(frozen=True, slots=True)
-class ChannelMessage:
-    """A publication on a channel (``data`` is any JSON; for a stream published
-    into the channel it is the stream frame, e.g. ``{"type": "stream.delta", ...}``)."""
-
-    channel: str
-    offset: int
-    sender: str
-    data: Any
-
-
-@dataclass(frozen=True, slots=True)
-class Presence:
-    """Someone joined or left a channel."""
-
-    channel: str
-    offset: int
-    joined: str | None = None
-    left: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DirectMessage:
-    sender: str
-    data: Any
-
-
-class Subscription:
-    """A channel subscription: an async iterator of :class:`ChannelMessage` and
-    :class:`Presence` items, in offset order, each once.
-
-    After a reconnect the client re-subscribes with ``since`` = the last
-    offset seen and the channel's ``epoch``; if the server could not recover
-    the gap, ``recovered`` is False (refetch your state) and delivery goes on
-    from the channel's current position. ``members`` is kept up to date from
-    presence events.
-    """
-
-    def __init__(self, client: Client, channel: str, since: int | None, epoch: str | None) -> None:
-        self._client = client
-        self.channel = channel
-        self.offset = since or 0
-        self.epoch = epoch
-        self.recovered: bool | None = None
-        self.members: set[str] = set()
-        self._since = since
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._failure: BaseException | None = None
-
-    def __aiter__(self) -> AsyncIterator[ChannelMessage | Presence]:
-        return self
-
-    async def __anext__(self) -> ChannelMessage | Presence:
-        item = await self._queue.get()
-        if item is _END:
-            self._queue.put_nowait(_END)
-            if self._failure is not None:
-                raise self._failure
-            raise StopAsyncIteration
-        return item  # type: ignore[no-any-return]
-
-    async def next(self, timeout: float | None = None) -> ChannelMessage | Presence:
-        async with asyncio.timeout(timeout):
-            return await self.__anext__()
-
-    async def unsubscribe(self) -> None:
-        self._client._subscriptions.pop(self.channel, None)
-        await self._client.request({"type": "unsubscribe", "channel": self.channel})
-        self._queue.put_nowait(_END)
-
-    def _request(self) -> dict[str, Any]:
-        msg: dict[str, Any] = {"type": "subscribe", "channel": self.channel}
-        if self._since is not None:
-            msg["since"] = self._since
-        if self.epoch is not None:
-            msg["epoch"] = self.epoch
-        return msg
-
-    # called by the client's reader
-    def _subscribed(self, frame: Mapping[str, Any]) -> None:
-        self.recovered = bool(frame.get("recovered"))
-        self.members = set(frame.get("members") or ())
-        self.epoch = frame.get("epoch")
-        if not self.recovered:  # nothing replayed: go on from the current position
-            self.offset = frame.get("offset", 0)
-        self._since = self.offset  # what a re-subscription asks for
-
-    def _deliver(self, frame: Mapping[str, Any]) -> None:
-        offset = frame.get("offset", 0)
-        if offset <= self.offset:
-            return  # seen already
-        self.offset = self._since = offset
-        if frame["type"] == "presence":
-            joined, left = frame.get("joined"), frame.get("left")
-            if joined:
-                self.members.add(joined)
-            if left:
-                self.members.discard(left)
-            self._queue.put_nowait(Presence(self.channel, offset, joined, left))
-        else:
-            self._queue.put_nowait(ChannelMessage(self.channel, offset, frame.get("from", ""), frame.get("data")))
-
-    def _lost(self, exc: BaseException) -> None:
-        self._failure = exc
-        self._queue.put_nowait(_END)
-
-
-class ClientStream:
-    """One generation: an async iterator of text pieces.
-
-    ``result`` is set once ``stream.end`` arrived. Iteration ends normally for
-    every reason but ``error``, which raises :class:`StreamFailed`.
-    """
-
-    def __init__(self, client: Client, ref: str) -> None:
-        self._client = client
-        self.ref = ref
-        self.id: str | None = None
-        self.provider: str | None = None
-        self.model: str | None = None
-        self.steered_from: str | None = None
-        self.result: StreamResult | None = None
-        self._parts: list[str] = []
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
-        self._failure: BaseException | None = None
-
-    @property
-    def text(self) -> str:
-        """Everything received so far."""
-        return "".join(self._parts)
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self
-
-    async def __anext__(self) -> str:
-        item = await self._queue.get()
-        if item is _END:
-            self._queue.put_nowait(_END)  # iterating again ends again
-            if self._failure is not None:
-                raise self._failure
-            raise StopAsyncIteration
-        return item  # type: ignore[no-any-return]
-
-    async def wait(self) -> StreamResult:
-        """Consume the rest of the stream and return its result."""
-        async for _ in self:
-            pass
-        assert self.result is not None
-        return self.result
-
-    async def cancel(self) -> None:
-        """Stop the generation. Returns once the stream has ended (a no-op if it had)."""
-        if self.result is not None or self.id is None:
-            return
-        try:
-            await self._client.request({"type": "cancel", "stream": self.id})
-        except ServerError as exc:
-            if exc.code != "unknown_stream":  # ended meanwhile: nothing to do
-                raise
-
-    async def interrupt(self, text: str | None = None) -> ClientStream | None:
-        """Steer: stop this stream where it is and, with ``text``, continue the
-        conversation (so far, plus ``text`` as the user's words) in a new stream,
-        which is returned. Without ``text`` it only stops (reason ``interrupted``).
-        """
-        assert self.id is not None
-        message: dict[str, Any] = {"type": "interrupt", "stream": self.id}
-        if text is None:
-            await self._client.request(message)
-            return None
-        message["input"] = text
-        return await self._client._start_stream(message)
-
-    # called by the client's reader
-    def _feed(self, text: str) -> None:
-        self._parts.append(text)
-        self._queue.put_nowait(text)
-
-    def _snapshot(self, text: str) -> None:
-        # The server's text so far: deliver only what this handle has not seen.
-        seen = self.text
-        if text.startswith(seen) and len(text) > len(seen):
-            self._feed(text[len(seen) :])
-
-    def _end(self, frame: Mapping[str, Any]) -> None:
-        usage = frame.get("usage") or {}
-        error = frame.get("error") or {}
-        self.result = StreamResult(
-            reason=frame["reason"],
-            usage=Usage(
-                usage.get("input_tokens", 0),
-                usage.get("output_tokens", 0),
-                bool(usage.get("estimated", False)),
-            ),
-            ttft_ms=frame.get("ttft_ms"),
-            duration_ms=frame.get("duration_ms", 0.0),
-            text=self.text,
-            error_code=error.get("code"),
-            error_message=error.get("message"),
-        )
-        if frame["reason"] == "error":
-            self._failure = StreamFailed(
-                error.get("code", "internal"), error.get("message", ""), self.result
-            )
-        self._queue.put_nowait(_END)
-
-    def _lost(self, exc: BaseException) -> None:
-        if self.result is None and self._failure is None:
-            self._failure = exc
-            self._queue.put_nowait(_END)
 
 
 class Client:
@@ -365,6 +108,7 @@ class Client:
         self.inbox: asyncio.Queue[DirectMessage] = asyncio.Queue()
         self._streams: dict[str, ClientStream] = {}
         self._supervisor: asyncio.Task[None] | None = None
+        self._acks: set[asyncio.Task[None]] = set()  # acks being sent (kept referenced)
         self._connected = asyncio.Event()
         self._closing = False
         self._final_error: ConnectionLost | None = None
@@ -635,7 +379,9 @@ class Client:
             self.last_seq = seq
             if seq - self._acked >= self.ack_every and self._ws is not None:
                 self._acked = seq
-                asyncio.get_running_loop().create_task(self._send_ack(seq))
+                task = asyncio.get_running_loop().create_task(self._send_ack(seq))
+                self._acks.add(task)
+                task.add_done_callback(self._acks.discard)
         kind = frame.get("type")
         channel = frame.get("channel")
         if channel is not None and kind in ("message", "presence"):

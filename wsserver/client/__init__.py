@@ -1,0 +1,31 @@
+"""The Python client: ``async with wsserver.client.connect(url) as c: ...``.
+
+See :mod:`wsserver.client.client` for reconnection and resume. Imports only
+the wire; the exceptions it raises live in :mod:`wsserver.wire.errors` and
+are re-exported here.
+"""
+
+from __future__ import annotations
+
+from ..wire.errors import ConnectionLost, RateLimited, ServerError, StreamFailed
+from .channels import Subscription
+from .client import Client, connect
+from .streams import ClientStream
+from .types import Backoff, ChannelMessage, DirectMessage, Presence, StreamResult, Usage
+
+__all__ = [
+    "Backoff",
+    "ChannelMessage",
+    "Client",
+    "ClientStream",
+    "ConnectionLost",
+    "DirectMessage",
+    "Presence",
+    "RateLimited",
+    "ServerError",
+    "StreamFailed",
+    "StreamResult",
+    "Subscription",
+    "Usage",
+    "connect",
+]

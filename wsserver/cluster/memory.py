@@ -1,0 +1,46 @@
+"""The memory backplane: one process; channels, presence and agent names in memory."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ..core.channels import Channels, Delivery
+from .backplane import Backplane, ClusterEvents
+
+if TYPE_CHECKING:
+    from ..core.actions import MessagingCall
+    from ..core.session import Session
+
+__all__ = ["MemoryBackplane"]
+
+
+class MemoryBackplane(Backplane):
+    """Every messaging call is answered at once by :class:`~wsserver.core.channels.Channels`."""
+
+    def __init__(self, *, history_size: int = 1000, history_ttl: float = 300.0) -> None:
+        super().__init__()
+        self.channels = Channels(history_size=history_size, history_ttl=history_ttl)
+
+    async def start(self, events: ClusterEvents) -> None:
+        self.channels.on_output = events.deliveries_pending
+
+    def session_ended(self, session: Session) -> None:
+        self.channels.leave_all(session)
+
+    def agent_held(self, name: str) -> bool:
+        return name in self.channels.agents
+
+    def claim_agent(self, name: str, session: Session) -> None:
+        self.channels.claim_agent(name, session)
+
+    def call(self, session: Session, call: MessagingCall) -> None:
+        self.channels.carry_out(session, call)
+
+    def publish_nowait(self, channel: str, sender: str, data: bytes) -> None:
+        self.channels.publish(channel, sender, data)
+
+    def take_deliveries(self) -> list[Delivery]:
+        return self.channels.take_deliveries()
+
+    def sweep(self) -> None:
+        self.channels.sweep()

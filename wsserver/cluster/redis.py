@@ -1,0 +1,613 @@
+"""The Redis backplane: several nodes share sessions, channels, presence and agent names.
+
+Each node has a random name and a heartbeat in the sorted set ``wss:nodes``.
+A session is *owned* by the node that runs it (its seq, streams and provider
+calls live there); its replay log is written through to Redis before frames
+are sent. A client that reconnects to another node is *tunnelled* to the
+owner (:mod:`~wsserver.cluster.tunnel`): the node it reached relays its
+frames both ways over Redis pub/sub, so ``cancel``, ``interrupt`` and
+``ack`` reach the node that runs the generation. When a node's heartbeat is
+older than ``node_timeout``, the first node to notice *adopts* its sessions
+(:mod:`~wsserver.cluster.adoption`).
+
+Keys (``{sid}`` a session id, ``{c}`` a channel, ``{n}`` a node)::
+
+    wss:nodes                 ZSET node -> last heartbeat (Redis clock, ms)
+    wss:node:{n}:sessions     SET  sessions the node owns
+    wss:s:{sid}               HASH owner identity agent public_id seq acked subs rules
+    wss:s:{sid}:log           STREAM the replay log, entry id "{seq}-0", field f = frame
+    wss:s:{sid}:run           SET  ids of the session's running streams
+    wss:s:{sid}:req           HASH running stream id -> its request (for an adopting node)
+    wss:s:{sid}:dm            LIST direct messages not yet in the session's log
+    wss:claim:{sid}           a new session's agent claim, until it is registered
+    wss:agent:{name}          STRING the session holding the agent name
+    wss:c:{c}:e / :o / :h / :m  epoch, offset counter, history STREAM, members HASH
+    pub/sub  wss:c:{c}        "{offset} {frame}" of every channel publication
+    pub/sub  wss:n:{n}        control messages to a node (tunnels, direct messages)
+    pub/sub  wss:p:{tunnel}   frames from the owner back to the tunnelling node
+
+Costs: a batch of frames of one session (a writer's flush) is one EVALSHA
+(the owner check, one XADD per frame, HSET, XTRIM inside Redis); everything
+queued in one loop turn goes in one pipeline, a single round trip
+(:mod:`~wsserver.cluster.redis_writes`). A publication is one EVALSHA
+(INCR, XADD, PUBLISH inside Redis); a direct message one EVALSHA.
+Redis Cluster is not supported (scripts touch keys they are not given).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from ..core.channels import Delivery
+from ..wire.codec import peek
+from ..wire.messages import Publish, Send, Subscribe
+from ..wire.names import valid_name
+from . import redis_scripts as lua
+from .adoption import NodeWatch
+from .backplane import LOCAL, Backplane, ClusterEvents, Route
+from .redis_channels import RedisChannels
+from .redis_util import DOWN, encode_request, eval_in, redacted, skey, suppress_down
+from .redis_writes import Fill, WriteQueue
+from .tunnel import Tunnel, TunnelEnd
+
+if TYPE_CHECKING:
+    from ..core.actions import MessagingCall
+    from ..core.session import Session
+
+__all__ = ["RedisBackplane"]
+
+logger = logging.getLogger("wsserver.backplane")
+
+
+class RedisBackplane(Backplane):
+    """Sessions, channels, presence and agent names shared through Redis.
+
+    Args:
+        url: ``redis://host:port/db`` (may hold a password; never logged).
+        node_id: this node's name (default random); a node restarted under
+            the same name takes its sessions back.
+        node_timeout: seconds without a heartbeat before a node is lost.
+        history_size, history_ttl: what each channel keeps for recovery.
+    """
+
+    shared = True
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        node_id: str | None = None,
+        node_timeout: float = 3.0,
+        history_size: int = 1000,
+        history_ttl: float = 300.0,
+    ) -> None:
+        super().__init__()
+        self.url = url
+        self.node = node_id or "n-" + secrets.token_hex(4)
+        self.redis = aioredis.from_url(url, socket_timeout=5.0, socket_connect_timeout=2.0)
+        register = self.redis.register_script
+        self.scripts = {
+            "channel": register(lua.CHANNEL),
+            "send": register(lua.SEND),
+            "claim_agent": register(lua.CLAIM_AGENT),
+            "release_agent": register(lua.RELEASE_AGENT),
+            "heartbeat": register(lua.HEARTBEAT),
+            "append": register(lua.APPEND),
+            "claim_session": register(lua.CLAIM_SESSION),
+            "end": register(lua.END),
+            "alive": register(lua.ALIVE),
+        }
+        #: What this node's server is told (set by :meth:`start`).
+        self.events: ClusterEvents
+        self.writes = WriteQueue(self)
+        self.channels = RedisChannels(self, history_size=history_size, history_ttl=history_ttl)
+        self.watch = NodeWatch(self, node_timeout)
+        self._pubsub: Any = None
+        self._confirmed: dict[bytes, asyncio.Future[None]] = {}
+        #: This node's sessions by agent name (uniqueness across nodes is Redis's).
+        self._agents: dict[str, Session] = {}
+        #: Direct messages handed to a session and not yet trimmed off its queue, by id.
+        self._dm_seen: dict[str, set[str]] = {}
+        self._dm_draining: dict[str, bool] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listener: asyncio.Task[None] | None = None
+        self._watcher: asyncio.Task[None] | None = None
+        self._recovering: asyncio.Task[None] | None = None
+        self.healthy = False
+        #: Tunnels from this node to owners elsewhere, by id.
+        self.tunnels: dict[str, Tunnel] = {}
+        #: Registrations of new sessions not yet confirmed (see write_log).
+        self._registering: dict[str, asyncio.Future[Any]] = {}
+        self.stats.update(adopted_sessions=0, lost_nodes=0, outages=0)
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self, events: ClusterEvents) -> None:
+        self.events = events
+        await self.redis.ping()  # fail fast at startup: a wrong URL is a configuration error
+        await self.load_scripts()
+        await self._connect_pubsub()
+        self.healthy = True
+        await self.watch.heartbeat()
+        await self.watch.adopt_previous()
+        self._watcher = asyncio.get_running_loop().create_task(self.watch.run())
+        logger.info("redis backplane %s: node %s", redacted(self.url), self.node)
+
+    async def close(self) -> None:
+        for task in (self._watcher, self._listener, self._recovering):
+            if task is not None:
+                task.cancel()
+        self.watch.cancel()
+        if self.healthy:
+            with suppress_down():
+                if self.writes:
+                    await asyncio.wait_for(self.writes.flush_once(), 2.0)
+                # Declared lost at once: another node adopts this node's sessions
+                # (their streams ended with error shutdown) at its next heartbeat.
+                await self.redis.zadd("wss:nodes", {self.node: 0})
+        if self._pubsub is not None:
+            with suppress_down():
+                await self._pubsub.aclose()
+        with suppress_down():
+            await self.redis.aclose()
+
+    def status(self) -> str | None:
+        if self.healthy:
+            return None
+        return "degraded: the Redis backplane is unreachable; serving local sessions only"
+
+    def tunnel_count(self) -> int:
+        return len(self.tunnels)
+
+    def tunnel_owners(self) -> set[str]:
+        return {tunnel.owner for tunnel in self.tunnels.values()}
+
+    def spawn(self, coro: Any) -> asyncio.Task[Any]:
+        """A task of the backplane's own (kept referenced until it is done)."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def enqueue(self, fill: Fill, wait: bool) -> asyncio.Future[Any] | None:
+        return self.writes.enqueue(fill, wait)
+
+    def later(self, sid: str, fill: Fill) -> None:
+        self.writes.later(sid, fill)
+
+    # ------------------------------------------------------------- outages
+
+    def down(self, exc: BaseException) -> None:
+        """Redis stopped answering: serve local sessions only, and recover in the background."""
+        if self.healthy:
+            self.healthy = False
+            self.stats["outages"] += 1
+            logger.warning("redis backplane unreachable (%s); serving local sessions only", exc)
+            self.events.node_lost(None)  # every tunnel goes through Redis
+        if self._recovering is None or self._recovering.done():
+            self._recovering = self.spawn(self._recover())
+
+    async def _recover(self) -> None:
+        """Reconnect with full-jitter backoff, then write this node's state back."""
+        delay = 0.1
+        while True:
+            await asyncio.sleep(random.uniform(0, delay))
+            delay = min(delay * 2, 5.0)
+            try:
+                await self.redis.ping()
+                await self._connect_pubsub()
+                await self._resync()
+            except DOWN as exc:
+                logger.debug("redis still unreachable: %s", exc)
+                continue
+            except Exception:  # never give up on recovering: log it and try again
+                logger.exception("writing this node's state back to Redis failed; retrying")
+                continue
+            logger.warning("redis backplane reachable again; state written back")
+            return
+
+    async def load_scripts(self) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for script in self.scripts.values():
+            pipe.script_load(script.script)
+        await pipe.execute()
+
+    async def owners(self, sids: list[str]) -> dict[str, str | None]:
+        pipe = self.redis.pipeline(transaction=False)
+        for sid in sids:
+            pipe.hget(skey(sid), "owner")
+        return {sid: None if o is None else o.decode() for sid, o in zip(sids, await pipe.execute())}
+
+    async def _resync(self) -> None:
+        """After an outage: make Redis know what this node holds, then serve again.
+
+        Sessions another node adopted meanwhile (this node was declared lost)
+        are dropped here. The others get their memory log written again (the
+        append script skips what Redis has); one whose hash is gone (Redis
+        restarted empty) is registered again with its agent name and presence.
+        What ended or left during the outage is written last.
+        """
+        await self.load_scripts()  # (a restarted Redis has none)
+        await self.watch.heartbeat()
+        events = self.events
+        sessions = events.local_sessions()
+        deferred = self.writes.deferred()  # (kept until the writes are queued: this may fail)
+        owners = await self.owners([s.id for s in sessions] + [sid for sid, _ in deferred])
+        for session in sessions:
+            owner = owners[session.id]
+            if owner is not None and owner != self.node:
+                events.fence_session(session.id)
+        # No await from here on: these go first in the write queue, before
+        # anything the sessions produce from now on.
+        for session in sessions:
+            if events.local_session(session.id) is not session:
+                continue
+            session.out.journal = []
+            if owners[session.id] is None:
+                self.enqueue(lambda pipe, s=session: self._reregister(pipe, s), wait=False)
+            self._write(session, session.log, wait=False)
+        for sid, fill in deferred:
+            if owners[sid] in (None, self.node):
+                self.enqueue(fill, wait=False)
+        self.writes.drop_deferred(len(deferred))
+        self.healthy = True
+        await self.writes.flush_pending()
+
+    def _reregister(self, pipe: Any, session: Session) -> None:
+        self._register(pipe, session)
+        key = skey(session.id)
+        if session.agent is not None:
+            pipe.set(f"wss:agent:{session.agent}", session.id)
+        for name in session.subscriptions:
+            pipe.hincrby(f"wss:c:{name}:m", session.name, 1)
+        for stream in session.streams.values():
+            pipe.sadd(f"{key}:run", stream.id)
+            pipe.hset(f"{key}:req", stream.id, encode_request(stream))
+
+    # ------------------------------------------------------------- sessions
+
+    def _register(self, pipe: Any, session: Session) -> None:
+        rules = session.rules
+        pipe.hset(
+            skey(session.id),
+            mapping={
+                "owner": self.node,
+                "identity": session.identity,
+                "agent": session.agent or "",
+                "public_id": session.public_id,
+                "subs": orjson.dumps(sorted(session.subscriptions)),
+                "rules": b"" if rules is None else orjson.dumps({"subscribe": rules.subscribe, "publish": rules.publish}),
+            },
+        )
+        pipe.sadd(f"wss:node:{self.node}:sessions", session.id)
+
+    def _write(self, session: Session, entries: list[tuple[int, bytes]], wait: bool) -> asyncio.Future[Any] | None:
+        """Queue the append script for ``entries`` of ``session`` (the owner check included)."""
+        key = skey(session.id)
+        keys = [key, f"{key}:log", f"{key}:run", f"{key}:req", f"{key}:dm"]
+        args: list[Any] = [self.node, session.acked, session.log_first]
+        for seq, frame in entries:
+            op, stream_id, request = "", "", b""
+            kind = peek(frame)
+            if kind.type == "stream.start":
+                op, stream_id = "s", kind.stream or ""
+                stream = session.streams.get(stream_id)
+                if stream is not None:  # what an adopting node needs to continue it (interrupt)
+                    request = encode_request(stream)
+            elif kind.type == "stream.end":
+                op, stream_id = "e", kind.stream or ""
+            elif kind.direct:
+                op = "m"
+            args += [seq, frame, op, stream_id, request]
+        script = self.scripts["append"]
+        events = self.events
+
+        def check(replies: list[Any]) -> None:
+            if replies and replies[0] == 0:  # another node owns it now
+                events.fence_session(session.id)
+
+        return self.writes.enqueue(lambda pipe: eval_in(pipe, script, keys, args), wait, check)
+
+    async def write_log(self, session: Session | None) -> None:
+        if session is None:
+            return
+        registering = self._registering.pop(session.id, None)
+        if registering is not None:  # its welcome waits until other nodes can find it
+            with contextlib.suppress(ConnectionError):
+                await registering
+        entries = session.out.take_journal()
+        if not entries or not self.healthy:
+            return  # (degraded: sent without Redis; the memory log is written again by _resync())
+        future = self._write(session, entries, wait=True)
+        assert future is not None
+        with contextlib.suppress(ConnectionError):
+            await future  # (degraded: the frames go out; _resync() writes them later)
+
+    def write_log_nowait(self, session: Session) -> None:
+        entries = session.out.take_journal()
+        if entries and self.healthy:
+            self._write(session, entries, wait=False)
+
+    def session_opened(self, session: Session) -> None:
+        if self.healthy:
+            future = self.enqueue(lambda pipe: self._register(pipe, session), wait=True)
+            assert future is not None
+            self._registering[session.id] = future
+
+    def session_ended(self, session: Session) -> None:
+        self.channels.leave_all(session)
+        self._release_agent(session)
+        self._registering.pop(session.id, None)
+        self._dm_seen.pop(session.id, None)
+        key = skey(session.id)
+        keys = [key, f"{key}:log", f"{key}:run", f"{key}:req", f"{key}:dm", f"wss:node:{self.node}:sessions"]
+        script = self.scripts["end"]
+        self.later(session.id, lambda pipe: eval_in(pipe, script, keys, [self.node, session.id]))
+
+    # ----------------------------------------------------------- agent names
+
+    def agent_held(self, name: str) -> bool:
+        return name in self._agents
+
+    def claim_agent(self, name: str, session: Session) -> None:
+        self._agents[name] = session  # shared uniqueness was settled by route()
+
+    def _release_agent(self, session: Session) -> None:
+        agent = session.agent
+        if agent is not None and self._agents.get(agent) is session:
+            del self._agents[agent]
+            script = self.scripts["release_agent"]
+            keys, args = [f"wss:agent:{agent}"], [session.id]
+            self.later(session.id, lambda pipe: eval_in(pipe, script, keys, args))
+
+    async def route(self, hello: dict[str, Any]) -> Route:
+        """Find the session's owner: here, another live node (tunnel), or a lost one (adopt)."""
+        if not self.healthy:
+            return LOCAL
+        sid = hello.get("session")
+        local = self.events.local_session
+        try:
+            if isinstance(sid, str) and local(sid) is None:
+                for _ in range(3):
+                    owner = await self.redis.hget(skey(sid), "owner")
+                    if owner is None or owner.decode() == self.node:
+                        break
+                    owner_name = owner.decode()
+                    if await self.watch.alive(owner_name):
+                        return Route(owner_name, connect=lambda: self._open_tunnel(owner_name))
+                    await self.watch.adopt_node(owner_name)
+                    if local(sid) is not None:
+                        break
+            return await self.reserve_agent(hello)
+        except DOWN as exc:
+            self.down(exc)
+        return LOCAL
+
+    async def reserve_agent(self, hello: dict[str, Any]) -> Route:
+        """Claim ``hello.agent`` across nodes for the session the hello will
+        open (``Route.session_id``); ``Route.agent_taken``: another session holds it."""
+        agent = hello.get("agent")
+        if not isinstance(agent, str) or not valid_name(agent):
+            return LOCAL  # (the hello is refused with bad_name later)
+        sid = hello.get("session")
+        resumed = self.events.local_session(sid) if isinstance(sid, str) else None
+        if resumed is not None and resumed.agent == agent:
+            return LOCAL  # resuming the session that holds it
+        new_id = secrets.token_urlsafe(16)
+        if not self.healthy:
+            return Route(session_id=new_id)  # degraded: only this node's names are checked
+        try:
+            claimed = await self.scripts["claim_agent"](keys=[f"wss:agent:{agent}"], args=[new_id])
+        except DOWN as exc:
+            self.down(exc)
+            return Route(session_id=new_id)
+        return Route(session_id=new_id, agent_taken=not claimed)
+
+    # ------------------------------------------------------------ messaging
+
+    def call(self, session: Session, call: MessagingCall) -> Awaitable[None] | None:
+        if call.kind == "unsubscribe":
+            self.channels.unsubscribe(call.msg.channel, session)  # type: ignore[union-attr]
+            return None
+        return self._call(session, call)
+
+    async def _call(self, session: Session, call: MessagingCall) -> None:
+        msg = call.msg
+        try:
+            if not self.healthy:
+                raise ConnectionError("the Redis backplane is unreachable")
+            await self.writes.flush_pending()  # earlier writes of this node first (e.g. a leave)
+            if isinstance(msg, Subscribe):
+                await self.channels.subscribe(session, msg)
+            elif isinstance(msg, Publish):
+                await self.channels.publish(session, msg, call.encoded or b"null")
+            elif isinstance(msg, Send):
+                head = orjson.dumps({"id": secrets.token_hex(8), "from": session.name})[:-1]
+                payload = head + b',"data":' + (call.encoded or b"null") + b"}"
+                found = await self.scripts["send"](keys=[f"wss:agent:{msg.to}"], args=[payload])
+                session.sent(msg, bool(found))
+        except BaseException as exc:  # answered, whatever happened: the connection goes on
+            if isinstance(exc, DOWN) and not isinstance(exc, ConnectionError):
+                self.down(exc)  # (a ConnectionError of ours: the flusher saw it already)
+            elif not isinstance(exc, (*DOWN, asyncio.CancelledError)):
+                logger.error("backplane %s failed: %r", call.kind, exc)
+            if isinstance(msg, Subscribe):
+                self.channels.subscribe_failed(session, msg.channel)
+            session.failed(call, "the Redis backplane is unreachable; try again")
+            if not isinstance(exc, Exception):
+                raise
+
+    def publish_nowait(self, channel: str, sender: str, data: bytes) -> None:
+        self.channels.publish_nowait(channel, sender, data)
+
+    def take_deliveries(self) -> list[Delivery]:
+        return self.channels.take_deliveries()
+
+    def sweep(self) -> None:
+        self.channels.sweep()
+
+    async def take_direct_messages(self, sid: str) -> None:
+        """Hand the session the direct messages waiting for it in Redis.
+
+        They stay in its queue until the frames carrying them are in its log
+        (the append script trims the queue), so an ``ok`` to a ``send`` is
+        never lost to a crash in between; ids keep a second pass from
+        delivering one twice. One pass at a time per session, in order.
+        """
+        if sid in self._dm_draining:
+            self._dm_draining[sid] = True  # again after the running pass
+            return
+        self._dm_draining[sid] = False
+        try:
+            while True:
+                session = self.events.local_session(sid)
+                if session is None:
+                    return  # not (or no longer) ours: the new owner takes them when it adopts
+                items = await self.redis.lrange(f"{skey(sid)}:dm", 0, 999)
+                seen = self._dm_seen.setdefault(sid, set())
+                messages = [orjson.loads(item) for item in items]
+                seen.intersection_update(dm["id"] for dm in messages)  # trimmed ones are forgotten
+                for dm in messages:
+                    if dm["id"] not in seen:
+                        seen.add(dm["id"])
+                        session.deliver_direct(dm["from"], dm["data"])
+                if not self._dm_draining.get(sid):
+                    return
+                self._dm_draining[sid] = False
+        except DOWN as exc:
+            self.down(exc)
+        finally:
+            self._dm_draining.pop(sid, None)
+
+    # -------------------------------------------------------------- pub/sub
+
+    async def _connect_pubsub(self) -> None:
+        old, self._pubsub = self._pubsub, self.redis.pubsub()
+        if self._listener is not None:
+            self._listener.cancel()
+        if old is not None:
+            with suppress_down():
+                await old.aclose()
+        # Everything this node listened to, or is about to (a listen() waiting
+        # on the old connection is confirmed by the new one).
+        names = {f"wss:n:{self.node}".encode(), *self._confirmed}
+        names |= {name.encode() for name in self.channels.listening()}
+        names |= {f"wss:p:{tid}".encode() for tid in self.tunnels}
+        loop = asyncio.get_running_loop()
+        for name in names:
+            if name not in self._confirmed or self._confirmed[name].done():
+                self._confirmed[name] = loop.create_future()
+        await self._pubsub.subscribe(*names)  # (connects; the listener reads the confirmations)
+        self._listener = loop.create_task(self._listen_loop(self._pubsub))
+        await asyncio.wait_for(asyncio.shield(self._confirmed[f"wss:n:{self.node}".encode()]), 5.0)
+
+    async def listen(self, channel: str) -> None:
+        """Subscribe this node to ``channel`` and wait until Redis confirmed it."""
+        key = channel.encode()
+        future = self._confirmed.get(key)
+        if future is None:
+            future = self._confirmed[key] = asyncio.get_running_loop().create_future()
+            try:
+                await self._pubsub.subscribe(channel)
+            except BaseException:
+                del self._confirmed[key]
+                raise
+        await asyncio.wait_for(asyncio.shield(future), 5.0)
+
+    def unlisten_nowait(self, channel: str) -> None:
+        if channel.encode() in self._confirmed:
+            self.spawn(self._unlisten(channel))
+
+    async def _unlisten(self, channel: str) -> None:
+        if channel.startswith("wss:c:") and self.channels.has_subscribers(channel[6:]):
+            return  # subscribed again meanwhile
+        if self._confirmed.pop(channel.encode(), None) is not None and self.healthy:
+            with suppress_down():
+                await self._pubsub.unsubscribe(channel)
+
+    async def _listen_loop(self, pubsub: Any) -> None:
+        try:
+            while True:
+                msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=None)
+                if msg is None:
+                    continue
+                kind, channel, data = msg["type"], msg["channel"], msg["data"]
+                if kind == b"subscribe" or kind == "subscribe":
+                    future = self._confirmed.get(channel)
+                    if future is not None and not future.done():
+                        future.set_result(None)
+                elif kind == b"message" or kind == "message":
+                    try:
+                        self._dispatch(channel, data)
+                    except Exception:  # one bad message must not stop the node's listener
+                        logger.exception("backplane message on %r failed", channel)
+        except asyncio.CancelledError:
+            raise
+        except DOWN as exc:
+            self.down(exc)
+        except Exception as exc:  # a deaf node is worse than a reconnect
+            logger.exception("backplane listener failed")
+            self.down(exc)
+
+    def _dispatch(self, channel: bytes, data: bytes) -> None:
+        if channel.startswith(b"wss:c:"):
+            offset, _, frame = data.partition(b" ")
+            self.channels.deliver(channel[6:].decode(), int(offset), frame)
+        elif channel.startswith(b"wss:p:"):
+            tunnel = self.tunnels.get(channel[6:].decode())
+            if tunnel is not None:
+                tunnel.inbox.put(data)
+        else:
+            self._control(orjson.loads(data))
+
+    def _control(self, msg: dict[str, Any]) -> None:
+        op = msg.get("op")
+        events = self.events
+        if op == "dm":
+            self.spawn(self.take_direct_messages(msg["sid"]))
+        elif op == "open":
+            end = TunnelEnd(self, msg["tunnel"], msg["node"])
+            events.tunnel_opened(end, msg["hello"], msg.get("token"), msg.get("ip", "?"))
+        elif op == "in":
+            events.tunnel_input(msg["tunnel"], b"" if msg.get("binary") else msg["text"])
+        elif op == "close":
+            events.tunnel_closed(msg["tunnel"])
+        else:
+            logger.warning("unknown backplane control message %r", op)
+
+    # -------------------------------------------------------------- tunnels
+
+    def send_to_node(self, node: str, msg: dict[str, Any]) -> None:
+        """A control message to ``node``, in order with this node's other writes."""
+        payload = orjson.dumps(msg)
+        if self.healthy:
+            self.enqueue(lambda pipe: pipe.publish(f"wss:n:{node}", payload), wait=False)
+
+    def send_to_tunnel(self, tunnel: str, data: bytes) -> None:
+        if self.healthy:
+            self.enqueue(lambda pipe: pipe.publish(f"wss:p:{tunnel}", data), wait=False)
+
+    async def _open_tunnel(self, owner: str) -> Tunnel:
+        tunnel = Tunnel(self, secrets.token_hex(8), owner)
+        self.tunnels[tunnel.id] = tunnel
+        try:
+            await self.listen(f"wss:p:{tunnel.id}")
+        except BaseException:
+            del self.tunnels[tunnel.id]
+            self._confirmed.pop(f"wss:p:{tunnel.id}".encode(), None)
+            raise
+        return tunnel
+
+    async def close_tunnel(self, tunnel: str) -> None:
+        if self.tunnels.pop(tunnel, None) is not None:
+            await self._unlisten(f"wss:p:{tunnel}")
+

@@ -1,0 +1,190 @@
+"""The Lua scripts of the Redis backplane (each one round trip, atomic in Redis).
+
+Frames are never built here: the codec (:mod:`wsserver.wire.codec`) passes
+the bytes around an offset as arguments, and a script only puts the offset
+between them.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ALIVE",
+    "APPEND",
+    "CHANNEL",
+    "CLAIM_AGENT",
+    "CLAIM_SESSION",
+    "END",
+    "HEARTBEAT",
+    "RELEASE_AGENT",
+    "SEND",
+]
+
+# One channel operation: ARGV = op, history ttl (s), history size, pub/sub
+# channel, an epoch for a new channel, three op-specific values, the head of
+# a presence event, the joined flag (sub), the tail of a presence event.
+#   pub:   ARGV[6], ARGV[7] = the message around its offset
+#   leave: ARGV[6] = the member leaving
+#   sub:   ARGV[6] = the member, ARGV[7] = since, ARGV[8] = epoch, ARGV[10] = '1' to join
+CHANNEL = """
+local op = ARGV[1]
+local ttl_ms = math.floor(tonumber(ARGV[2]) * 1000)
+local size = tonumber(ARGV[3])
+local pubch = ARGV[4]
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local epoch = redis.call('GET', KEYS[1])
+if not epoch then
+  epoch = ARGV[5]
+  redis.call('SET', KEYS[1], epoch)
+  redis.call('DEL', KEYS[2], KEYS[3])
+end
+local function append(frame_head, frame_tail)
+  local off = redis.call('INCR', KEYS[2])
+  local frame = frame_head .. off .. frame_tail
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', size, off .. '-0', 'f', frame, 't', now_ms)
+  redis.call('PEXPIRE', KEYS[3], ttl_ms)
+  redis.call('PUBLISH', pubch, off .. ' ' .. frame)
+  return off
+end
+local function presence()  -- ARGV[9], ARGV[11]: the event around its offset (built by the codec)
+  return append(ARGV[9], ARGV[11])
+end
+if op == 'pub' then
+  if redis.call('HLEN', KEYS[4]) == 0 then
+    redis.call('PEXPIRE', KEYS[1], ttl_ms)
+    redis.call('PEXPIRE', KEYS[2], ttl_ms)
+  end
+  return append(ARGV[6], ARGV[7])
+elseif op == 'leave' then
+  local n = redis.call('HINCRBY', KEYS[4], ARGV[6], -1)
+  if n <= 0 then
+    redis.call('HDEL', KEYS[4], ARGV[6])
+    presence()
+  end
+  if redis.call('HLEN', KEYS[4]) == 0 then
+    redis.call('PEXPIRE', KEYS[1], ttl_ms)
+    redis.call('PEXPIRE', KEYS[2], ttl_ms)
+  end
+  return n
+elseif op == 'sub' then
+  local offset = tonumber(redis.call('GET', KEYS[2]) or '0')
+  local recovered = 0
+  local missed = {}
+  local since = ARGV[7]
+  if since ~= '' and (ARGV[8] == '' or ARGV[8] == epoch) then
+    local s = tonumber(since)
+    if s >= offset then
+      if s == offset then recovered = 1 end
+    else
+      local entries = redis.call('XRANGE', KEYS[3], (s + 1) .. '-0', '+')
+      if #entries > 0 and entries[1][1] == (s + 1) .. '-0' and tonumber(entries[1][2][4]) >= now_ms - ttl_ms then
+        recovered = 1
+        for i, e in ipairs(entries) do
+          if tonumber(string.match(e[1], '^(%d+)')) <= offset then missed[#missed + 1] = e[2][2] end
+        end
+      end
+    end
+  end
+  local joined = 0
+  if ARGV[10] == '1' then
+    redis.call('PERSIST', KEYS[1])
+    redis.call('PERSIST', KEYS[2])
+    joined = redis.call('HINCRBY', KEYS[4], ARGV[6], 1)
+  end
+  local members = redis.call('HKEYS', KEYS[4])
+  if joined == 1 then presence() end
+  return {epoch, offset, recovered, missed, members}
+end
+return redis.error_reply('unknown op ' .. op)
+"""
+
+SEND = """
+local sid = redis.call('GET', KEYS[1])
+if not sid then return 0 end
+local owner = redis.call('HGET', 'wss:s:' .. sid, 'owner')
+if not owner then return 0 end
+redis.call('RPUSH', 'wss:s:' .. sid .. ':dm', ARGV[1])
+redis.call('PUBLISH', 'wss:n:' .. owner, '{"op":"dm","sid":' .. cjson.encode(sid) .. '}')
+return 1
+"""
+
+CLAIM_AGENT = """
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] and (redis.call('EXISTS', 'wss:s:' .. cur) == 1
+                               or redis.call('EXISTS', 'wss:claim:' .. cur) == 1) then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', 'wss:claim:' .. ARGV[1], '1', 'PX', 10000)  -- held until the session is registered
+return 1
+"""
+
+# A batch of one session's sequenced frames. Written only by the session's
+# owner (else 0: another node adopted it); frames at or below the stored seq
+# are skipped, so writing the memory log again after an outage is harmless.
+# 5 ARGV per frame: seq, frame, op ('s' stream.start, 'e' stream.end,
+# 'm' direct message), stream id, the stream's request (for 's').
+APPEND = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+local last = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local dms = 0
+for i = 4, #ARGV - 4, 5 do
+  local seq = tonumber(ARGV[i])
+  if seq > last then
+    redis.call('XADD', KEYS[2], seq .. '-0', 'f', ARGV[i + 1])
+    last = seq
+    local op = ARGV[i + 2]
+    if op == 's' then
+      redis.call('SADD', KEYS[3], ARGV[i + 3])
+      if ARGV[i + 4] ~= '' then redis.call('HSET', KEYS[4], ARGV[i + 3], ARGV[i + 4]) end
+    elseif op == 'e' then
+      redis.call('SREM', KEYS[3], ARGV[i + 3])
+      redis.call('HDEL', KEYS[4], ARGV[i + 3])
+    elseif op == 'm' then
+      dms = dms + 1
+    end
+  end
+end
+redis.call('HSET', KEYS[1], 'seq', last, 'acked', ARGV[2])
+redis.call('XTRIM', KEYS[2], 'MINID', ARGV[3] .. '-0')
+if dms > 0 then redis.call('LTRIM', KEYS[5], dms, -1) end  -- in the log now: off the queue
+return 1
+"""
+
+END = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('SREM', KEYS[6], ARGV[2])
+return 1
+"""
+
+RELEASE_AGENT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# Ownership moves only from the lost node, and before the new owner writes.
+CLAIM_SESSION = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'owner', ARGV[2])
+redis.call('SADD', KEYS[2], ARGV[3])
+return 1
+"""
+
+HEARTBEAT = """
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local added = redis.call('ZADD', KEYS[1], now_ms, ARGV[1])
+local lost = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms - tonumber(ARGV[2]))
+table.insert(lost, 1, tostring(added))
+return lost
+"""
+
+ALIVE = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score then return 0 end
+local t = redis.call('TIME')
+local now_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if tonumber(score) >= now_ms - tonumber(ARGV[2]) then return 1 end
+return 0
+"""

@@ -1,0 +1,91 @@
+"""Rate limits and access rules, as plain values the session core consults.
+
+Time is always passed in (``now``, seconds on any monotonic clock): nothing
+here reads a clock of its own.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+__all__ = ["ChannelRules", "MessagingLimits", "TokenBucket", "TokenBudget"]
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelRules:
+    """Which channels an identity may subscribe to and publish on
+    (:func:`fnmatch.fnmatchcase` patterns, e.g. ``team:*``)."""
+
+    subscribe: tuple[str, ...] = ("*",)
+    publish: tuple[str, ...] = ("*",)
+
+    def may_subscribe(self, channel: str) -> bool:
+        return any(fnmatch.fnmatchcase(channel, p) for p in self.subscribe)
+
+    def may_publish(self, channel: str) -> bool:
+        return any(fnmatch.fnmatchcase(channel, p) for p in self.publish)
+
+
+@dataclass(frozen=True, slots=True)
+class MessagingLimits:
+    max_subscriptions: int = 100
+    max_data_bytes: int = 64 * 1024
+    publish_rate: float = 100.0  # publications and direct messages per second
+    publish_burst: float = 200.0
+
+
+class TokenBucket:
+    """``take(now)`` returns 0 if a token was available, else seconds to wait."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp: float | None = None
+
+    def take(self, now: float) -> float:
+        if self.rate <= 0:
+            return 0.0
+        if self.stamp is not None:
+            self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return 0.0
+        return (1 - self.tokens) / self.rate
+
+    def idle_full(self, now: float) -> bool:
+        """Unused long enough to be full again (and a minute more): forgettable."""
+        return self.stamp is not None and now - self.stamp > self.burst / (self.rate or 1.0) + 60
+
+
+class TokenBudget:
+    """Output tokens per minute: spending may go negative; new generations wait
+    until the budget is positive again."""
+
+    __slots__ = ("capacity", "level", "rate", "stamp")
+
+    def __init__(self, per_minute: float) -> None:
+        self.capacity = per_minute
+        self.level = per_minute
+        self.rate = per_minute / 60.0
+        self.stamp: float | None = None
+
+    def _refill(self, now: float) -> None:
+        if self.stamp is not None:
+            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait(self, now: float) -> float:
+        self._refill(now)
+        return 0.0 if self.level > 0 else (1 - self.level) / self.rate
+
+    def spend(self, tokens: int, now: float) -> None:
+        self._refill(now)
+        self.level -= tokens
+
+    def idle_full(self, now: float) -> bool:
+        return self.stamp is not None and now - self.stamp > self.capacity / (self.rate or 1.0) + 60

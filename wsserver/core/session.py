@@ -1,0 +1,559 @@
+"""The session core: a session's requests and its streams' events, no I/O.
+
+Decoded client messages go in through :meth:`Session.handle`, which returns
+:class:`~wsserver.core.actions.Action` values (start or stop a generation,
+carry a messaging request to the backplane) for the transport to carry out.
+The generation runner reports provider events through :meth:`stream_delta`,
+:meth:`stream_usage` and :meth:`stream_end`. The transport *pulls* the
+encoded frames with :meth:`take_output` when the outbox's ``on_output``
+wake-up tells it there is something to take.
+
+The parts, each in its own module:
+
+* :class:`~wsserver.core.outbox.Outbox` — pending frames, sequencing,
+  coalescing, the replay log (resume);
+* :class:`~wsserver.core.streams.StreamBook` — running streams, used ids,
+  recently ended streams;
+* :class:`~wsserver.core.messaging.Membership` — subscriptions and the rules
+  of subscribe, unsubscribe, publish and send;
+* this module — the request rules of generate, cancel, interrupt and ack,
+  request ids (``duplicate_request``), rate limits of generations.
+
+Attaching and detaching connections, and the session's expiry, are the
+transport's business: the core neither knows nor cares whether a socket is
+attached.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import orjson
+from pydantic import BaseModel
+
+from ..wire.errors import ErrorCode, ProtocolError
+from ..wire.messages import (
+    Ack,
+    Cancel,
+    ChatMessage,
+    ErrorInfo,
+    Generate,
+    Interrupt,
+    Ok,
+    Publish,
+    Send,
+    StreamEnd,
+    StreamSnapshot,
+    StreamStart,
+    Subscribe,
+    Usage,
+)
+from .actions import Action, MessagingCall, StartGeneration, StopGeneration
+from .limits import ChannelRules, MessagingLimits, TokenBucket, TokenBudget
+from .messaging import ChannelSink, Membership
+from .outbox import Outbox
+from .streams import Stream, StreamBook, StreamState
+
+__all__ = ["ANONYMOUS", "Observer", "ProviderCatalog", "Session"]
+
+#: The identity of every client when authentication is off.
+ANONYMOUS = "anonymous"
+
+
+class Observer(Protocol):
+    """Told about what happens in a session (metrics and event logs)."""
+
+    def error(self, code: str) -> None: ...
+    def stream_started(self, session_id: str, stream: Stream) -> None: ...
+    def stream_ended(self, session_id: str, stream: Stream, usage: Usage, error: tuple[str, str] | None) -> None: ...
+
+
+class ProviderCatalog(Protocol):
+    def resolve(self, name: str | None, model: str | None) -> tuple[str, str]:
+        """Return ``(provider, model)`` or raise an exception whose str() is for the client."""
+
+
+class Session:
+    """The state of one session: its outbox, its streams and the ids it has answered.
+
+    Args:
+        session_id: the public session id (sent in ``welcome``).
+        providers: resolves ``generate.provider``/``model``.
+        max_streams: concurrent running streams allowed (``too_many_streams``).
+        remember_ids: how many answered request ids are remembered for
+            ``duplicate_request`` (oldest forgotten first).
+        max_log_messages, max_log_bytes, coalesce, on_output: see :class:`Outbox`.
+        clock: monotonic clock in seconds.
+        channels: the backplane's channels (None: messaging is not enabled).
+        public_id: ``from`` of an agent without a name; never the session id
+            (random when not given).
+    """
+
+    # One per session, thousands per server: no per-instance __dict__.
+    __slots__ = (
+        "__weakref__",
+        "_answered",
+        "agent",
+        "book",
+        "clock",
+        "generate_bucket",
+        "id",
+        "identity",
+        "max_streams",
+        "members",
+        "observer",
+        "out",
+        "providers",
+        "public_id",
+        "remember_ids",
+        "token_budget",
+    )
+
+    def __init__(
+        self,
+        session_id: str,
+        *,
+        providers: ProviderCatalog,
+        max_streams: int = 8,
+        remember_ids: int = 10_000,
+        max_log_messages: int = 10_000,
+        max_log_bytes: int = 4 << 20,
+        coalesce: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        on_output: Callable[[], Any] | None = None,
+        channels: ChannelSink | None = None,
+        agent: str | None = None,
+        limits: MessagingLimits = MessagingLimits(),
+        identity: str = ANONYMOUS,
+        rules: ChannelRules | None = None,
+        observer: Observer | None = None,
+        generate_bucket: TokenBucket | None = None,
+        token_budget: TokenBudget | None = None,
+        public_id: str | None = None,
+    ) -> None:
+        self.id = session_id
+        self.providers = providers
+        self.max_streams = max_streams
+        self.remember_ids = remember_ids
+        self.clock = clock
+        self.agent = agent
+        #: The authenticated identity this session is bound to.
+        self.identity = identity
+        self.observer = observer
+        self.generate_bucket = generate_bucket
+        self.token_budget = token_budget
+        self.public_id = public_id or "anon-" + secrets.token_hex(6)
+        self.out = Outbox(
+            max_log_messages=max_log_messages,
+            max_log_bytes=max_log_bytes,
+            coalesce=coalesce,
+            on_output=on_output,
+            on_error=observer.error if observer is not None else None,
+        )
+        self.book = StreamBook()
+        self.members = Membership(
+            agent if agent is not None else self.public_id,
+            self.out,
+            sink=channels,
+            limits=limits,
+            rules=rules,
+            clock=clock,
+        )
+        self._answered: OrderedDict[str, str | None] = OrderedDict()
+
+    # ------------------------------------------------------------- views
+
+    @property
+    def name(self) -> str:
+        """What others see as ``from``: the agent name, else a random public id."""
+        return self.members.name
+
+    @property
+    def streams(self) -> dict[str, Stream]:
+        """Running streams by id."""
+        return self.book.running
+
+    @property
+    def seq(self) -> int:
+        return self.out.seq
+
+    @property
+    def acked(self) -> int:
+        return self.out.acked
+
+    @property
+    def rules(self) -> ChannelRules | None:
+        return self.members.rules
+
+    @property
+    def subscriptions(self) -> set[str]:
+        return self.members.subscriptions
+
+    @property
+    def paused(self) -> set[str]:
+        return self.members.paused
+
+    @property
+    def has_output(self) -> bool:
+        return bool(self.out.pending)
+
+    @property
+    def backlog(self) -> int:
+        return len(self.out.pending)
+
+    @property
+    def on_output(self) -> Callable[[], Any] | None:
+        return self.out.on_output
+
+    @on_output.setter
+    def on_output(self, wake: Callable[[], Any] | None) -> None:
+        self.out.on_output = wake
+
+    # ------------------------------------------------------------------ input
+
+    def handle(self, msg: BaseModel) -> list[Action]:
+        """Apply one decoded client request (anything but hello and ping)."""
+        request_id: str | None = getattr(msg, "id", None)
+        if request_id is not None and request_id in self._answered:
+            self.out.error(
+                ErrorCode.DUPLICATE_REQUEST,
+                f"request id {request_id!r} was already answered; it has no second effect",
+                ref=request_id,
+                stream=self._answered[request_id],
+            )
+            return []
+        msg_type = msg.type  # type: ignore[attr-defined]
+        actions: list[Action] = []
+        stream_id: str | None = None
+        members = self.members
+        if msg_type == "generate":
+            stream_id, actions = self._generate(msg)  # type: ignore[arg-type]
+        elif msg_type == "cancel":
+            actions = self._cancel(msg)  # type: ignore[arg-type]
+        elif msg_type == "interrupt":
+            stream_id, actions = self._interrupt(msg)  # type: ignore[arg-type]
+        elif msg_type == "ack":
+            self._ack(msg)  # type: ignore[arg-type]
+        elif msg_type == "subscribe":
+            actions = members.subscribe(msg)  # type: ignore[arg-type]
+        elif msg_type == "unsubscribe":
+            actions = members.unsubscribe(msg)  # type: ignore[arg-type]
+        elif msg_type == "publish":
+            actions = members.publish(msg)  # type: ignore[arg-type]
+        elif msg_type == "send":
+            actions = members.send(msg)  # type: ignore[arg-type]
+        else:  # pragma: no cover - the protocol layer routes hello and ping
+            raise AssertionError(f"unexpected message type {msg_type}")
+        if request_id is not None:
+            self._remember(request_id, stream_id)
+        return actions
+
+    def reject(self, exc: ProtocolError) -> None:
+        """Answer a message that could not be decoded or is not allowed."""
+        self.out.error(exc.code, exc.message, ref=exc.ref, field=exc.field, **exc.extra)
+
+    def _remember(self, request_id: str, stream_id: str | None) -> None:
+        self._answered[request_id] = stream_id
+        if len(self._answered) > self.remember_ids:
+            self._answered.popitem(last=False)
+
+    def _generate(self, msg: Generate) -> tuple[str | None, list[Action]]:
+        ref = msg.id
+        if msg.channel is not None and not self.members.check_channel(msg.channel, ref, publish=True):
+            return None, []
+        if not self._generation_allowed(ref):
+            return None, []
+        try:
+            provider, model = self.providers.resolve(msg.provider, msg.model)
+        except Exception as exc:  # the catalog's message is meant for the client
+            self.out.error(ErrorCode.PROVIDER_UNAVAILABLE, str(exc), ref=ref)
+            return None, []
+        stream_id = self._claim_stream_id(msg.stream, ref)
+        if stream_id is None:
+            return None, []
+        stream = self._start_stream(
+            stream_id,
+            ref=ref,
+            provider=provider,
+            model=model,
+            messages=tuple(msg.messages),
+            params=msg.params,
+            channel=msg.channel,
+        )
+        return stream_id, [StartGeneration(stream)]
+
+    def _generation_allowed(self, ref: str | None) -> bool:
+        now = self.clock()
+        wait = self.generate_bucket.take(now) if self.generate_bucket is not None else 0.0
+        what = "generations per minute"
+        if not wait and self.token_budget is not None:
+            wait, what = self.token_budget.wait(now), "output tokens per minute"
+        if wait:
+            self.out.error(
+                ErrorCode.RATE_LIMITED,
+                f"over this identity's limit of {what}",
+                ref=ref,
+                retry_after_ms=max(1, int(wait * 1000)),
+            )
+            return False
+        return True
+
+    def _claim_stream_id(self, wanted: str | None, ref: str | None) -> str | None:
+        """The id for a new stream, or None after answering why there is none."""
+        if wanted is not None and self.book.used(wanted):
+            self.out.error(
+                ErrorCode.STREAM_EXISTS,
+                f"stream id {wanted!r} is already used in this session",
+                ref=ref,
+                stream=wanted,
+            )
+            return None
+        if len(self.book.running) >= self.max_streams:
+            self.out.error(
+                ErrorCode.TOO_MANY_STREAMS,
+                f"at most {self.max_streams} streams may run at once in a session",
+                ref=ref,
+            )
+            return None
+        return wanted if wanted is not None else self.book.next_id()
+
+    def _start_stream(self, stream_id: str, **fields: Any) -> Stream:
+        stream = Stream(id=stream_id, started_at=self.clock(), **fields)
+        self.book.add(stream)
+        start = {
+            "stream": stream_id,
+            "ref": stream.ref,
+            "provider": stream.provider,
+            "model": stream.model,
+            "steered_from": stream.steered_from,
+        }
+        self.out.push(stream, StreamStart, start)
+        if self.observer is not None:
+            self.observer.stream_started(self.id, stream)
+        if stream.channel is not None:  # (the requester's ref means nothing to watchers)
+            self._to_channel(stream, StreamStart(seq=1, **{**start, "ref": None}))
+        return stream
+
+    def _cancel(self, msg: Cancel) -> list[Action]:
+        stream = self.book.running.get(msg.stream)
+        if stream is None:
+            state = "already ended" if self.book.used(msg.stream) else "unknown"
+            self.out.error(
+                ErrorCode.UNKNOWN_STREAM, f"stream {msg.stream!r} is {state}", ref=msg.id, stream=msg.stream
+            )
+            return []
+        self.stream_end(stream, "cancelled")
+        if msg.id is not None:
+            self.out.push(None, Ok, {"ref": msg.id})
+        return [StopGeneration(stream.id)]
+
+    def _interrupt(self, msg: Interrupt) -> tuple[str | None, list[Action]]:
+        stream = self.book.find(msg.stream)
+        if stream is None:
+            self.out.error(ErrorCode.UNKNOWN_STREAM, f"stream {msg.stream!r} is unknown", ref=msg.id, stream=msg.stream)
+            return None, []
+        if msg.input is not None and msg.new_stream is not None and self.book.used(msg.new_stream):
+            self.out.error(
+                ErrorCode.STREAM_EXISTS,
+                f"stream id {msg.new_stream!r} is already used in this session",
+                ref=msg.id,
+                stream=msg.new_stream,
+            )
+            return None, []
+        actions: list[Action] = []
+        if stream.state is StreamState.RUNNING:
+            self.stream_end(stream, "interrupted")
+            actions.append(StopGeneration(stream.id))
+        if msg.input is None:
+            if msg.id is not None:
+                self.out.push(None, Ok, {"ref": msg.id})
+            return None, actions
+        # The interrupted stream freed its slot, so only a stream that had
+        # already ended can meet the limit here.
+        new_id = self._claim_stream_id(msg.new_stream, msg.id)
+        if new_id is None:
+            return None, actions
+        steered = self._start_stream(
+            new_id,
+            ref=msg.id,
+            provider=stream.provider,
+            model=stream.model,
+            messages=(*stream.conversation(), ChatMessage(role="user", content=msg.input)),
+            params=stream.params,
+            channel=stream.channel,
+            steered_from=stream.id,
+        )
+        actions.append(StartGeneration(steered))
+        return new_id, actions
+
+    def _ack(self, msg: Ack) -> None:
+        out = self.out
+        if msg.seq > out.seq:
+            out.error(
+                ErrorCode.BAD_MESSAGE,
+                f"field 'seq': ack {msg.seq} is beyond the last seq sent ({out.seq})",
+                ref=msg.id,
+                field="seq",
+            )
+            return
+        out.ack(msg.seq)
+        if msg.id is not None:
+            out.push(None, Ok, {"ref": msg.id})
+
+    # ------------------------------------------------------------- messaging
+
+    def subscribed(
+        self, msg: Subscribe, epoch: str, offset: int, recovered: bool, members: list[str], missed: list[bytes]
+    ) -> None:
+        self.members.subscribed(msg, epoch, offset, recovered, members, missed)
+
+    def published(self, msg: Publish, offset: int) -> None:
+        self.members.published(msg, offset)
+
+    def sent(self, msg: Send, delivered: bool) -> None:
+        self.members.sent(msg, delivered)
+
+    def failed(self, call: MessagingCall, message: str) -> None:
+        self.members.failed(call, message)
+
+    def deliver_direct(self, sender: str, data: Any) -> None:
+        self.members.deliver_direct(sender, data)
+
+    def _to_channel(self, stream: Stream, frame: BaseModel) -> None:
+        data = frame.model_dump(exclude_none=True)
+        del data["seq"]
+        self.members.mirror(stream.channel, data)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------- provider events
+
+    def stream_delta(self, stream: Stream, text: str, tokens: int | None = None) -> None:
+        """The provider produced ``text``; ignored once the stream has ended."""
+        if stream.state is not StreamState.RUNNING or not text:
+            return
+        if stream.first_token_at is None:
+            stream.first_token_at = self.clock()
+        stream.parts.append(text)
+        if tokens is None:
+            stream.exact_count = False
+            stream.counted_tokens += 1
+        else:
+            stream.counted_tokens += tokens
+        self.out.push_delta(stream, text)
+        if stream.channel is not None:
+            index, stream.channel_index = stream.channel_index, stream.channel_index + 1
+            self.members.mirror(stream.channel, {"type": "stream.delta", "stream": stream.id, "index": index, "text": text})
+
+    def stream_usage(self, stream: Stream, input_tokens: int | None = None, output_tokens: int | None = None) -> None:
+        if stream.state is not StreamState.RUNNING:
+            return
+        if input_tokens is not None:
+            stream.input_tokens = input_tokens
+        if output_tokens is not None:
+            stream.output_tokens = output_tokens
+
+    def stream_end(self, stream: Stream, reason: str, error: tuple[str, str] | None = None) -> bool:
+        """End ``stream`` with ``reason``; returns False if it had already ended."""
+        if stream.state is not StreamState.RUNNING:
+            return False
+        stream.state = StreamState.ENDED
+        stream.reason = reason
+        self.book.ended(stream)
+        now = self.clock()
+        usage = stream.usage()
+        payload: dict[str, Any] = {
+            "stream": stream.id,
+            "reason": reason,
+            "usage": usage,
+            "ttft_ms": _ms(stream.first_token_at - stream.started_at) if stream.first_token_at is not None else None,
+            "duration_ms": _ms(now - stream.started_at),
+        }
+        if error is not None:
+            payload["error"] = ErrorInfo(code=error[0], message=error[1])
+        self.out.push(stream, StreamEnd, payload)
+        if self.token_budget is not None:
+            self.token_budget.spend(usage.output_tokens, now)
+        if self.observer is not None:
+            self.observer.stream_ended(self.id, stream, usage, error)
+        if stream.channel is not None:
+            self._to_channel(stream, StreamEnd(seq=1, **payload))
+        return True
+
+    def close(self, reason: str = "cancelled", error: tuple[str, str] | None = None) -> list[Action]:
+        """End the session: every running stream is stopped with ``reason``."""
+        actions: list[Action] = []
+        for stream in list(self.book.running.values()):
+            self.stream_end(stream, reason, error)
+            actions.append(StopGeneration(stream.id))
+        return actions
+
+    # ---------------------------------------------------------------- resume
+
+    def replay_after(self, last_seq: int) -> list[bytes] | None:
+        """See :meth:`Outbox.replay_after`."""
+        return self.out.replay_after(last_seq)
+
+    @property
+    def log_first(self) -> int:
+        return self.out.log_first
+
+    @property
+    def log(self) -> list[tuple[int, bytes]]:
+        return self.out.log
+
+    def restore_log(self, seq: int, acked: int, first: int, frames: list[bytes]) -> dict[str, list[str]]:
+        """Take over a replay log kept elsewhere (a lost node's, from the backplane):
+        ``frames`` are seqs ``first`` on, the session's seq is ``seq``.
+
+        What the frames tell is taken back too: the request ids answered
+        (``duplicate_request`` still holds) and the stream ids used. Returns
+        the text of each stream's deltas in the log, by stream id.
+        """
+        self.out.restore(seq, acked, first, frames)
+        texts: dict[str, list[str]] = {}
+        for frame in frames:
+            msg = orjson.loads(frame)
+            kind = msg["type"]
+            if msg.get("ref") is not None:
+                self._remember(msg["ref"], msg.get("stream") if kind == "stream.start" else None)
+            if kind == "stream.start":
+                self.book.mark_used(msg["stream"])
+            elif kind == "stream.delta":
+                texts.setdefault(msg["stream"], []).append(msg["text"])
+        return texts
+
+    def end_lost(self, stream: Stream, parts: list[str], error: tuple[str, str]) -> None:
+        """A stream that ran elsewhere and is gone with its node: it gets the
+        text it had (``parts``, for an ``interrupt`` to continue from) and
+        ends with ``error`` (its usage estimated from the deltas)."""
+        stream.parts = parts
+        stream.counted_tokens, stream.exact_count = len(parts), False
+        self.book.add(stream)
+        self.stream_end(stream, "error", error)
+
+    def snapshot(self) -> None:
+        """Queue one ``stream.snapshot`` per running stream (for a refreshed page).
+
+        Pending frames are sequenced into the log first, so each snapshot's
+        text holds every delta so far and its ``index`` is the next delta's.
+        """
+        self.take_output()
+        for stream in self.book.running.values():
+            self.out.push(stream, StreamSnapshot, {"stream": stream.id, "text": stream.text, "index": stream.next_index})
+
+    # ----------------------------------------------------------------- output
+
+    def emit_unsequenced(self, frame: bytes) -> None:
+        """Queue a frame that carries no ``seq`` (``pong``, channel traffic) in order with the rest."""
+        self.out.push_raw(frame)
+
+    def take_output(self) -> list[bytes]:
+        """Sequence and encode everything pending, in order."""
+        return self.out.take()
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)

@@ -1,0 +1,130 @@
+"""Plain HTTP on the WebSocket port, and the checks before an upgrade.
+
+Everything goes through websockets' ``process_request``: ``GET /healthz``
+answers 200, ``/readyz`` 200 (``ready`` or ``degraded: …``) or 503 while
+draining, ``/metrics`` the Prometheus text (unless turned off, optionally
+behind a token), ``/`` and ``/static/…``, ``/client/…`` the demo page and the
+JS client. websockets closes the TCP connection after each plain-HTTP reply.
+An upgrade is refused here when the server drains, the Origin is not
+allowed, a connection limit is reached or the handshake's credential is
+wrong.
+"""
+
+from __future__ import annotations
+
+import weakref
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+from websockets.asyncio.server import ServerConnection
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from .auth import Identity, origin_allowed, token_from_request
+from .connection import client_ip
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .static import StaticFiles
+
+if TYPE_CHECKING:
+    from .app import Server
+
+__all__ = ["ECHO_PATH", "WS_PATHS", "HttpFront"]
+
+WS_PATHS = frozenset({"/", "/ws"})
+#: With ``conformance_echo`` on: a WebSocket path that echoes every message,
+#: for RFC 6455 conformance suites (Autobahn cases via kosoku), which need an
+#: echo peer and know nothing of ``hello``. Same ``serve()`` settings as
+#: ``/``; off by default.
+ECHO_PATH = "/_echo"
+
+
+class HttpFront:
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._static = StaticFiles()
+        #: Connections per client IP (for ``max_connections_per_ip``).
+        self.per_ip: dict[str, int] = {}
+        self._identities: weakref.WeakKeyDictionary[ServerConnection, Identity] = weakref.WeakKeyDictionary()
+
+    def handshake_identity(self, connection: ServerConnection) -> Identity | None:
+        """Who the upgrade request's credential proved to be (None: no credential)."""
+        return self._identities.get(connection)
+
+    def _refuse(self, connection: ServerConnection, status: HTTPStatus, text: str, reason: str) -> Response:
+        self._server.telemetry.connections_refused.labels(reason).inc()
+        response = connection.respond(status, text)
+        if status == HTTPStatus.SERVICE_UNAVAILABLE:
+            response.headers["Retry-After"] = "1"
+        return response
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        server = self._server
+        cfg = server.config
+        path = request.path.split("?", 1)[0]
+        headers = request.headers
+        if headers.get("Upgrade", "").lower() == "websocket":
+            if path == ECHO_PATH and cfg.conformance_echo:
+                return None
+            if path not in WS_PATHS:
+                return self._refuse(connection, HTTPStatus.NOT_FOUND, "no WebSocket endpoint here; use /\n", "path")
+            return self._admit(connection, request)
+        if path == "/healthz":
+            return connection.respond(HTTPStatus.OK, "OK\n")
+        if path == "/readyz":
+            if server.draining:
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n")
+            degraded = server.backplane.status()
+            return connection.respond(HTTPStatus.OK, f"{degraded}\n" if degraded else "ready\n")
+        if path == "/metrics" and cfg.metrics:
+            token = cfg.metrics_token
+            if token and headers.get("Authorization", "") != f"Bearer {token}":
+                return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
+            server.fanout.count_output()
+            body = server.telemetry.render()
+            return Response(
+                200, "OK", Headers([("Content-Type", METRICS_CONTENT_TYPE), ("Content-Length", str(len(body)))]), body
+            )
+        found = self._static.get(path)
+        if found is not None:
+            content_type, body = found
+            headers = Headers(
+                [
+                    ("Content-Type", content_type),
+                    ("Content-Length", str(len(body))),
+                    ("Cache-Control", "no-cache"),
+                ]
+            )
+            return Response(200, "OK", headers, body)
+        return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+
+    def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
+        """The checks before an upgrade: drain, Origin, connection limits, credential."""
+        server = self._server
+        cfg, headers = server.config, request.headers
+        if server.draining:
+            return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "draining\n", "draining")
+        if not origin_allowed(headers.get("Origin"), headers.get("Host"), cfg.allowed_origins):
+            return self._refuse(connection, HTTPStatus.FORBIDDEN, "origin not allowed\n", "origin")
+        if len(server.connections) >= cfg.max_connections:
+            return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n", "limit")
+        ip = client_ip(connection)
+        if cfg.max_connections_per_ip and self.per_ip.get(ip, 0) >= cfg.max_connections_per_ip:
+            return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n", "ip_limit")
+        if server.auth.enabled:
+            token = token_from_request(request.path, headers.get("Authorization"))
+            if token is not None:
+                identity = server.auth.verify(token)
+                if identity is None:
+                    return self._refuse(connection, HTTPStatus.UNAUTHORIZED, "unauthorized\n", "unauthorized")
+                self._identities[connection] = identity
+        return None
+
+    def opened(self, ip: str) -> None:
+        self.per_ip[ip] = self.per_ip.get(ip, 0) + 1
+
+    def closed(self, ip: str) -> None:
+        left = self.per_ip.get(ip, 1) - 1
+        if left:
+            self.per_ip[ip] = left
+        else:
+            self.per_ip.pop(ip, None)

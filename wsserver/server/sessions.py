@@ -1,0 +1,237 @@
+"""This node's live sessions: opening, resuming, adopting and fencing them.
+
+:class:`Sessions` is a read-only mapping of session id to
+:class:`~wsserver.server.runtime.SessionRuntime`; it decides what a
+``hello`` gets (a resumed session with its replay, a snapshot, or a fresh
+session after ``resume_failed``), builds new sessions with the identity's
+rate limits, and rebuilds the sessions a backplane hands over from a lost
+node.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING
+
+from ..cluster.backplane import AdoptedSession, Route
+from ..core.limits import ChannelRules, MessagingLimits, TokenBucket, TokenBudget
+from ..core.protocol import Opened
+from ..core.session import ANONYMOUS, Session
+from ..core.streams import Stream
+from ..wire.codec import encode
+from ..wire.errors import ErrorCode, ProtocolError
+from ..wire.messages import Error, Hello
+from ..wire.names import NAME_RULE, valid_name
+from .runtime import Attachable, SessionRuntime
+
+if TYPE_CHECKING:
+    from .app import Server
+
+__all__ = ["Sessions"]
+
+
+class Sessions(Mapping[str, SessionRuntime]):
+    """Live sessions by id, attached or not."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._live: dict[str, SessionRuntime] = {}
+        cfg = server.config
+        self.limits = MessagingLimits(
+            max_subscriptions=cfg.max_subscriptions,
+            max_data_bytes=cfg.max_data_bytes,
+            publish_rate=cfg.publish_rate,
+            publish_burst=cfg.publish_rate * 2,
+        )
+        self._generate_buckets: dict[str, TokenBucket] = {}
+        self._token_budgets: dict[str, TokenBudget] = {}
+
+    def __getitem__(self, session_id: str) -> SessionRuntime:
+        return self._live[session_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._live)
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def remove(self, live: SessionRuntime) -> None:
+        if self._live.get(live.session.id) is live:
+            del self._live[live.session.id]
+
+    def counts(self) -> tuple[int, int, int]:
+        """(attached, detached, running streams)."""
+        lives = self._live.values()
+        attached = sum(1 for live in lives if live.conn is not None)
+        streams = sum(len(live.session.streams) for live in lives)
+        return attached, len(self._live) - attached, streams
+
+    # ------------------------------------------------------------------ hello
+
+    def open(self, hello: Hello, conn: Attachable, reserved: Route) -> Opened:
+        """Resume the session ``hello`` names if possible, else open a fresh one.
+
+        ``reserved`` is what the backplane settled for the hello (the id a new
+        session gets, whether its agent name is taken on another node).
+        """
+        server = self._server
+        telemetry = server.telemetry
+        before: list[bytes] = []
+        if hello.agent is not None and not valid_name(hello.agent):
+            raise ProtocolError(ErrorCode.BAD_NAME, f"an agent name {NAME_RULE}", field="agent", ref=hello.id)
+        identity = server.identify(hello, conn.identity)
+        live = self._live.get(hello.session) if hello.session else None
+        if live is not None and live.session.identity != identity.id:
+            live = None  # another identity's session: as if unknown (no hint that it exists)
+        if live is not None:
+            live.attach(conn)  # takes the session over from another connection
+            session = live.session
+            session.take_output()  # sequence what is pending: the replay covers it
+            if hello.snapshot:
+                session.snapshot()
+                telemetry.resumes.labels("ok").inc()
+                return Opened(session, True)
+            replay = session.replay_after(hello.last_seq or 0)
+            if replay is not None:
+                telemetry.resumes.labels("ok").inc()
+                return Opened(session, True, after=replay)
+            message = (
+                f"cannot resume after seq {hello.last_seq or 0}: the session's "
+                "replay log no longer reaches back that far; a new session was opened"
+            )
+            before.append(encode(Error(code=ErrorCode.RESUME_FAILED.value, message=message)))
+            telemetry.resumes.labels("failed").inc()
+            live.detach(conn)
+            live.end("cancelled")
+        # (with a shared backplane, Backplane.route() settled it across nodes too)
+        if reserved.agent_taken or (hello.agent is not None and server.backplane.agent_held(hello.agent)):
+            raise ProtocolError(
+                ErrorCode.AGENT_NAME_TAKEN,
+                f"agent name {hello.agent!r} is held by another session; resume that "
+                "session or choose another name",
+                ref=hello.id,
+            )
+        session = self._new_session(
+            reserved.session_id or secrets.token_urlsafe(16),  # 128 bits: unguessable
+            identity.id,
+            identity.rules,
+            hello.agent,
+            "ip:" + conn.ip,
+        )
+        live = SessionRuntime(server, session)
+        self._live[session.id] = live
+        server.backplane.session_opened(session)
+        live.attach(conn)
+        return Opened(session, False, before=before)
+
+    def _new_session(
+        self,
+        session_id: str,
+        identity: str,
+        rules: ChannelRules | None,
+        agent: str | None,
+        anonymous_key: str,
+        public_id: str | None = None,
+    ) -> Session:
+        server = self._server
+        cfg = server.config
+        generate_bucket, token_budget = self._budgets(identity if identity != ANONYMOUS else anonymous_key)
+        session = Session(
+            session_id,
+            providers=server.providers,
+            max_streams=cfg.max_streams,
+            max_log_messages=cfg.replay_max_messages,
+            max_log_bytes=cfg.replay_max_bytes,
+            coalesce=cfg.coalesce,
+            channels=server.backplane,
+            agent=agent,
+            limits=self.limits,
+            identity=identity,
+            rules=rules,
+            observer=server.telemetry,
+            generate_bucket=generate_bucket,
+            token_budget=token_budget,
+            public_id=public_id,
+        )
+        if server.backplane.shared:
+            session.out.journal = []  # written to the backplane before it is sent
+        if agent is not None:
+            server.backplane.claim_agent(agent, session)
+        return session
+
+    def _budgets(self, key: str) -> tuple[TokenBucket | None, TokenBudget | None]:
+        """Generation and token limits are per identity (per client IP when anonymous)."""
+        cfg = self._server.config
+        bucket = budget = None
+        if cfg.generate_rate > 0:
+            bucket = self._generate_buckets.get(key)
+            if bucket is None:
+                bucket = self._generate_buckets[key] = TokenBucket(cfg.generate_rate / 60, cfg.generate_rate)
+        if cfg.token_rate > 0:
+            budget = self._token_budgets.get(key)
+            if budget is None:
+                budget = self._token_budgets[key] = TokenBudget(cfg.token_rate)
+        return bucket, budget
+
+    def prune_budgets(self) -> None:
+        """Forget rate-limit state of identities idle long enough to be full again."""
+        now = time.monotonic()
+        for buckets in (self._generate_buckets, self._token_budgets):
+            for key, bucket in list(buckets.items()):
+                if bucket.idle_full(now):
+                    del buckets[key]
+
+    # ------------------------------------------------------ several nodes
+
+    def adopt(self, adopted: AdoptedSession) -> Session:
+        """Take over a session of a lost node from what the backplane kept.
+
+        Its replay log and seq continue where the lost node's writes ended;
+        streams that ran there end with ``error node_lost``; the session is
+        detached until its client resumes (or it expires).
+        """
+        session = self._new_session(
+            adopted.id, adopted.identity, adopted.rules, adopted.agent, "ip:?", public_id=adopted.public_id
+        )
+        texts = session.restore_log(adopted.seq, adopted.acked, adopted.first, adopted.frames)
+        session.subscriptions.update(adopted.subscriptions)
+        session.paused.update(adopted.subscriptions)
+        live = SessionRuntime(self._server, session)
+        self._live[session.id] = live
+        now = session.clock()
+        lost = (ErrorCode.NODE_LOST.value, "the node running this stream was lost")
+        for stream_id, request in sorted(adopted.running.items()):
+            stream = Stream(
+                id=stream_id,
+                ref=None,
+                provider=request.provider,
+                model=request.model,
+                messages=request.messages,
+                params=request.params,
+                started_at=now,
+                channel=request.channel,
+            )
+            session.end_lost(stream, texts.get(stream_id, []), lost)
+        live.start_detached()
+        return session
+
+    def fence(self, session_id: str) -> Attachable | None:
+        """Another node adopted this session (this one was declared lost): drop
+        it here without touching the backplane. Returns its connection, whose
+        client must be told to resume elsewhere."""
+        live = self._live.pop(session_id, None)
+        if live is None:
+            return None
+        conn, live.conn = live.conn, None
+        if conn is not None:  # nothing more reaches the client from here
+            conn.proto.release()
+            conn.live = None
+        live.end("error", (ErrorCode.NODE_LOST.value, "this node was declared lost"), forget=False, write=False)
+        return conn
+
+    def end_all(self, *, forget: bool) -> None:
+        """Stop every stream with ``error shutdown`` (``forget``: and end the sessions)."""
+        for live in list(self._live.values()):
+            live.end("error", (ErrorCode.SHUTDOWN.value, "the server is shutting down"), forget=forget)
