@@ -1,4 +1,6 @@
-"""Shared fixtures: an in-process server on 127.0.0.1 and a raw JSON client."""
+"""Shared fixtures: an in-process server on 127.0.0.1, a raw JSON client, a redis-server.
+
+The helpers they use (and tests import) are in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
@@ -7,11 +9,11 @@ import os
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import orjson
 import pytest
 from hypothesis import settings
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 
+from tests.helpers import TEST_CONFIG, RawClient, RedisProcess
 from wsserver.config import ServerConfig
 from wsserver.server import Server
 
@@ -23,15 +25,6 @@ from wsserver.server import Server
 settings.register_profile("quick", deadline=None)
 settings.register_profile("long", deadline=None, max_examples=2000, stateful_step_count=200)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "quick"))
-
-#: Fast defaults for tests: unpaced simulated provider, no keepalive pings.
-TEST_CONFIG = {
-    "host": "127.0.0.1",
-    "port": 0,
-    "sim_tokens_per_s": 0.0,
-    "sim_ttft_ms": 0.0,
-    "ping_interval": 0.0,
-}
 
 
 def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Callable[[], Any]]:
@@ -59,42 +52,6 @@ async def server(make_server: Callable[..., Server]) -> AsyncIterator[Server]:
         yield srv
 
 
-class RawClient:
-    """A thin JSON client for protocol tests: send dicts or raw text, read frames."""
-
-    def __init__(self, ws: ClientConnection) -> None:
-        self.ws = ws
-
-    async def send(self, message: dict[str, Any] | str | bytes) -> None:
-        if isinstance(message, dict):
-            await self.ws.send(orjson.dumps(message).decode())
-        else:
-            await self.ws.send(message)
-
-    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
-        async with asyncio.timeout(timeout):
-            return orjson.loads(await self.ws.recv())  # type: ignore[no-any-return]
-
-    async def recv_until(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0, limit: int = 100_000
-    ) -> list[dict[str, Any]]:
-        """Frames up to and including the first one matching ``predicate``."""
-        frames: list[dict[str, Any]] = []
-        async with asyncio.timeout(timeout):
-            for _ in range(limit):
-                frame = orjson.loads(await self.ws.recv())
-                frames.append(frame)
-                if predicate(frame):
-                    return frames
-        raise AssertionError(f"no matching frame in {limit} frames")
-
-    async def hello(self, **fields: Any) -> dict[str, Any]:
-        await self.send({"type": "hello", "protocol": 1, **fields})
-        welcome = await self.recv()
-        assert welcome["type"] == "welcome", welcome
-        return welcome
-
-
 @pytest.fixture
 def raw_client(server: Server) -> Callable[..., Any]:
     """``async with raw_client() as c: await c.hello()`` against the test server."""
@@ -115,58 +72,6 @@ def raw_client(server: Server) -> Callable[..., Any]:
             await self._cm.__aexit__(*exc)
 
     return _Ctx
-
-
-USER_HI = [{"role": "user", "content": "hi"}]
-
-
-class RedisProcess:
-    """A throw-away ``redis-server`` on 127.0.0.1 (no persistence), restartable on its port."""
-
-    def __init__(self, binary: str, directory: str) -> None:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.binary = binary
-        self.directory = directory
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: Any = None
-
-    def start(self) -> None:
-        import subprocess
-        import time
-
-        import redis
-
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", self.directory],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise AssertionError(f"redis-server did not start on port {self.port}") from None
-                time.sleep(0.05)
-        client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-
-    def client(self) -> Any:
-        import redis
-
-        return redis.Redis(host="127.0.0.1", port=self.port)
 
 
 @pytest.fixture

@@ -51,13 +51,13 @@ async def serve_until_signalled(config: ServerConfig, ready: Callable[[str], Non
     stop = asyncio.Event()
     graceful = [False]
     loop = asyncio.get_running_loop()
+    drain: list[asyncio.Task[None]] = []  # the drain once it runs (a second signal cuts it short)
 
     def on_signal(sig: signal.Signals) -> None:
         if stop.is_set():  # a second signal: stop now
             graceful[0] = False
-            drain_task = getattr(on_signal, "task", None)
-            if drain_task is not None:
-                drain_task.cancel()
+            for task in drain:
+                task.cancel()
             return
         graceful[0] = sig == signal.SIGTERM
         stop.set()
@@ -76,9 +76,9 @@ async def serve_until_signalled(config: ServerConfig, ready: Callable[[str], Non
     await stop.wait()
     if graceful[0]:  # SIGTERM: drain (a second signal cuts it short)
         print(f"wsserver: draining (up to {config.drain_timeout:g} s)", flush=True)
-        task = on_signal.task = loop.create_task(server.drain())  # type: ignore[attr-defined]
+        drain.append(loop.create_task(server.drain()))
         try:
-            await task
+            await drain[0]
         except asyncio.CancelledError:
             pass
     print("wsserver: stopping", flush=True)
@@ -132,10 +132,14 @@ async def chat(
     interactive = sys.stdin.isatty()
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
 
+    cancelling: set[asyncio.Task[None]] = set()  # cancels under way (kept referenced)
+
     def on_sigint() -> None:
         now = time.monotonic()
         if current and current[0].result is None:
-            loop.create_task(current[0].cancel())
+            task = loop.create_task(current[0].cancel())
+            cancelling.add(task)
+            task.add_done_callback(cancelling.discard)
             print("\n[cancelling — Ctrl-C again quits]", flush=True)
         elif now - last_interrupt[0] < 2.0:
             main_task.cancel()

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..wire.errors import ConnectionLost
 from .types import ChannelMessage, Presence
 
 if TYPE_CHECKING:

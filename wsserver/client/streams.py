@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ..wire.errors import ConnectionLost, StreamFailed
+from ..wire.errors import ServerError, StreamFailed
 from .channels import END
 from .types import StreamResult, Usage
 

@@ -37,7 +37,6 @@ Redis Cluster is not supported (scripts touch keys they are not given).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import secrets
@@ -48,16 +47,17 @@ import orjson
 import redis.asyncio as aioredis
 
 from ..core.channels import Delivery
-from ..wire.codec import peek
 from ..wire.messages import Publish, Send, Subscribe
 from ..wire.names import valid_name
 from . import redis_scripts as lua
 from .adoption import NodeWatch
 from .backplane import LOCAL, Backplane, ClusterEvents, Route
 from .redis_channels import RedisChannels
-from .redis_util import DOWN, encode_request, eval_in, redacted, skey, suppress_down
+from .redis_log import SessionLogs
+from .redis_pubsub import PubSub
+from .redis_util import DOWN, eval_in, redacted, skey, suppress_down
 from .redis_writes import Fill, WriteQueue
-from .tunnel import Tunnel, TunnelEnd
+from .tunnel import Tunnel
 
 if TYPE_CHECKING:
     from ..core.actions import MessagingCall
@@ -111,22 +111,19 @@ class RedisBackplane(Backplane):
         self.writes = WriteQueue(self)
         self.channels = RedisChannels(self, history_size=history_size, history_ttl=history_ttl)
         self.watch = NodeWatch(self, node_timeout)
-        self._pubsub: Any = None
-        self._confirmed: dict[bytes, asyncio.Future[None]] = {}
+        self.logs = SessionLogs(self)
+        self.pubsub = PubSub(self)
         #: This node's sessions by agent name (uniqueness across nodes is Redis's).
         self._agents: dict[str, Session] = {}
         #: Direct messages handed to a session and not yet trimmed off its queue, by id.
         self._dm_seen: dict[str, set[str]] = {}
         self._dm_draining: dict[str, bool] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._listener: asyncio.Task[None] | None = None
         self._watcher: asyncio.Task[None] | None = None
         self._recovering: asyncio.Task[None] | None = None
         self.healthy = False
         #: Tunnels from this node to owners elsewhere, by id.
         self.tunnels: dict[str, Tunnel] = {}
-        #: Registrations of new sessions not yet confirmed (see write_log).
-        self._registering: dict[str, asyncio.Future[Any]] = {}
         self.stats.update(adopted_sessions=0, lost_nodes=0, outages=0)
 
     # ------------------------------------------------------------ lifecycle
@@ -135,7 +132,7 @@ class RedisBackplane(Backplane):
         self.events = events
         await self.redis.ping()  # fail fast at startup: a wrong URL is a configuration error
         await self.load_scripts()
-        await self._connect_pubsub()
+        await self.pubsub.connect()
         self.healthy = True
         await self.watch.heartbeat()
         await self.watch.adopt_previous()
@@ -143,7 +140,7 @@ class RedisBackplane(Backplane):
         logger.info("redis backplane %s: node %s", redacted(self.url), self.node)
 
     async def close(self) -> None:
-        for task in (self._watcher, self._listener, self._recovering):
+        for task in (self._watcher, self._recovering):
             if task is not None:
                 task.cancel()
         self.watch.cancel()
@@ -154,9 +151,7 @@ class RedisBackplane(Backplane):
                 # Declared lost at once: another node adopts this node's sessions
                 # (their streams ended with error shutdown) at its next heartbeat.
                 await self.redis.zadd("wss:nodes", {self.node: 0})
-        if self._pubsub is not None:
-            with suppress_down():
-                await self._pubsub.aclose()
+        await self.pubsub.close()
         with suppress_down():
             await self.redis.aclose()
 
@@ -204,7 +199,7 @@ class RedisBackplane(Backplane):
             delay = min(delay * 2, 5.0)
             try:
                 await self.redis.ping()
-                await self._connect_pubsub()
+                await self.pubsub.connect()
                 await self._resync()
             except DOWN as exc:
                 logger.debug("redis still unreachable: %s", exc)
@@ -253,8 +248,8 @@ class RedisBackplane(Backplane):
                 continue
             session.out.journal = []
             if owners[session.id] is None:
-                self.enqueue(lambda pipe, s=session: self._reregister(pipe, s), wait=False)
-            self._write(session, session.log, wait=False)
+                self.enqueue(lambda pipe, s=session: self.logs.reregister(pipe, s), wait=False)
+            self.logs.write(session, session.log, wait=False)
         for sid, fill in deferred:
             if owners[sid] in (None, self.node):
                 self.enqueue(fill, wait=False)
@@ -262,96 +257,23 @@ class RedisBackplane(Backplane):
         self.healthy = True
         await self.writes.flush_pending()
 
-    def _reregister(self, pipe: Any, session: Session) -> None:
-        self._register(pipe, session)
-        key = skey(session.id)
-        if session.agent is not None:
-            pipe.set(f"wss:agent:{session.agent}", session.id)
-        for name in session.subscriptions:
-            pipe.hincrby(f"wss:c:{name}:m", session.name, 1)
-        for stream in session.streams.values():
-            pipe.sadd(f"{key}:run", stream.id)
-            pipe.hset(f"{key}:req", stream.id, encode_request(stream))
-
     # ------------------------------------------------------------- sessions
 
-    def _register(self, pipe: Any, session: Session) -> None:
-        rules = session.rules
-        pipe.hset(
-            skey(session.id),
-            mapping={
-                "owner": self.node,
-                "identity": session.identity,
-                "agent": session.agent or "",
-                "public_id": session.public_id,
-                "subs": orjson.dumps(sorted(session.subscriptions)),
-                "rules": b"" if rules is None else orjson.dumps({"subscribe": rules.subscribe, "publish": rules.publish}),
-            },
-        )
-        pipe.sadd(f"wss:node:{self.node}:sessions", session.id)
-
-    def _write(self, session: Session, entries: list[tuple[int, bytes]], wait: bool) -> asyncio.Future[Any] | None:
-        """Queue the append script for ``entries`` of ``session`` (the owner check included)."""
-        key = skey(session.id)
-        keys = [key, f"{key}:log", f"{key}:run", f"{key}:req", f"{key}:dm"]
-        args: list[Any] = [self.node, session.acked, session.log_first]
-        for seq, frame in entries:
-            op, stream_id, request = "", "", b""
-            kind = peek(frame)
-            if kind.type == "stream.start":
-                op, stream_id = "s", kind.stream or ""
-                stream = session.streams.get(stream_id)
-                if stream is not None:  # what an adopting node needs to continue it (interrupt)
-                    request = encode_request(stream)
-            elif kind.type == "stream.end":
-                op, stream_id = "e", kind.stream or ""
-            elif kind.direct:
-                op = "m"
-            args += [seq, frame, op, stream_id, request]
-        script = self.scripts["append"]
-        events = self.events
-
-        def check(replies: list[Any]) -> None:
-            if replies and replies[0] == 0:  # another node owns it now
-                events.fence_session(session.id)
-
-        return self.writes.enqueue(lambda pipe: eval_in(pipe, script, keys, args), wait, check)
-
     async def write_log(self, session: Session | None) -> None:
-        if session is None:
-            return
-        registering = self._registering.pop(session.id, None)
-        if registering is not None:  # its welcome waits until other nodes can find it
-            with contextlib.suppress(ConnectionError):
-                await registering
-        entries = session.out.take_journal()
-        if not entries or not self.healthy:
-            return  # (degraded: sent without Redis; the memory log is written again by _resync())
-        future = self._write(session, entries, wait=True)
-        assert future is not None
-        with contextlib.suppress(ConnectionError):
-            await future  # (degraded: the frames go out; _resync() writes them later)
+        if session is not None:
+            await self.logs.write_log(session)
 
     def write_log_nowait(self, session: Session) -> None:
-        entries = session.out.take_journal()
-        if entries and self.healthy:
-            self._write(session, entries, wait=False)
+        self.logs.write_log_nowait(session)
 
     def session_opened(self, session: Session) -> None:
-        if self.healthy:
-            future = self.enqueue(lambda pipe: self._register(pipe, session), wait=True)
-            assert future is not None
-            self._registering[session.id] = future
+        self.logs.opened(session)
 
     def session_ended(self, session: Session) -> None:
         self.channels.leave_all(session)
         self._release_agent(session)
-        self._registering.pop(session.id, None)
         self._dm_seen.pop(session.id, None)
-        key = skey(session.id)
-        keys = [key, f"{key}:log", f"{key}:run", f"{key}:req", f"{key}:dm", f"wss:node:{self.node}:sessions"]
-        script = self.scripts["end"]
-        self.later(session.id, lambda pipe: eval_in(pipe, script, keys, [self.node, session.id]))
+        self.logs.ended(session)
 
     # ----------------------------------------------------------- agent names
 
@@ -383,7 +305,7 @@ class RedisBackplane(Backplane):
                         break
                     owner_name = owner.decode()
                     if await self.watch.alive(owner_name):
-                        return Route(owner_name, connect=lambda: self._open_tunnel(owner_name))
+                        return Route(owner_name, connect=lambda owner=owner_name: self._open_tunnel(owner))
                     await self.watch.adopt_node(owner_name)
                     if local(sid) is not None:
                         break
@@ -434,7 +356,7 @@ class RedisBackplane(Backplane):
                 head = orjson.dumps({"id": secrets.token_hex(8), "from": session.name})[:-1]
                 payload = head + b',"data":' + (call.encoded or b"null") + b"}"
                 found = await self.scripts["send"](keys=[f"wss:agent:{msg.to}"], args=[payload])
-                session.sent(msg, bool(found))
+                session.members.sent(msg, bool(found))
         except BaseException as exc:  # answered, whatever happened: the connection goes on
             if isinstance(exc, DOWN) and not isinstance(exc, ConnectionError):
                 self.down(exc)  # (a ConnectionError of ours: the flusher saw it already)
@@ -442,7 +364,7 @@ class RedisBackplane(Backplane):
                 logger.error("backplane %s failed: %r", call.kind, exc)
             if isinstance(msg, Subscribe):
                 self.channels.subscribe_failed(session, msg.channel)
-            session.failed(call, "the Redis backplane is unreachable; try again")
+            session.members.failed(call, "the Redis backplane is unreachable; try again")
             if not isinstance(exc, Exception):
                 raise
 
@@ -479,7 +401,7 @@ class RedisBackplane(Backplane):
                 for dm in messages:
                     if dm["id"] not in seen:
                         seen.add(dm["id"])
-                        session.deliver_direct(dm["from"], dm["data"])
+                        session.members.deliver_direct(dm["from"], dm["data"])
                 if not self._dm_draining.get(sid):
                     return
                 self._dm_draining[sid] = False
@@ -490,99 +412,11 @@ class RedisBackplane(Backplane):
 
     # -------------------------------------------------------------- pub/sub
 
-    async def _connect_pubsub(self) -> None:
-        old, self._pubsub = self._pubsub, self.redis.pubsub()
-        if self._listener is not None:
-            self._listener.cancel()
-        if old is not None:
-            with suppress_down():
-                await old.aclose()
-        # Everything this node listened to, or is about to (a listen() waiting
-        # on the old connection is confirmed by the new one).
-        names = {f"wss:n:{self.node}".encode(), *self._confirmed}
-        names |= {name.encode() for name in self.channels.listening()}
-        names |= {f"wss:p:{tid}".encode() for tid in self.tunnels}
-        loop = asyncio.get_running_loop()
-        for name in names:
-            if name not in self._confirmed or self._confirmed[name].done():
-                self._confirmed[name] = loop.create_future()
-        await self._pubsub.subscribe(*names)  # (connects; the listener reads the confirmations)
-        self._listener = loop.create_task(self._listen_loop(self._pubsub))
-        await asyncio.wait_for(asyncio.shield(self._confirmed[f"wss:n:{self.node}".encode()]), 5.0)
-
     async def listen(self, channel: str) -> None:
-        """Subscribe this node to ``channel`` and wait until Redis confirmed it."""
-        key = channel.encode()
-        future = self._confirmed.get(key)
-        if future is None:
-            future = self._confirmed[key] = asyncio.get_running_loop().create_future()
-            try:
-                await self._pubsub.subscribe(channel)
-            except BaseException:
-                del self._confirmed[key]
-                raise
-        await asyncio.wait_for(asyncio.shield(future), 5.0)
+        await self.pubsub.listen(channel)
 
     def unlisten_nowait(self, channel: str) -> None:
-        if channel.encode() in self._confirmed:
-            self.spawn(self._unlisten(channel))
-
-    async def _unlisten(self, channel: str) -> None:
-        if channel.startswith("wss:c:") and self.channels.has_subscribers(channel[6:]):
-            return  # subscribed again meanwhile
-        if self._confirmed.pop(channel.encode(), None) is not None and self.healthy:
-            with suppress_down():
-                await self._pubsub.unsubscribe(channel)
-
-    async def _listen_loop(self, pubsub: Any) -> None:
-        try:
-            while True:
-                msg = await pubsub.get_message(ignore_subscribe_messages=False, timeout=None)
-                if msg is None:
-                    continue
-                kind, channel, data = msg["type"], msg["channel"], msg["data"]
-                if kind == b"subscribe" or kind == "subscribe":
-                    future = self._confirmed.get(channel)
-                    if future is not None and not future.done():
-                        future.set_result(None)
-                elif kind == b"message" or kind == "message":
-                    try:
-                        self._dispatch(channel, data)
-                    except Exception:  # one bad message must not stop the node's listener
-                        logger.exception("backplane message on %r failed", channel)
-        except asyncio.CancelledError:
-            raise
-        except DOWN as exc:
-            self.down(exc)
-        except Exception as exc:  # a deaf node is worse than a reconnect
-            logger.exception("backplane listener failed")
-            self.down(exc)
-
-    def _dispatch(self, channel: bytes, data: bytes) -> None:
-        if channel.startswith(b"wss:c:"):
-            offset, _, frame = data.partition(b" ")
-            self.channels.deliver(channel[6:].decode(), int(offset), frame)
-        elif channel.startswith(b"wss:p:"):
-            tunnel = self.tunnels.get(channel[6:].decode())
-            if tunnel is not None:
-                tunnel.inbox.put(data)
-        else:
-            self._control(orjson.loads(data))
-
-    def _control(self, msg: dict[str, Any]) -> None:
-        op = msg.get("op")
-        events = self.events
-        if op == "dm":
-            self.spawn(self.take_direct_messages(msg["sid"]))
-        elif op == "open":
-            end = TunnelEnd(self, msg["tunnel"], msg["node"])
-            events.tunnel_opened(end, msg["hello"], msg.get("token"), msg.get("ip", "?"))
-        elif op == "in":
-            events.tunnel_input(msg["tunnel"], b"" if msg.get("binary") else msg["text"])
-        elif op == "close":
-            events.tunnel_closed(msg["tunnel"])
-        else:
-            logger.warning("unknown backplane control message %r", op)
+        self.pubsub.unlisten_nowait(channel)
 
     # -------------------------------------------------------------- tunnels
 
@@ -603,11 +437,11 @@ class RedisBackplane(Backplane):
             await self.listen(f"wss:p:{tunnel.id}")
         except BaseException:
             del self.tunnels[tunnel.id]
-            self._confirmed.pop(f"wss:p:{tunnel.id}".encode(), None)
+            self.pubsub.forget(f"wss:p:{tunnel.id}")
             raise
         return tunnel
 
     async def close_tunnel(self, tunnel: str) -> None:
         if self.tunnels.pop(tunnel, None) is not None:
-            await self._unlisten(f"wss:p:{tunnel}")
+            await self.pubsub.unlisten(f"wss:p:{tunnel}")
 

@@ -93,7 +93,7 @@ class RedisChannels:
         head, tail = channel_message_parts(msg.channel, session.name, encoded)
         keys, args = self.args(msg.channel, "pub", head, tail)
         offset = await self._bp.scripts["channel"](keys=keys, args=args)
-        session.published(msg, int(offset))
+        session.members.published(msg, int(offset))
 
     async def subscribe(self, session: Session, msg: Subscribe) -> None:
         name = msg.channel
@@ -111,7 +111,7 @@ class RedisChannels:
             presence_parts(name, joined=session.name)[1],
         )
         epoch, offset, recovered, missed, members = await self._bp.scripts["channel"](keys=keys, args=args)
-        session.subscribed(
+        session.members.subscribed(
             msg, epoch.decode(), int(offset), bool(recovered), sorted(m.decode() for m in members), list(missed)
         )
         self.save_subscriptions(session)

@@ -224,17 +224,17 @@ class Channels:
         if call.kind == "subscribe":
             assert isinstance(msg, Subscribe)
             channel, recovered, missed, joined = self.subscribe(msg.channel, session, msg.since, msg.epoch)
-            session.subscribed(msg, channel.epoch, channel.offset, recovered, channel.members, missed)
+            session.members.subscribed(msg, channel.epoch, channel.offset, recovered, channel.members, missed)
             if joined:
                 self.join_announce(channel, session)
         elif call.kind == "unsubscribe":
             self.unsubscribe(msg.channel, session)  # type: ignore[union-attr]
         elif call.kind == "publish":
             assert isinstance(msg, Publish) and call.encoded is not None
-            session.published(msg, self.publish(msg.channel, session.name, call.encoded))
+            session.members.published(msg, self.publish(msg.channel, session.name, call.encoded))
         else:
             assert isinstance(msg, Send)
             recipient = self.agents.get(msg.to)
             if recipient is not None:
-                recipient.deliver_direct(session.name, msg.data)
-            session.sent(msg, recipient is not None)
+                recipient.members.deliver_direct(session.name, msg.data)
+            session.members.sent(msg, recipient is not None)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-__all__ = ["ChannelRules", "MessagingLimits", "TokenBucket", "TokenBudget"]
+__all__ = ["ChannelRules", "GenerationQuota", "MessagingLimits", "TokenBucket", "TokenBudget"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,3 +89,29 @@ class TokenBudget:
 
     def idle_full(self, now: float) -> bool:
         return self.stamp is not None and now - self.stamp > self.capacity / (self.rate or 1.0) + 60
+
+
+@dataclass(frozen=True, slots=True)
+class GenerationQuota:
+    """An identity's limits on generations: how many start per minute, and
+    how many output tokens they may produce per minute (either may be off)."""
+
+    starts: TokenBucket | None = None
+    tokens: TokenBudget | None = None
+
+    def wait(self, now: float) -> tuple[float, str]:
+        """Seconds until a generation may start (0: now), and which limit says so."""
+        wait = self.starts.take(now) if self.starts is not None else 0.0
+        if wait:
+            return wait, "generations per minute"
+        if self.tokens is not None:
+            return self.tokens.wait(now), "output tokens per minute"
+        return 0.0, ""
+
+    def spend(self, output_tokens: int, now: float) -> None:
+        if self.tokens is not None:
+            self.tokens.spend(output_tokens, now)
+
+    def idle_full(self, now: float) -> bool:
+        """Both limits unused long enough to be full again: forgettable."""
+        return all(limit is None or limit.idle_full(now) for limit in (self.starts, self.tokens))

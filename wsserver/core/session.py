@@ -32,7 +32,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import orjson
 from pydantic import BaseModel
 
 from ..wire.errors import ErrorCode, ProtocolError
@@ -44,16 +43,13 @@ from ..wire.messages import (
     Generate,
     Interrupt,
     Ok,
-    Publish,
-    Send,
     StreamEnd,
     StreamSnapshot,
     StreamStart,
-    Subscribe,
     Usage,
 )
-from .actions import Action, MessagingCall, StartGeneration, StopGeneration
-from .limits import ChannelRules, MessagingLimits, TokenBucket, TokenBudget
+from .actions import Action, StartGeneration, StopGeneration
+from .limits import ChannelRules, GenerationQuota, MessagingLimits
 from .messaging import ChannelSink, Membership
 from .outbox import Outbox
 from .streams import Stream, StreamBook, StreamState
@@ -100,7 +96,6 @@ class Session:
         "agent",
         "book",
         "clock",
-        "generate_bucket",
         "id",
         "identity",
         "max_streams",
@@ -109,8 +104,8 @@ class Session:
         "out",
         "providers",
         "public_id",
+        "quota",
         "remember_ids",
-        "token_budget",
     )
 
     def __init__(
@@ -131,8 +126,7 @@ class Session:
         identity: str = ANONYMOUS,
         rules: ChannelRules | None = None,
         observer: Observer | None = None,
-        generate_bucket: TokenBucket | None = None,
-        token_budget: TokenBudget | None = None,
+        quota: GenerationQuota | None = None,
         public_id: str | None = None,
     ) -> None:
         self.id = session_id
@@ -144,8 +138,7 @@ class Session:
         #: The authenticated identity this session is bound to.
         self.identity = identity
         self.observer = observer
-        self.generate_bucket = generate_bucket
-        self.token_budget = token_budget
+        self.quota = quota
         self.public_id = public_id or "anon-" + secrets.token_hex(6)
         self.out = Outbox(
             max_log_messages=max_log_messages,
@@ -186,10 +179,6 @@ class Session:
         return self.out.acked
 
     @property
-    def rules(self) -> ChannelRules | None:
-        return self.members.rules
-
-    @property
     def subscriptions(self) -> set[str]:
         return self.members.subscriptions
 
@@ -204,14 +193,6 @@ class Session:
     @property
     def backlog(self) -> int:
         return len(self.out.pending)
-
-    @property
-    def on_output(self) -> Callable[[], Any] | None:
-        return self.out.on_output
-
-    @on_output.setter
-    def on_output(self, wake: Callable[[], Any] | None) -> None:
-        self.out.on_output = wake
 
     # ------------------------------------------------------------------ input
 
@@ -249,14 +230,15 @@ class Session:
         else:  # pragma: no cover - the protocol layer routes hello and ping
             raise AssertionError(f"unexpected message type {msg_type}")
         if request_id is not None:
-            self._remember(request_id, stream_id)
+            self.remember(request_id, stream_id)
         return actions
 
     def reject(self, exc: ProtocolError) -> None:
         """Answer a message that could not be decoded or is not allowed."""
         self.out.error(exc.code, exc.message, ref=exc.ref, field=exc.field, **exc.extra)
 
-    def _remember(self, request_id: str, stream_id: str | None) -> None:
+    def remember(self, request_id: str, stream_id: str | None) -> None:
+        """``request_id`` was answered (for ``stream_id``): a repeat gets ``duplicate_request``."""
         self._answered[request_id] = stream_id
         if len(self._answered) > self.remember_ids:
             self._answered.popitem(last=False)
@@ -287,11 +269,9 @@ class Session:
         return stream_id, [StartGeneration(stream)]
 
     def _generation_allowed(self, ref: str | None) -> bool:
-        now = self.clock()
-        wait = self.generate_bucket.take(now) if self.generate_bucket is not None else 0.0
-        what = "generations per minute"
-        if not wait and self.token_budget is not None:
-            wait, what = self.token_budget.wait(now), "output tokens per minute"
+        if self.quota is None:
+            return True
+        wait, what = self.quota.wait(self.clock())
         if wait:
             self.out.error(
                 ErrorCode.RATE_LIMITED,
@@ -406,23 +386,6 @@ class Session:
 
     # ------------------------------------------------------------- messaging
 
-    def subscribed(
-        self, msg: Subscribe, epoch: str, offset: int, recovered: bool, members: list[str], missed: list[bytes]
-    ) -> None:
-        self.members.subscribed(msg, epoch, offset, recovered, members, missed)
-
-    def published(self, msg: Publish, offset: int) -> None:
-        self.members.published(msg, offset)
-
-    def sent(self, msg: Send, delivered: bool) -> None:
-        self.members.sent(msg, delivered)
-
-    def failed(self, call: MessagingCall, message: str) -> None:
-        self.members.failed(call, message)
-
-    def deliver_direct(self, sender: str, data: Any) -> None:
-        self.members.deliver_direct(sender, data)
-
     def _to_channel(self, stream: Stream, frame: BaseModel) -> None:
         data = frame.model_dump(exclude_none=True)
         del data["seq"]
@@ -474,8 +437,8 @@ class Session:
         if error is not None:
             payload["error"] = ErrorInfo(code=error[0], message=error[1])
         self.out.push(stream, StreamEnd, payload)
-        if self.token_budget is not None:
-            self.token_budget.spend(usage.output_tokens, now)
+        if self.quota is not None:
+            self.quota.spend(usage.output_tokens, now)
         if self.observer is not None:
             self.observer.stream_ended(self.id, stream, usage, error)
         if stream.channel is not None:
@@ -503,36 +466,6 @@ class Session:
     @property
     def log(self) -> list[tuple[int, bytes]]:
         return self.out.log
-
-    def restore_log(self, seq: int, acked: int, first: int, frames: list[bytes]) -> dict[str, list[str]]:
-        """Take over a replay log kept elsewhere (a lost node's, from the backplane):
-        ``frames`` are seqs ``first`` on, the session's seq is ``seq``.
-
-        What the frames tell is taken back too: the request ids answered
-        (``duplicate_request`` still holds) and the stream ids used. Returns
-        the text of each stream's deltas in the log, by stream id.
-        """
-        self.out.restore(seq, acked, first, frames)
-        texts: dict[str, list[str]] = {}
-        for frame in frames:
-            msg = orjson.loads(frame)
-            kind = msg["type"]
-            if msg.get("ref") is not None:
-                self._remember(msg["ref"], msg.get("stream") if kind == "stream.start" else None)
-            if kind == "stream.start":
-                self.book.mark_used(msg["stream"])
-            elif kind == "stream.delta":
-                texts.setdefault(msg["stream"], []).append(msg["text"])
-        return texts
-
-    def end_lost(self, stream: Stream, parts: list[str], error: tuple[str, str]) -> None:
-        """A stream that ran elsewhere and is gone with its node: it gets the
-        text it had (``parts``, for an ``interrupt`` to continue from) and
-        ends with ``error`` (its usage estimated from the deltas)."""
-        stream.parts = parts
-        stream.counted_tokens, stream.exact_count = len(parts), False
-        self.book.add(stream)
-        self.stream_end(stream, "error", error)
 
     def snapshot(self) -> None:
         """Queue one ``stream.snapshot`` per running stream (for a refreshed page).

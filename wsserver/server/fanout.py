@@ -120,5 +120,5 @@ class Fanout:
                 if not conn.lagging():
                     lagging.discard(conn)
             server.backplane.sweep()
-            server.sessions.prune_budgets()
+            server.sessions.prune_quotas()
             self.count_output()

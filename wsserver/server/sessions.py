@@ -16,10 +16,11 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from ..cluster.backplane import AdoptedSession, Route
-from ..core.limits import ChannelRules, MessagingLimits, TokenBucket, TokenBudget
+from ..core.limits import ChannelRules, GenerationQuota, MessagingLimits, TokenBucket, TokenBudget
 from ..core.protocol import Opened
 from ..core.session import ANONYMOUS, Session
 from ..core.streams import Stream
+from ..core.takeover import end_lost, restore_log
 from ..wire.codec import encode
 from ..wire.errors import ErrorCode, ProtocolError
 from ..wire.messages import Error, Hello
@@ -45,8 +46,7 @@ class Sessions(Mapping[str, SessionRuntime]):
             publish_rate=cfg.publish_rate,
             publish_burst=cfg.publish_rate * 2,
         )
-        self._generate_buckets: dict[str, TokenBucket] = {}
-        self._token_budgets: dict[str, TokenBudget] = {}
+        self._quotas: dict[str, GenerationQuota] = {}
 
     def __getitem__(self, session_id: str) -> SessionRuntime:
         return self._live[session_id]
@@ -137,7 +137,7 @@ class Sessions(Mapping[str, SessionRuntime]):
     ) -> Session:
         server = self._server
         cfg = server.config
-        generate_bucket, token_budget = self._budgets(identity if identity != ANONYMOUS else anonymous_key)
+        quota = self._quota(identity if identity != ANONYMOUS else anonymous_key)
         session = Session(
             session_id,
             providers=server.providers,
@@ -151,8 +151,7 @@ class Sessions(Mapping[str, SessionRuntime]):
             identity=identity,
             rules=rules,
             observer=server.telemetry,
-            generate_bucket=generate_bucket,
-            token_budget=token_budget,
+            quota=quota,
             public_id=public_id,
         )
         if server.backplane.shared:
@@ -161,27 +160,25 @@ class Sessions(Mapping[str, SessionRuntime]):
             server.backplane.claim_agent(agent, session)
         return session
 
-    def _budgets(self, key: str) -> tuple[TokenBucket | None, TokenBudget | None]:
+    def _quota(self, key: str) -> GenerationQuota | None:
         """Generation and token limits are per identity (per client IP when anonymous)."""
         cfg = self._server.config
-        bucket = budget = None
-        if cfg.generate_rate > 0:
-            bucket = self._generate_buckets.get(key)
-            if bucket is None:
-                bucket = self._generate_buckets[key] = TokenBucket(cfg.generate_rate / 60, cfg.generate_rate)
-        if cfg.token_rate > 0:
-            budget = self._token_budgets.get(key)
-            if budget is None:
-                budget = self._token_budgets[key] = TokenBudget(cfg.token_rate)
-        return bucket, budget
+        if cfg.generate_rate <= 0 and cfg.token_rate <= 0:
+            return None
+        quota = self._quotas.get(key)
+        if quota is None:
+            quota = self._quotas[key] = GenerationQuota(
+                TokenBucket(cfg.generate_rate / 60, cfg.generate_rate) if cfg.generate_rate > 0 else None,
+                TokenBudget(cfg.token_rate) if cfg.token_rate > 0 else None,
+            )
+        return quota
 
-    def prune_budgets(self) -> None:
-        """Forget rate-limit state of identities idle long enough to be full again."""
+    def prune_quotas(self) -> None:
+        """Forget the limits of identities idle long enough to be full again."""
         now = time.monotonic()
-        for buckets in (self._generate_buckets, self._token_budgets):
-            for key, bucket in list(buckets.items()):
-                if bucket.idle_full(now):
-                    del buckets[key]
+        for key, quota in list(self._quotas.items()):
+            if quota.idle_full(now):
+                del self._quotas[key]
 
     # ------------------------------------------------------ several nodes
 
@@ -195,7 +192,7 @@ class Sessions(Mapping[str, SessionRuntime]):
         session = self._new_session(
             adopted.id, adopted.identity, adopted.rules, adopted.agent, "ip:?", public_id=adopted.public_id
         )
-        texts = session.restore_log(adopted.seq, adopted.acked, adopted.first, adopted.frames)
+        texts = restore_log(session, adopted.seq, adopted.acked, adopted.first, adopted.frames)
         session.subscriptions.update(adopted.subscriptions)
         session.paused.update(adopted.subscriptions)
         live = SessionRuntime(self._server, session)
@@ -213,7 +210,7 @@ class Sessions(Mapping[str, SessionRuntime]):
                 started_at=now,
                 channel=request.channel,
             )
-            session.end_lost(stream, texts.get(stream_id, []), lost)
+            end_lost(session, stream, texts.get(stream_id, []), lost)
         live.start_detached()
         return session
 

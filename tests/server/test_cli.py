@@ -2,134 +2,29 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import queue
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
-import threading
 import time
-import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from wsserver import __version__
 
-PY = [sys.executable, "-m", "wsserver"]
-SERVE_FAST = ["--sim-tokens-per-s", "0", "--sim-ttft-ms", "0", "--ping-interval", "0"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # type: ignore[no-any-return]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WSSERVER_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
-    return env
-
-
-class ServerProcess:
-    """``wsserver serve`` in a subprocess; stdout lines are read by a thread."""
-
-    def __init__(self, port: int, args: list[str], env: dict[str, str]) -> None:
-        self.port = port
-        self.stderr = tempfile.TemporaryFile()  # never a pipe nobody drains
-        self.proc = subprocess.Popen(
-            [*PY, "serve", "--port", str(port), *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self.stderr,
-            env=env,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.stdout: list[str] = []
-        self._thread = threading.Thread(target=self._pump, daemon=True)
-        self._thread.start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        for raw in self.proc.stdout:
-            line = raw.decode(errors="replace")
-            self.stdout.append(line)
-            self.lines.put(line)
-
-    def wait_for_line(self, needle: str, timeout: float = 10.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self.stderr.seek(0)
-                raise AssertionError(
-                    f"no line with {needle!r} in {timeout} s; stdout {self.stdout!r}, "
-                    f"stderr {self.stderr.read().decode(errors='replace')!r}"
-                )
-            try:
-                line = self.lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if needle in line:
-                return line
-
-    def stop(self, sig: int, timeout: float = 5.0) -> int:
-        self.proc.send_signal(sig)
-        return self.proc.wait(timeout=timeout)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        self._thread.join(timeout=5)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self.stderr.close()
-
-
-@contextlib.contextmanager
-def serve(*args: str, env: dict[str, str] | None = None) -> Iterator[ServerProcess]:
-    port = free_port()
-    srv = ServerProcess(port, [*SERVE_FAST, *args], env if env is not None else _env())
-    try:
-        srv.wait_for_line("listening")
-        yield srv
-    finally:
-        srv.kill()
-
-
-def http_get(port: int, path: str) -> tuple[int, bytes]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:  # noqa: S310
-        return resp.status, resp.read()
-
-
-def welcome_of(port: int) -> dict[str, Any]:
-    """Say hello over a minimal client in this process (sync websockets API)."""
-    from websockets.sync.client import connect
-
-    with connect(f"ws://127.0.0.1:{port}/", open_timeout=5, close_timeout=2) as ws:
-        ws.send(json.dumps({"type": "hello", "protocol": 1}))
-        return json.loads(ws.recv(timeout=5))  # type: ignore[no-any-return]
+from tests.helpers import PY, SERVE_FAST, clean_env, free_port, http_get, serve, welcome_of
 
 
 # ------------------------------------------------------------------ tests
 
 
 def test_version() -> None:
-    out = subprocess.run([*PY, "--version"], capture_output=True, text=True, timeout=30, env=_env())
+    out = subprocess.run([*PY, "--version"], capture_output=True, text=True, timeout=30, env=clean_env())
     assert out.returncode == 0
     assert out.stdout.strip() == f"wsserver {__version__}" == "wsserver 0.1.0"
 
 
 def test_no_command_prints_help() -> None:
-    out = subprocess.run(PY, capture_output=True, text=True, timeout=30, env=_env())
+    out = subprocess.run(PY, capture_output=True, text=True, timeout=30, env=clean_env())
     assert out.returncode == 2
     assert "serve" in out.stdout and "chat" in out.stdout
 
@@ -154,12 +49,12 @@ def test_serve_prints_url_answers_and_stops_on_signal(sig: int, loop: str) -> No
 
 
 def test_env_max_streams_honoured() -> None:
-    with serve(env=_env(WSSERVER_MAX_STREAMS="1")) as srv:
+    with serve(env=clean_env(WSSERVER_MAX_STREAMS="1")) as srv:
         assert welcome_of(srv.port)["limits"]["max_streams"] == 1
 
 
 def test_flag_overrides_env() -> None:
-    with serve("--max-streams", "3", env=_env(WSSERVER_MAX_STREAMS="1")) as srv:
+    with serve("--max-streams", "3", env=clean_env(WSSERVER_MAX_STREAMS="1")) as srv:
         assert welcome_of(srv.port)["limits"]["max_streams"] == 3
 
 
@@ -170,7 +65,7 @@ def test_env_port_honoured() -> None:
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        env=_env(WSSERVER_PORT=str(port)),
+        env=clean_env(WSSERVER_PORT=str(port)),
     )
     try:
         deadline = time.monotonic() + 10
@@ -193,7 +88,7 @@ def test_invalid_env_value() -> None:
         capture_output=True,
         text=True,
         timeout=30,
-        env=_env(WSSERVER_PORT="abc"),
+        env=clean_env(WSSERVER_PORT="abc"),
     )
     assert out.returncode != 0
     assert "WSSERVER_PORT" in out.stderr
@@ -203,7 +98,7 @@ def test_invalid_env_value() -> None:
 
 def test_invalid_flag_value() -> None:
     out = subprocess.run(
-        [*PY, "serve", "--port", "abc"], capture_output=True, text=True, timeout=30, env=_env()
+        [*PY, "serve", "--port", "abc"], capture_output=True, text=True, timeout=30, env=clean_env()
     )
     assert out.returncode == 2
     assert "--port" in out.stderr
@@ -216,7 +111,7 @@ def run_chat(port: int, *args: str, **kwargs: Any) -> subprocess.CompletedProces
         capture_output=True,
         text=True,
         timeout=30,
-        env=_env(),
+        env=clean_env(),
         **kwargs,
     )
 

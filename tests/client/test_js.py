@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 JS = ROOT / "clients" / "js"
 CI = os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
 

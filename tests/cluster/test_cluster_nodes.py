@@ -14,15 +14,15 @@ import orjson
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import USER_HI, RawClient
-from test_cli import ServerProcess, _env, free_port
+from tests.helpers import USER_HI, RawClient
+from tests.helpers import ServerProcess, clean_env, free_port
 
 PACED = ["--sim-ttft-ms", "0", "--ping-interval", "0", "--node-timeout", "1"]
 
 
 @contextlib.contextmanager
 def node(redis_url: str, name: str, *args: str) -> Iterator[ServerProcess]:
-    proc = ServerProcess(free_port(), [*PACED, "--redis", redis_url, "--node-id", name, *args], _env())
+    proc = ServerProcess(free_port(), [*PACED, "--redis", redis_url, "--node-id", name, *args], clean_env())
     try:
         proc.wait_for_line("listening")
         yield proc

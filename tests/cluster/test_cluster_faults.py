@@ -14,22 +14,15 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import USER_HI, RawClient
-from test_cluster import client, nodes, of_type
-
-
-async def until(condition: Any, timeout: float = 10.0) -> None:
-    """Wait (bounded) for ``condition()``; the assertion after the wait says what failed."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition() and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.05)
+from tests.helpers import USER_HI, RawClient, until
+from tests.cluster.test_cluster import client, nodes, of_type
 
 
 def kill_node(server: Any) -> None:
     """A node that stops without a word, in-process: no more heartbeats, deaf to pub/sub."""
     backplane = server.backplane
     backplane._watcher.cancel()
-    backplane._listener.cancel()
+    backplane.pubsub._listener.cancel()
 
 
 class Proxy:
@@ -228,7 +221,7 @@ async def test_publication_during_subscribe_reaches_the_subscriber(redis_server,
 async def test_no_duplicate_when_pubsub_lags_the_script_reply(redis_server):
     async with nodes(redis_server.url) as (a, b):
         bp = b.backplane
-        orig = bp._dispatch
+        orig = bp.pubsub._dispatch
 
         def lagging(channel, data):  # node b's pub/sub reader lags 0.3 s behind (load)
             if channel.startswith(b"wss:c:"):
@@ -236,7 +229,7 @@ async def test_no_duplicate_when_pubsub_lags_the_script_reply(redis_server):
             else:
                 orig(channel, data)
 
-        bp._dispatch = lagging
+        bp.pubsub._dispatch = lagging
         async with client(b) as (keep, _), client(a) as (pub, _), client(b) as (sub, _):
             await keep.send({"type": "subscribe", "id": "k", "channel": "ch"})
             first = (await keep.recv_until(of_type("subscribed")))[-1]

@@ -14,7 +14,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
 import wsserver
-from conftest import RawClient
+from tests.helpers import RawClient
 from wsserver.client import Backoff, ChannelMessage, Presence
 from wsserver.wire.messages import ChatMessage
 from wsserver.providers import simulated_reply

@@ -1,7 +1,7 @@
 """Soak: many connections, many concurrent streams, all delivered intact;
 then ~5 minutes of 1,000 churning connections with nothing leaked.
 
-Marked slow: run with ``pytest -m slow tests/test_soak.py -s`` (the churn test
+Marked slow: run with ``pytest -m slow tests/reliability/test_soak.py -s`` (the churn test
 prints its figures; ``SOAK_SECONDS=30`` shortens it).
 """
 

@@ -23,7 +23,7 @@ from wsserver.providers import (
 )
 from wsserver.server import Server
 
-from fake_upstream import (
+from tests.providers.fake_upstream import (
     cancel_to_eof,
     SSE,
     FakeUpstream,
@@ -33,7 +33,7 @@ from fake_upstream import (
     collect,
     text_of,
 )
-from test_provider_openai import CANCEL_CLOSE_BOUND_S
+from tests.providers.test_openai import CANCEL_CLOSE_BOUND_S
 
 FAST_RETRY = RetryPolicy(retries=2, backoff_s=0.01, max_delay_s=0.5)
 CONVERSATION = [

@@ -6,20 +6,13 @@ from typing import Any
 
 import orjson
 
+from tests.helpers import FakeClock
 from wsserver.core.actions import MessagingCall
 from wsserver.core.channels import Channels
 from wsserver.core.limits import MessagingLimits
 from wsserver.core.session import Session
 from wsserver.providers import Providers, SimulatedProvider
 from wsserver.wire.messages import decode_client
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class RecordingChannels(Channels):
@@ -111,7 +104,7 @@ def test_recovery_fails_when_history_is_short_or_epoch_differs() -> None:
 
 
 def test_history_expires_by_age() -> None:
-    clock = Clock()
+    clock = FakeClock(1000.0)
     hub, _ = make(history_ttl=10, clock=clock)
     hub.publish("c", "x", b"1")
     clock.now += 11

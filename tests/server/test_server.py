@@ -21,7 +21,7 @@ from wsserver.wire.messages import ChatMessage, decode_server
 from wsserver.providers import simulated_reply
 from wsserver.server import Server
 
-from conftest import USER_HI, RawClient
+from tests.helpers import USER_HI, RawClient
 
 # ----------------------------------------------------------------- helpers
 

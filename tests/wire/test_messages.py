@@ -27,7 +27,7 @@ from wsserver.core.protocol import Opened, ServerProtocol
 from wsserver.providers import Providers, SimulatedProvider
 from wsserver.core.session import Session
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VECTORS = ROOT / "protocol" / "vectors"
 
 
@@ -120,7 +120,7 @@ class TestCodec:
         assert decode_client(raw) == decode_client(raw.encode())
 
     def test_text_with_lone_surrogates_is_bad_json(self) -> None:
-        # Found by tests/test_fuzz.py: str input holding a lone surrogate made
+        # Found by tests/reliability/test_fuzz.py: str input holding a lone surrogate made
         # the error path's json.loads raise JSONDecodeError (or, inside a JSON
         # string, gave bad_message with field ''). Not reachable through
         # websockets, which hands over valid UTF-8 only.

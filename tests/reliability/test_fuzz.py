@@ -18,7 +18,7 @@
 
 Example counts are hypothesis' defaults (the whole file takes seconds);
 ``HYPOTHESIS_PROFILE=long`` runs 20x as many, 200-step machines (see
-tests/conftest.py): ``HYPOTHESIS_PROFILE=long pytest tests/test_fuzz.py --timeout 0``.
+tests/helpers.py): ``HYPOTHESIS_PROFILE=long pytest tests/reliability/test_fuzz.py --timeout 0``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from tests.helpers import FakeClock
 from wsserver.wire.errors import ErrorCode, ProtocolError
 from wsserver.wire.codec import encode
 from wsserver.wire.messages import CLIENT_TYPES, Error, decode_client, decode_server
@@ -46,7 +47,7 @@ from wsserver.core.actions import StartGeneration, StopGeneration
 from wsserver.core.session import Session
 from wsserver.core.streams import StreamState
 
-VECTORS = Path(__file__).resolve().parent.parent / "protocol" / "vectors"
+VECTORS = Path(__file__).resolve().parents[2] / "protocol" / "vectors"
 DECODING_CODES = {ErrorCode.BAD_JSON, ErrorCode.BAD_MESSAGE, ErrorCode.UNKNOWN_TYPE}
 DOCUMENTED = {code.value for code in ErrorCode}
 WELCOME = {"heartbeat_ms": 0, "limits": {}, "server": "fuzz"}
@@ -174,14 +175,6 @@ def test_protocol_answers_any_frames_with_valid_messages(frames: list[Any]) -> N
 # The stateful machine
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 STREAM_IDS = ["a", "b", "c", "d"]
 REQUEST_IDS = ["r1", "r2", "r3", "r4", "r5", "r6"]
 TEXT = st.text(alphabet="abcxyz é🙂", min_size=1, max_size=6)
@@ -211,7 +204,7 @@ class SessionMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.clock = FakeClock()
+        self.clock = FakeClock(1000.0)
         self.log_bound = 10_000
         self.session: Session | None = None
         self.proto: ServerProtocol | None = None  # None: no connection

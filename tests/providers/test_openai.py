@@ -24,7 +24,7 @@ from wsserver.providers import (
 )
 from wsserver.server import Server
 
-from fake_upstream import cancel_to_eof, SSE, Drop, FakeUpstream, Reply, chat_events, collect, responses_events, text_of
+from tests.providers.fake_upstream import cancel_to_eof, SSE, Drop, FakeUpstream, Reply, chat_events, collect, responses_events, text_of
 
 #: Cancel → upstream EOF bound. Typical on this box: 0.3-0.7 ms.
 CANCEL_CLOSE_BOUND_S = 0.1

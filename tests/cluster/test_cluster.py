@@ -14,7 +14,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from conftest import TEST_CONFIG, USER_HI, RawClient
+from tests.helpers import TEST_CONFIG, USER_HI, RawClient
 from wsserver.config import ServerConfig
 from wsserver.server import Server
 

@@ -15,7 +15,7 @@ from wsserver.wire.messages import ChatMessage
 from wsserver.providers import simulated_reply
 from wsserver.server import Server
 
-from conftest import USER_HI
+from tests.helpers import USER_HI
 
 
 def reply_text(messages: list[dict[str, str]], reply_tokens: int | None = None) -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import wsserver
-from conftest import RawClient
+from tests.helpers import RawClient, free_port
 from wsserver.server.auth import Authenticator, make_jwt, origin_allowed, token_from_request
 from wsserver.config import ServerConfig
 from wsserver.server import Server
@@ -320,12 +319,6 @@ class TestObservability:
                     while True:
                         await ws.recv()
             assert ws.close_code == 1001
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_sigterm_drains_and_exits_zero(tmp_path: Any) -> None:

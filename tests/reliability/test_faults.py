@@ -31,8 +31,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 import wsserver
-from conftest import TEST_CONFIG
-from test_cli import ServerProcess, _env, free_port
+from tests.helpers import TEST_CONFIG
+from tests.helpers import ServerProcess, clean_env, free_port
 from wsserver.config import ServerConfig
 from wsserver.wire.errors import ConnectionLost
 from wsserver.wire.messages import ChatMessage
@@ -342,7 +342,7 @@ async def test_stalled_reader_is_closed_1013_and_resumes_intact() -> None:
 async def test_sigkilled_server_restarted_gives_a_fresh_session_not_a_hang() -> None:
     port = free_port()
     args = ["--sim-tokens-per-s", "200", "--sim-ttft-ms", "0", "--ping-interval", "0"]
-    first = ServerProcess(port, args, _env())
+    first = ServerProcess(port, args, clean_env())
     second = None
     try:
         await asyncio.to_thread(first.wait_for_line, "listening")
@@ -357,7 +357,7 @@ async def test_sigkilled_server_restarted_gives_a_fresh_session_not_a_hang() -> 
                     break
             first.proc.send_signal(signal.SIGKILL)
             await asyncio.to_thread(first.proc.wait, 5)
-            second = ServerProcess(port, args, _env())
+            second = ServerProcess(port, args, clean_env())
             await asyncio.to_thread(second.wait_for_line, "listening", 15)
             with pytest.raises(ConnectionLost):
                 async with asyncio.timeout(30):  # not a hang
