@@ -93,12 +93,13 @@ async def test_session_ending_during_a_blip_frees_its_name_and_presence(redis_se
             proxy.cut()  # node a loses Redis for 2 s (Redis itself is fine)
             await until(lambda: not a.backplane.healthy)
             assert not a.backplane.healthy
-            await asyncio.sleep(1.0)  # the detached session expires meanwhile
+            await until(lambda: not a.sessions)  # the detached session expires meanwhile
             assert not a.sessions
             proxy.restore()
             await until(lambda: a.backplane.healthy)
             assert a.backplane.healthy
-            await asyncio.sleep(0.5)
+            r = redis_server.client()  # what the outage deferred is written once a is back
+            await until(lambda: not r.exists("wss:agent:solo") and not r.hexists("wss:c:room:m", "solo"))
             async with client(b) as (watch, _):
                 await watch.send({"type": "subscribe", "id": "s", "channel": "room"})
                 members = (await watch.recv_until(of_type("subscribed")))[-1]["members"]
@@ -178,10 +179,12 @@ class SlowSub:
 
     def __init__(self, script):
         self.script, self.sha = script, script.sha
+        self.ran = asyncio.Event()  # a 'sub' script has run in Redis
 
     async def __call__(self, keys, args):
         result = await self.script(keys=keys, args=args)
         if args[0] == "sub":
+            self.ran.set()
             await asyncio.sleep(0.5)
         return result
 
@@ -198,14 +201,15 @@ async def test_publication_during_subscribe_reaches_the_subscriber(redis_server,
                     await sub.send({"type": "subscribe", "id": "s0", "channel": "ch"})
                     first = (await sub.recv_until(of_type("subscribed")))[-1]
                     since, epoch = first["offset"], first["epoch"]
-            b.backplane.scripts["channel"] = SlowSub(b.backplane.scripts["channel"])
+            slow = b.backplane.scripts["channel"] = SlowSub(b.backplane.scripts["channel"])
             hello = {"session": welcome["session"], "last_seq": 0} if resumed else {}
             async with client(b, **hello) as (sub, _), client(a) as (pub, _):
                 msg = {"type": "subscribe", "id": "s1", "channel": "ch"}
                 if resumed:
                     msg.update(since=since, epoch=epoch)
                 await sub.send(msg)
-                await asyncio.sleep(0.1)  # the script has run; its reply is not processed yet
+                async with asyncio.timeout(5):
+                    await slow.ran.wait()  # the script has run; its reply is not processed yet
                 await pub.send({"type": "publish", "id": "p", "channel": "ch", "data": "hello"})
                 offset = (await pub.recv_until(of_type("ok", ref="p")))[-1]["offset"]
                 subscribed = (await sub.recv_until(of_type("subscribed")))[-1]

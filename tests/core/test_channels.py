@@ -1,4 +1,4 @@
-"""Channels, presence and agents in the hub and the session core (no network)."""
+"""Channels, presence and agent names in memory (core.channels) with sessions (no network)."""
 
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests.helpers import until
 from wsserver.wire.messages import ChatMessage, GenerateParams
 from wsserver.providers import (
     Finish,
@@ -105,7 +106,7 @@ async def test_cancel_stops_at_once_and_runs_cleanup() -> None:
                 seen += 1
 
     task = asyncio.ensure_future(consume())
-    await asyncio.sleep(0.05)
+    await until(lambda: seen > 0)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

@@ -31,8 +31,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 import wsserver
-from tests.helpers import TEST_CONFIG
-from tests.helpers import ServerProcess, clean_env, free_port
+from tests.helpers import TEST_CONFIG, ServerProcess, clean_env, free_port, until
 from wsserver.config import ServerConfig
 from wsserver.wire.errors import ConnectionLost
 from wsserver.wire.messages import ChatMessage
@@ -271,7 +270,7 @@ async def test_stalled_provider_is_cancelled_and_closed() -> None:
         await client.send({"type": "generate", "id": "g", "stream": "a", "provider": "faulty", "model": "stall-10", "messages": [{"role": "user", "content": "x"}]})
         await asyncio.wait_for(faulty.stalled.wait(), 10)
         client.drop()  # a drop during the stall cancels nothing
-        await asyncio.sleep(0.05)
+        await until(lambda: not server.connections)
         assert faulty.open_upstreams == 1
         await client.open()
         await client.send({"type": "cancel", "id": "c", "stream": "a"})

@@ -18,6 +18,7 @@ import pytest
 from websockets.asyncio.client import connect
 
 import wsserver
+from tests.helpers import until
 from wsserver.wire.messages import ChatMessage
 from wsserver.providers import simulated_reply
 from wsserver.server import Server
@@ -46,7 +47,7 @@ async def test_many_connections_many_streams(server: Server) -> None:
 
     async with asyncio.timeout(240):
         await asyncio.gather(*(one_client(n) for n in range(CONNECTIONS)))
-    await asyncio.sleep(0.2)
+    await until(lambda: not server.connections)
     assert not server.connections
 
 

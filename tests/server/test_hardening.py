@@ -19,7 +19,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 import wsserver
-from tests.helpers import RawClient, free_port
+from tests.helpers import RawClient, free_port, until
 from wsserver.server.auth import Authenticator, make_jwt, origin_allowed, token_from_request
 from wsserver.config import ServerConfig
 from wsserver.server import Server
@@ -301,7 +301,7 @@ class TestObservability:
         await long.recv()
         t0 = time.monotonic()
         drain = asyncio.ensure_future(server.drain())
-        await asyncio.sleep(0.1)
+        await until(lambda: server.draining)
         assert (await asyncio.to_thread(http_get, ready))[0] == 503
         assert server.draining
         short_frames = await short.recv_until(lambda f: f["type"] == "stream.end")

@@ -13,7 +13,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.helpers import RawClient
+from tests.helpers import RawClient, until
 from wsserver.wire.messages import ChatMessage
 from wsserver.providers import simulated_reply
 from wsserver.server import Server
@@ -153,7 +153,8 @@ async def test_resume_failed_when_the_log_fell_short(make_server: Any) -> None:
             await a.send({"type": "generate", "messages": conversation("long"), "params": {"reply_tokens": 100, "tokens_per_s": 2000}})
             await a.recv()
             drop(a)
-        await asyncio.sleep(0.3)
+        live = server.sessions[welcome["session"]]
+        await until(lambda: not live.session.streams)  # the whole answer went to the log, past its bound
         async with raw(server) as b:
             await b.send({"type": "hello", "protocol": 1, "session": welcome["session"], "last_seq": 1})
             err, fresh = await b.recv(), await b.recv()
@@ -251,8 +252,8 @@ async def test_dropped_socket_never_cancels(server: Server) -> None:
         await a.send({"type": "generate", "messages": messages, "params": {"reply_tokens": 100, "tokens_per_s": 1000}})
         await a.recv()
         drop(a)
-    await asyncio.sleep(0.3)  # the whole answer is produced while detached
     live = server.sessions[welcome["session"]]
+    await until(lambda: not live.session.streams)  # the whole answer is produced while detached
     assert not live.session.streams
     async with raw(server) as b:
         await b.hello(session=welcome["session"], last_seq=1)

@@ -8,6 +8,7 @@ from typing import Any
 import orjson
 from websockets.protocol import State
 
+from tests.helpers import until
 from wsserver.config import ServerConfig
 from wsserver.server import Server
 from wsserver.server.connection import MAX_BACKLOG, Connection
@@ -89,10 +90,14 @@ async def test_reader_pauses_when_the_writer_cannot_keep_up() -> None:
     ws = FakeWebSocket([hello] + ["not json"] * (MAX_BACKLOG * 3), stall_sends=True)
     conn = new_connection(ws)
     task = asyncio.ensure_future(conn.run())
-    await asyncio.sleep(0.3)
     # the first batch (welcome + answers up to the limit, produced before any
     # write) went out inline; then the socket is paused, the writer stalls
     # and the reader stops at the limit again
+    await until(lambda: conn.proto.backlog >= MAX_BACKLOG, timeout=5)
+    before = ws.received
+    for _ in range(50):  # the reader had every chance to read on: it did not
+        await asyncio.sleep(0)
+    assert ws.received == before
     assert ws.received <= 2 * MAX_BACKLOG + 2
     assert conn.proto.backlog <= MAX_BACKLOG + 1
     assert ws.stall is not None
