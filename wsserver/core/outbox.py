@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
@@ -34,6 +34,10 @@ from ..wire.messages import Error
 from .streams import Stream
 
 __all__ = ["Outbox"]
+
+class ErrorObserver(Protocol):
+    def error(self, code: str) -> None: ...
+
 
 _DELTA = 0
 _FRAME = 1
@@ -47,7 +51,7 @@ class Outbox:
     coalesce: merge a stream's pending deltas when the socket lags.
     on_output: called when output becomes pending (right after the first
         frame is queued: it may take the output at once).
-    on_error: told the code of every ``error`` frame queued (metrics).
+    observer: told the code of every ``error`` frame queued (metrics).
     """
 
     # One per session, thousands per server: no per-instance __dict__.
@@ -60,7 +64,7 @@ class Outbox:
         "log_bytes",
         "max_log_bytes",
         "max_log_messages",
-        "on_error",
+        "observer",
         "on_output",
         "pending",
         "pending_raw_bytes",
@@ -74,13 +78,13 @@ class Outbox:
         max_log_bytes: int = 4 << 20,
         coalesce: bool = True,
         on_output: Callable[[], Any] | None = None,
-        on_error: Callable[[str], Any] | None = None,
+        observer: ErrorObserver | None = None,
     ) -> None:
         self.max_log_messages = max_log_messages
         self.max_log_bytes = max_log_bytes
         self.coalesce = coalesce
         self.on_output = on_output
-        self.on_error = on_error
+        self.observer = observer
         #: Last seq handed out (0 before the first frame).
         self.seq = 0
         #: Highest seq the client acknowledged.
@@ -127,8 +131,8 @@ class Outbox:
 
     def error(self, code: str, message: str, **fields: Any) -> None:
         """Queue an ``error`` frame (fields that are None are left out)."""
-        if self.on_error is not None:
-            self.on_error(str(code))
+        if self.observer is not None:
+            self.observer.error(str(code))
         fields = {k: v for k, v in fields.items() if v is not None}
         self.push(None, Error, {"code": str(code), "message": message, **fields})
 

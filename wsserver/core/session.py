@@ -145,7 +145,7 @@ class Session:
             max_log_bytes=max_log_bytes,
             coalesce=coalesce,
             on_output=on_output,
-            on_error=observer.error if observer is not None else None,
+            observer=observer,
         )
         self.book = StreamBook()
         self.members = Membership(

@@ -87,7 +87,7 @@ class StreamBook:
         self.running: dict[str, Stream] = {}
         self.ids_used: set[str] = set()
         self._auto_ids = itertools.count(1)
-        self._recent: OrderedDict[str, Stream] = OrderedDict()
+        self._recent: OrderedDict[str, Stream] | None = None  # made at the first end
 
     def used(self, stream_id: str) -> bool:
         return stream_id in self.ids_used
@@ -110,10 +110,15 @@ class StreamBook:
         """``stream`` stopped running: it is kept among the recent ones."""
         del self.running[stream.id]
         recent = self._recent
+        if recent is None:
+            recent = self._recent = OrderedDict()
         recent[stream.id] = stream
         if len(recent) > RECENT_STREAMS:
             recent.popitem(last=False)
 
     def find(self, stream_id: str) -> Stream | None:
         """A running stream, or a recently ended one."""
-        return self.running.get(stream_id) or self._recent.get(stream_id)
+        found = self.running.get(stream_id)
+        if found is None and self._recent is not None:
+            found = self._recent.get(stream_id)
+        return found

@@ -39,6 +39,9 @@ class Sessions(Mapping[str, SessionRuntime]):
     def __init__(self, server: Server) -> None:
         self._server = server
         self._live: dict[str, SessionRuntime] = {}
+        # dict's own get(): Mapping's generic one goes through __getitem__
+        # and an exception, and fan-out looks up every subscriber.
+        self.get = self._live.get  # type: ignore[method-assign]
         cfg = server.config
         self.limits = MessagingLimits(
             max_subscriptions=cfg.max_subscriptions,
@@ -50,6 +53,9 @@ class Sessions(Mapping[str, SessionRuntime]):
 
     def __getitem__(self, session_id: str) -> SessionRuntime:
         return self._live[session_id]
+
+    def __contains__(self, session_id: object) -> bool:
+        return session_id in self._live
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._live)
