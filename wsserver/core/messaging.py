@@ -171,12 +171,7 @@ class Membership:
     def _rate_limited(self, ref: str | None) -> bool:
         wait = self._bucket.take(self._clock())
         if wait > 0:
-            self._out.error(
-                ErrorCode.RATE_LIMITED,
-                f"more than {self.limits.publish_rate:g} publications per second",
-                ref=ref,
-                retry_after_ms=max(1, int(wait * 1000)),
-            )
+            self._out.rate_limited(f"more than {self.limits.publish_rate:g} publications per second", ref, wait)
             return True
         return False
 

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 
 from ..wire.codec import compact, encode, encode_delta
+from ..wire.errors import ErrorCode
 from ..wire.messages import Error
 from .streams import Stream
 
@@ -135,6 +136,10 @@ class Outbox:
             self.observer.error(str(code))
         fields = {k: v for k, v in fields.items() if v is not None}
         self.push(None, Error, {"code": str(code), "message": message, **fields})
+
+    def rate_limited(self, message: str, ref: str | None, wait_s: float) -> None:
+        """Queue ``error rate_limited`` with ``retry_after_ms`` (at least 1)."""
+        self.error(ErrorCode.RATE_LIMITED, message, ref=ref, retry_after_ms=max(1, int(wait_s * 1000)))
 
     @property
     def has_output(self) -> bool:

@@ -273,12 +273,7 @@ class Session:
             return True
         wait, what = self.quota.wait(self.clock())
         if wait:
-            self.out.error(
-                ErrorCode.RATE_LIMITED,
-                f"over this identity's limit of {what}",
-                ref=ref,
-                retry_after_ms=max(1, int(wait * 1000)),
-            )
+            self.out.rate_limited(f"over this identity's limit of {what}", ref, wait)
             return False
         return True
 
