@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 import weakref
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -286,3 +287,35 @@ class TestSteer:
             frames = await c.recv_until(lambda f: f["type"] == "stream.end")
         assert frames[0]["type"] == "stream.start" and frames[0]["steered_from"] == "s1"
         assert stream_text(frames, "s2").startswith('You said "and then?".')
+
+
+async def test_a_long_replay_to_a_reader_that_keeps_reading_is_not_a_slow_consumer(make_server: Any) -> None:
+    """A resume's replay is far bigger than slow_consumer_bytes; the client
+    reads it at its own pace. The replay is written as the socket takes it,
+    so the client gets all of it instead of 1013 (before: written inline at
+    once, it sat in the transport's buffer and counted against the client)."""
+    limits = {"slow_consumer_bytes": 64 * 1024, "replay_max_bytes": 16 << 20, "replay_max_messages": 100_000, "coalesce": False}
+    async with make_server(**limits) as server:
+        messages = conversation("replay")
+        async with raw(server) as a:
+            welcome = await a.hello()
+            await a.send({"type": "generate", "messages": messages, "params": {"reply_tokens": 60_000}})
+            await a.recv()
+            drop(a)
+        live = server.sessions[welcome["session"]]
+        await until(lambda: not live.session.streams)  # ~4.5 MB of frames in the log
+        sock = socket.socket()  # a small receive window: what the client has not read stays on the server
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+        async with connect(server.url, compression=None, max_queue=4, sock=sock) as ws:
+            b = RawClient(ws)
+            await b.hello(session=welcome["session"], last_seq=1)
+            frames: list[dict[str, Any]] = []
+            async with asyncio.timeout(60):
+                while not frames or frames[-1]["type"] != "stream.end":
+                    frames.append(await b.recv())
+                    if len(frames) % 5000 == 0:
+                        await asyncio.sleep(0.3)  # a reader slower than the 0.25 s monitor
+            assert stream_text(frames, frames[-1]["stream"]) == expected_text(messages, 60_000)
+        assert server.stats["slow_consumer_disconnects"] == 0

@@ -75,7 +75,7 @@ class Connection:
     """The pump of one WebSocket connection."""
 
     __slots__ = (
-        "_flush_on_close", "_send_scheduled", "_writer", "busy", "close_with", "drained", "identity", "ip",
+        "_carry", "_flush_on_close", "_send_scheduled", "_writer", "busy", "close_with", "drained", "identity", "ip",
         "live", "proto", "reserved", "server", "tunnel", "wake", "ws",
     )
 
@@ -91,6 +91,9 @@ class Connection:
         self._send_scheduled = False
         self._flush_on_close = False
         self._writer: asyncio.Task[None] | None = None
+        #: Frames taken for an inline write that the socket would not take
+        #: without waiting: the writer sends them first (a resume's replay).
+        self._carry: list[bytes] = []
         self.ip = client_ip(ws)
         #: Who the handshake authenticated (None: the hello's token decides).
         self.identity = identity
@@ -193,30 +196,48 @@ class Connection:
     def send_now(self) -> None:
         """Write what is pending now if no batch is in flight and the socket
         takes it without waiting (the write buffer is below ``write_limit``),
-        through ``broadcast()``; else wake the writer, which awaits the socket."""
+        through ``broadcast()``; else wake the writer, which awaits the socket.
+
+        An inline write stops at the first frame that pushes the buffer past
+        ``write_limit``: the writer sends the rest as the client reads, so a
+        long replay never piles up in the transport's buffer (where the
+        slow-consumer limit would count it against a client that reads).
+        """
         self._send_scheduled = False
         ws = self.ws
         session = self.proto.session
         # (a shared backplane: the writer writes the frames to it before it sends them)
         journaled = session is not None and session.out.journal is not None
         if self.busy or ws.paused or ws.protocol.state is not State.OPEN or journaled:
-            self.server.fanout.lagging.add(self)
-            if self._writer is None:
-                self.wake, self.drained = asyncio.Event(), asyncio.Event()
-                self._writer = asyncio.get_running_loop().create_task(self._write_loop())
-            assert self.wake is not None
-            self.wake.set()
+            self._wake_writer()
             return
         frames = self.proto.data_to_send()
         if not frames:
             return
         target = (ws,)
+        sent = 0
         for frame in frames:
             broadcast(target, frame, text=True)
+            sent += 1
+            if ws.paused:  # past write_limit now
+                break
         fanout = self.server.fanout
-        if ws.paused:  # past write_limit now: watched until it drains
+        if sent < len(frames):
+            self._carry = frames[sent:]
+            self.busy = True  # nothing overtakes the carried frames (channel traffic waits too)
+            self._wake_writer()
+            frames = frames[:sent]
+        elif ws.paused:  # watched until it drains
             fanout.lagging.add(self)
         fanout.count(frames)  # (no delivery_seconds sample: an inline write does not wait)
+
+    def _wake_writer(self) -> None:
+        self.server.fanout.lagging.add(self)
+        if self._writer is None:
+            self.wake, self.drained = asyncio.Event(), asyncio.Event()
+            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        assert self.wake is not None
+        self.wake.set()
 
     async def _write_loop(self) -> None:
         wake, drained = self.wake, self.drained
@@ -240,6 +261,8 @@ class Connection:
         send = self.ws.send
         self.busy = True
         frames = self.proto.data_to_send()
+        if self._carry:
+            frames, self._carry = self._carry + frames, []
         try:
             await self.server.backplane.write_log(self.proto.session)  # before the client sees a seq
             for frame in frames:
