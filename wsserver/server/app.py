@@ -41,6 +41,7 @@ from .http import ECHO_PATH, HttpFront
 from .metrics import Telemetry
 from .runtime import Attachable
 from .sessions import Sessions
+from .sse import HttpTransport, SseConnection
 from .tunnelled import TunnelledConnections
 
 __all__ = ["Server", "default_providers"]
@@ -119,6 +120,8 @@ class Server:
         self.tunnels = TunnelledConnections(self)
         self.fanout = Fanout(self)
         self.http = HttpFront(self)
+        #: The HTTP transport's open streams (``GET /v1/events``).
+        self.sse = HttpTransport(self)
         #: Counters for operators (also exported as metrics).
         self.stats = {"slow_consumer_disconnects": 0}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -168,6 +171,8 @@ class Server:
             close_timeout=cfg.close_timeout,
             open_timeout=cfg.open_timeout,
             server_header=f"wsserver/{__version__}",
+            # every TCP connection starts at a Front: /v1/ is the HTTP transport, the rest websockets'
+            create_connection=self.sse.front,  # type: ignore[arg-type]
         )
         self.spawn(self.fanout.watch())
         logger.info("listening on ws://%s:%d/", cfg.host, self.port)
@@ -203,6 +208,7 @@ class Server:
         for conn in list(self.connections):
             conn.proto.send_unsequenced(notice)
             conn.send_soon()
+        self.sse.shutdown(notice)
         deadline = loop.time() + timeout
         while loop.time() < deadline and any(live.session.streams for live in self.sessions.values()):
             await asyncio.sleep(0.05)
@@ -210,6 +216,7 @@ class Server:
         flushed = loop.time() + 1.0  # let the writers send those stream.end frames
         while loop.time() < flushed and any(c.proto.backlog or c.busy for c in self.connections):
             await asyncio.sleep(0.01)
+        self.sse.close_all(CloseCode.GOING_AWAY, "server shutdown")
         closing = [
             loop.create_task(conn.ws.close(CloseCode.GOING_AWAY, "server shutdown")) for conn in list(self.connections)
         ]
@@ -223,6 +230,7 @@ class Server:
             return
         for task in list(self._tasks):
             task.cancel()
+        self.sse.close_all(CloseCode.GOING_AWAY, "server shutdown")
         self._ws_server.close()
         await self._ws_server.wait_closed()
         self._ws_server = None
@@ -331,7 +339,7 @@ class Server:
         it here without touching the backplane; its client gets 1012 and
         resumes on the adopting node."""
         conn = self.sessions.fence(session_id)
-        if isinstance(conn, Connection):
+        if isinstance(conn, (Connection, SseConnection)):
             conn.close_lost()
         elif conn is not None:
             self.tunnels.close(conn.end.id, code=CloseCode.SERVICE_RESTART)  # type: ignore[attr-defined]
@@ -340,7 +348,7 @@ class Server:
         """``node`` stopped (``None``: Redis is unreachable, so every node is out
         of reach): end the tunnels to it, whose clients reconnect and resume on
         the node that adopts its sessions, and those from it."""
-        for conn in list(self.connections):
+        for conn in [*self.connections, *self.sse.connections.values()]:
             if conn.tunnel is not None and node in (None, conn.tunnel.owner):
                 conn.close_lost()
         self.tunnels.node_lost(node)

@@ -5,7 +5,9 @@ answers 200, ``/readyz`` 200 (``ready`` or ``degraded: …``) or 503 while
 draining, ``/metrics`` the Prometheus text (unless turned off, optionally
 behind a token), ``/`` and ``/static/…``, ``/client/…`` the demo page and the
 JS client. websockets closes the TCP connection after each plain-HTTP reply.
-An upgrade is refused here when the server drains, the Origin is not
+(Requests under ``/v1/`` never get here: :mod:`wsserver.server.front` hands
+them to the HTTP transport, :mod:`wsserver.server.sse`, which runs the same
+:meth:`HttpFront.admission` before a stream opens.) An upgrade is refused here when the server drains, the Origin is not
 allowed, a connection limit is reached or the handshake's credential is
 wrong.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import weakref
 from http import HTTPStatus
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
@@ -28,7 +30,7 @@ from .static import StaticFiles
 if TYPE_CHECKING:
     from .app import Server
 
-__all__ = ["ECHO_PATH", "WS_PATHS", "HttpFront"]
+__all__ = ["ECHO_PATH", "WS_PATHS", "HttpFront", "Refusal"]
 
 WS_PATHS = frozenset({"/", "/ws"})
 #: With ``conformance_echo`` on: a WebSocket path that echoes every message,
@@ -36,6 +38,14 @@ WS_PATHS = frozenset({"/", "/ws"})
 #: echo peer and know nothing of ``hello``. Same ``serve()`` settings as
 #: ``/``; off by default.
 ECHO_PATH = "/_echo"
+
+
+class Refusal(NamedTuple):
+    """Why a connection is not opened: its status, text and metric label."""
+
+    status: HTTPStatus
+    text: str
+    reason: str
 
 
 class HttpFront:
@@ -51,7 +61,7 @@ class HttpFront:
         return self._identities.get(connection)
 
     def _refuse(self, connection: ServerConnection, status: HTTPStatus, text: str, reason: str) -> Response:
-        self._server.telemetry.connections_refused.labels(reason).inc()
+        self.count_refusal(reason)
         response = connection.respond(status, text)
         if status == HTTPStatus.SERVICE_UNAVAILABLE:
             response.headers["Retry-After"] = "1"
@@ -98,26 +108,39 @@ class HttpFront:
         return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
 
     def _admit(self, connection: ServerConnection, request: Request) -> Response | None:
-        """The checks before an upgrade: drain, Origin, connection limits, credential."""
+        """The checks before an upgrade (:meth:`admission`)."""
+        verdict = self.admission(request.path, request.headers, client_ip(connection))
+        if isinstance(verdict, Refusal):
+            return self._refuse(connection, verdict.status, verdict.text, verdict.reason)
+        if verdict is not None:
+            self._identities[connection] = verdict
+        return None
+
+    def admission(self, target: str, headers: Headers, ip: str) -> Refusal | Identity | None:
+        """The checks before a connection opens, a WebSocket upgrade or an HTTP
+        transport stream alike: drain, Origin, connection limits, credential.
+        Returns the refusal, or who the credential proved to be (None: no credential)."""
         server = self._server
-        cfg, headers = server.config, request.headers
+        cfg = server.config
         if server.draining:
-            return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "draining\n", "draining")
+            return Refusal(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n", "draining")
         if not origin_allowed(headers.get("Origin"), headers.get("Host"), cfg.allowed_origins):
-            return self._refuse(connection, HTTPStatus.FORBIDDEN, "origin not allowed\n", "origin")
-        if len(server.connections) >= cfg.max_connections:
-            return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n", "limit")
-        ip = client_ip(connection)
+            return Refusal(HTTPStatus.FORBIDDEN, "origin not allowed\n", "origin")
+        if len(server.connections) + len(server.sse) >= cfg.max_connections:
+            return Refusal(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n", "limit")
         if cfg.max_connections_per_ip and self.per_ip.get(ip, 0) >= cfg.max_connections_per_ip:
-            return self._refuse(connection, HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n", "ip_limit")
+            return Refusal(HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n", "ip_limit")
         if server.auth.enabled:
-            token = token_from_request(request.path, headers.get("Authorization"))
+            token = token_from_request(target, headers.get("Authorization"))
             if token is not None:
                 identity = server.auth.verify(token)
                 if identity is None:
-                    return self._refuse(connection, HTTPStatus.UNAUTHORIZED, "unauthorized\n", "unauthorized")
-                self._identities[connection] = identity
+                    return Refusal(HTTPStatus.UNAUTHORIZED, "unauthorized\n", "unauthorized")
+                return identity
         return None
+
+    def count_refusal(self, reason: str) -> None:
+        self._server.telemetry.connections_refused.labels(reason).inc()
 
     def opened(self, ip: str) -> None:
         self.per_ip[ip] = self.per_ip.get(ip, 0) + 1

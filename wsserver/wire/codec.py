@@ -13,11 +13,13 @@ against the model's encoding:
 * :func:`tunnel_frames` / :func:`tunnel_close` and :func:`read_tunnel` — what
   a node relays to a client's node (several frames, or a close);
 * :func:`peek` — the ``type`` (and ``stream``) of a frame this codec built,
-  without decoding it (a backplane indexing a session's log).
+  without decoding it (a backplane indexing a session's log);
+* :func:`seq_of` — the ``seq`` of such a frame (the HTTP transport's event id).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, NamedTuple
 
 import orjson
@@ -37,6 +39,7 @@ __all__ = [
     "presence",
     "presence_parts",
     "read_tunnel",
+    "seq_of",
     "tunnel_close",
     "tunnel_frames",
 ]
@@ -150,3 +153,14 @@ def peek(frame: bytes) -> Peeked:
         return Peeked("message", None, True)
     end = frame.find(b'"', 9)
     return Peeked(frame[9:end].decode() if end > 9 else "", None, False)
+
+
+#: Every sequenced frame built here has ``seq`` right after ``type``.
+_SEQ = re.compile(rb'\{"type":"[a-z._]{1,32}","seq":([0-9]{1,18})[,}]')
+
+
+def seq_of(frame: bytes) -> int | None:
+    """The ``seq`` of a frame built here, or None for one without (``welcome``,
+    ``pong``, ``shutdown``, channel traffic, an ``error`` before ``hello``)."""
+    match = _SEQ.match(frame)
+    return int(match[1]) if match else None

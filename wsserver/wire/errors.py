@@ -71,6 +71,10 @@ class ErrorCode(enum.StrEnum):
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
     MESSAGE_TOO_LARGE = "message_too_large"
     BACKPLANE_UNAVAILABLE = "backplane_unavailable"
+    # The HTTP transport (the JSON body of a refused request).
+    UNKNOWN_CONNECTION = "unknown_connection"
+    BAD_REQUEST = "bad_request"
+    UNAVAILABLE = "unavailable"
     # Stream failures (stream.end reason "error").
     PROVIDER_ERROR = "provider_error"
     PROVIDER_TIMEOUT = "provider_timeout"
