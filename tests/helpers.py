@@ -30,6 +30,8 @@ __all__ = [
     "FakeClock",
     "RawClient",
     "RedisProcess",
+    "SseClosed",
+    "SseRaw",
     "ServerProcess",
     "clean_env",
     "free_port",
@@ -112,6 +114,115 @@ class RawClient:
         welcome = await self.recv()
         assert welcome["type"] == "welcome", welcome
         return welcome
+
+
+class SseRaw:
+    """The HTTP transport's counterpart of :class:`RawClient`: one ``GET
+    /v1/events`` stream read event by event, frames sent by ``POST /v1/send``.
+
+    ``recv()`` gives the next frame (its SSE ``id`` is kept in ``ids``); a
+    ``close`` event sets ``close_code``/``close_reason`` and raises
+    :class:`SseClosed`.
+    """
+
+    def __init__(self, http: Any, base: str, response: Any) -> None:
+        self.http = http
+        self.base = base
+        self.response = response
+        self._lines = response.aiter_lines()
+        self.token = ""
+        self.ids: list[int | None] = []
+        self.comments = 0
+        self.close_code: int | None = None
+        self.close_reason = ""
+
+    @classmethod
+    async def open(cls, base: str, *, headers: dict[str, str] | None = None, params: dict[str, str] | None = None,
+                   expect: int = 200) -> Any:
+        """Open a stream; with ``expect`` other than 200 return the refused response."""
+        import httpx2
+
+        http = httpx2.AsyncClient(timeout=httpx2.Timeout(10.0, read=None))
+        request = http.build_request("GET", base + "/v1/events", headers=headers or {}, params=params or {})
+        response = await http.send(request, stream=True)
+        assert response.status_code == expect, (response.status_code, await response.aread())
+        if expect != 200:
+            await response.aread()
+            await http.aclose()
+            return response
+        client = cls(http, base, response)
+        name, _, data = await client.event()
+        assert name == "connection", (name, data)
+        client.token = data["connection"]
+        return client
+
+    async def event(self, timeout: float = 5.0) -> tuple[str, int | None, Any]:
+        """The next SSE event: (name, id, decoded data)."""
+        name, event_id, data = "message", None, []
+        async with asyncio.timeout(timeout):
+            async for line in self._lines:
+                if not line:
+                    if data:
+                        return name, event_id, orjson.loads("\n".join(data))
+                    continue
+                if line.startswith(":"):
+                    self.comments += 1
+                    continue
+                field, _, value = line.partition(": ")
+                if field == "data":
+                    data.append(value)
+                elif field == "event":
+                    name = value
+                elif field == "id":
+                    event_id = int(value)
+        raise SseClosed(None, "the stream ended without a close event")
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any]:
+        name, event_id, data = await self.event(timeout)
+        if name == "close":
+            self.close_code, self.close_reason = data["code"], data["reason"]
+            raise SseClosed(data["code"], data["reason"])
+        assert name == "message", (name, data)
+        self.ids.append(event_id)
+        return data  # type: ignore[no-any-return]
+
+    async def recv_until(self, predicate: Callable[[dict[str, Any]], bool], timeout: float = 10.0,
+                         limit: int = 100_000) -> list[dict[str, Any]]:
+        frames: list[dict[str, Any]] = []
+        async with asyncio.timeout(timeout):
+            for _ in range(limit):
+                frame = await self.recv(timeout)
+                frames.append(frame)
+                if predicate(frame):
+                    return frames
+        raise AssertionError(f"no matching frame in {limit} frames")
+
+    async def post(self, body: bytes | dict[str, Any] | list[Any], *, token: str | None = None,
+                   headers: dict[str, str] | None = None) -> Any:
+        content = body if isinstance(body, bytes) else orjson.dumps(body)
+        params = {"connection": self.token if token is None else token}
+        return await self.http.post(self.base + "/v1/send", params=params, content=content, headers=headers or {})
+
+    async def send(self, message: dict[str, Any] | list[Any] | bytes) -> None:
+        response = await self.post(message)
+        assert response.status_code == 202, (response.status_code, response.text)
+
+    async def hello(self, **fields: Any) -> dict[str, Any]:
+        await self.send({"type": "hello", "protocol": 1, **fields})
+        welcome = await self.recv()
+        assert welcome["type"] == "welcome", welcome
+        return welcome
+
+    async def aclose(self) -> None:
+        await self.response.aclose()
+        await self.http.aclose()
+
+
+class SseClosed(Exception):
+    def __init__(self, code: int | None, reason: str) -> None:
+        super().__init__(code, reason)
+        self.code = code
+        self.reason = reason
 
 
 class RedisProcess:

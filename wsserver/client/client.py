@@ -48,6 +48,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from ..wire.errors import CloseCode, ConnectionLost, ServerError, server_error
 from ..wire.messages import PROTOCOL_VERSION, SUBPROTOCOL
 from .channels import Subscription
+from .sse import SseSocket, sse_connect
 from .streams import ClientStream
 from .types import Backoff, DirectMessage
 
@@ -87,9 +88,14 @@ class Client:
         ack_every: int = 256,
         hello: Mapping[str, Any] | None = None,
         on_state: Callable[[str, str], Any] | None = None,
+        transport: str = "websocket",
         **ws_options: Any,
     ) -> None:
+        if transport not in ("websocket", "sse"):
+            raise ValueError(f"transport must be 'websocket' or 'sse', not {transport!r}")
         self.url = url
+        #: ``websocket``, or ``sse``: the HTTP transport (GET /v1/events + POST /v1/send).
+        self.transport = transport
         self.request_timeout = request_timeout
         self.reconnect = reconnect
         self.backoff = backoff
@@ -97,7 +103,7 @@ class Client:
         self.on_state = on_state
         self._hello_extra = dict(hello or {})
         self._ws_options = {"compression": None, "max_size": None, **ws_options}
-        self._ws: ClientConnection | None = None
+        self._ws: ClientConnection | SseSocket | None = None
         self._ids = itertools.count(1)
         # request id -> (future, encoded request), until answered
         self._pending: dict[str, tuple[asyncio.Future[dict[str, Any]], bytes]] = {}
@@ -146,7 +152,11 @@ class Client:
 
     async def _handshake(self, *, resume: bool) -> bool:
         """Connect and say hello; returns whether the session was resumed."""
-        ws = await ws_connect(self.url, subprotocols=[SUBPROTOCOL], **self._ws_options)
+        ws: Any
+        if self.transport == "sse":
+            ws = await sse_connect(self.url, open_timeout=self.request_timeout)
+        else:
+            ws = await ws_connect(self.url, subprotocols=[SUBPROTOCOL], **self._ws_options)
         try:
             hello: dict[str, Any] = {"type": "hello", "protocol": PROTOCOL_VERSION, **self._hello_extra}
             if resume and self.session:
@@ -469,12 +479,15 @@ def connect(
     backoff: Backoff = Backoff(),
     ack_every: int = 256,
     on_state: Callable[[str, str], Any] | None = None,
+    transport: str = "websocket",
     **ws_options: Any,
 ) -> _Connecting:
     """Open a client: ``async with connect(url) as client: ...``.
 
     ``hello`` adds fields to the ``hello`` message; ``reconnect=False`` turns
-    automatic reconnection off; ``ws_options`` go to
+    automatic reconnection off; ``transport="sse"`` uses the HTTP transport
+    (``GET /v1/events`` + ``POST /v1/send``) instead of a WebSocket, for
+    networks that refuse the upgrade; ``ws_options`` go to
     :func:`websockets.asyncio.client.connect`.
     """
     return _Connecting(
@@ -486,6 +499,7 @@ def connect(
             ack_every=ack_every,
             hello=hello,
             on_state=on_state,
+            transport=transport,
             **ws_options,
         )
     )

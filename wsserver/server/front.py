@@ -30,7 +30,9 @@ Where it leaks: ``serve(create_connection=…)`` is documented as a
 which is an asyncio protocol but no ``ServerConnection``, so websockets'
 ``Server`` knows a connection only once it is handed over: its
 ``close()`` does not see the HTTP transport's streams (the app closes them
-itself). A request line that is slow to come counts against ``open_timeout``
+itself), and ``select_subprotocol`` is called with the Front (which
+carries websockets' ``protocol`` for the check it makes), not with the
+``ServerConnection``. A request line that is slow to come counts against ``open_timeout``
 here and then, once handed over, websockets' handshake has its own.
 """
 
@@ -43,6 +45,7 @@ from typing import TYPE_CHECKING, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.datastructures import Headers
+from websockets.exceptions import SecurityError
 from websockets.http11 import MAX_LINE_LENGTH, parse_headers
 from websockets.streams import StreamReader
 
@@ -120,9 +123,10 @@ def parse_head(head: bytes, ip: str) -> HttpRequest:
         headers: Headers = done.value
     except EOFError:
         raise HttpError(400, "bad_request", "invalid HTTP header line") from None
-    except ValueError as exc:  # invalid name or value (also SecurityError's too long/too many)
-        status = 431 if "too long" in str(exc) or "more than" in str(exc) else 400
-        raise HttpError(status, "bad_request", "invalid or too large HTTP headers") from None
+    except SecurityError:  # a line too long, too many headers
+        raise HttpError(431, "bad_request", "HTTP headers too large") from None
+    except ValueError:  # an invalid name or value
+        raise HttpError(400, "bad_request", "invalid HTTP headers") from None
     else:  # pragma: no cover - fed to EOF, the parser cannot ask for more
         raise HttpError(400, "bad_request", "incomplete HTTP headers")
     return HttpRequest(method, target, version, headers, ip)
@@ -155,6 +159,7 @@ class Routes(Protocol):
 
     open_timeout: float
     max_body: int
+    write_limit: int
 
     async def handle(self, front: Front, request: HttpRequest, body: bytes) -> bool:
         """Answer ``request``; True to keep the connection for another request."""
@@ -191,10 +196,10 @@ class Front(asyncio.Protocol):
     # ------------------------------------------------------- asyncio protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # (uvloop's is no asyncio.Transport subclass)
         peer = transport.get_extra_info("peername")
         self.ip = str(peer[0]) if peer else "?"
+        transport.set_write_buffer_limits(self._routes.write_limit)
         self._timer = asyncio.get_running_loop().call_later(self._routes.open_timeout, self._idle)
 
     def data_received(self, data: bytes) -> None:

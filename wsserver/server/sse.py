@@ -338,6 +338,7 @@ class HttpTransport:
         cfg = server.config
         self.open_timeout = cfg.open_timeout
         self.max_body = cfg.max_size
+        self.write_limit = cfg.write_limit
         #: Open streams by connection token.
         self.connections: dict[str, SseConnection] = {}
 
@@ -346,7 +347,11 @@ class HttpTransport:
 
     def front(self, protocol: WsProtocol, ws_server: object, **kwargs: object) -> Front:
         """``serve(create_connection=…)``: a Front that makes websockets' connection only if it needs one."""
-        return Front(self, lambda: ServerConnection(protocol, ws_server, **kwargs))  # type: ignore[arg-type]
+        front = Front(self, lambda: ServerConnection(protocol, ws_server, **kwargs))  # type: ignore[arg-type]
+        # websockets' select_subprotocol wrapper checks ``protocol is connection.protocol``
+        # on what create_connection returned (and passes it, not the ServerConnection, on).
+        front.protocol = protocol  # type: ignore[attr-defined]
+        return front
 
     # ---------------------------------------------------------------- answers
 
