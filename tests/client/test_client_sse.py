@@ -53,7 +53,7 @@ async def test_channels_and_direct_messages(server: Server) -> None:
                 break
         await b.send("a1", "over http")
         dm = await a.inbox.get()
-        assert dm.data == "over http" and dm.from_ == "b1"
+        assert dm.data == "over http" and dm.sender == "b1"
 
 
 @pytest.mark.both_loops
