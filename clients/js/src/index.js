@@ -7,6 +7,7 @@
 //     for await (const text of stream) console.log(text);
 
 export { Client, connect } from "./socket.js";
+export { SseSocket, SseParser, httpEndpoint } from "./sse.js";
 export { Stream } from "./stream.js";
 export { Channel, RemoteStream } from "./channel.js";
 export { Push } from "./push.js";

@@ -46,6 +46,7 @@ import { Channel } from "./channel.js";
 import { Emitter } from "./emitter.js";
 import { ConnectionLostError, RequestTimeoutError, WsServerError, errorFromFrame } from "./errors.js";
 import { Push } from "./push.js";
+import { SseSocket } from "./sse.js";
 import { Stream } from "./stream.js";
 import { Timer, defaultClock, fullJitter } from "./timer.js";
 
@@ -80,13 +81,23 @@ export class Client extends Emitter {
   constructor(url, options = {}) {
     super();
     const WebSocketImpl = options.WebSocket ?? globalThis.WebSocket;
-    if (typeof WebSocketImpl !== "function") {
+    const transport = options.transport ?? "auto";
+    if (!["auto", "websocket", "sse"].includes(transport)) {
+      throw new TypeError(`transport is "auto", "websocket" or "sse", not ${JSON.stringify(transport)}`);
+    }
+    if (typeof WebSocketImpl !== "function" && transport === "websocket") {
       throw new TypeError(
         "no WebSocket implementation: pass {WebSocket} (in Node before 22, the 'ws' package's WebSocket)",
       );
     }
     this.url = url;
     this._WebSocket = WebSocketImpl;
+    this._transportMode = transport;
+    /** The transport in use: "websocket", or "sse" (GET /v1/events + POST /v1/send). */
+    this.transport = transport === "sse" || typeof WebSocketImpl !== "function" ? "sse" : "websocket";
+    this._sseOptions = { fetch: options.fetch, headers: options.httpHeaders };
+    this._worked = { websocket: false, sse: false };
+    this._socketOpened = false;
     this._webSocketOptions = options.webSocketOptions;
     this._clock = options.clock ?? defaultClock;
     this._random = options.random ?? Math.random;
@@ -245,10 +256,9 @@ export class Client extends Emitter {
     this._reconnectTimer.clear();
     let ws;
     try {
-      ws =
-        this._webSocketOptions === undefined
-          ? new this._WebSocket(this.url, [SUBPROTOCOL])
-          : new this._WebSocket(this.url, [SUBPROTOCOL], this._webSocketOptions);
+      if (this.transport === "sse") ws = new SseSocket(this.url, [SUBPROTOCOL], this._sseOptions);
+      else if (this._webSocketOptions === undefined) ws = new this._WebSocket(this.url, [SUBPROTOCOL]);
+      else ws = new this._WebSocket(this.url, [SUBPROTOCOL], this._webSocketOptions);
     } catch (error) {
       // A URL the WebSocket constructor refuses will not get better.
       this._finalize(new ConnectionLostError(null, `cannot open ${this.url}: ${error?.message ?? error}`));
@@ -256,6 +266,7 @@ export class Client extends Emitter {
     }
     this._ws = ws;
     this._connId += 1;
+    this._socketOpened = false;
     this._established = false;
     this._askedResume = false;
     ws.onopen = () => this._onOpen(ws);
@@ -285,6 +296,8 @@ export class Client extends Emitter {
 
   _onOpen(ws) {
     if (ws !== this._ws) return;
+    this._socketOpened = true;
+    this._worked[this.transport] = true;
     const hello = this._hello();
     this._askedResume = hello.session != null;
     try {
@@ -440,12 +453,34 @@ export class Client extends Emitter {
     }
     this._setState(STATES.RECONNECTING, { code, reason });
     let delay;
-    if (this._shutdownDelay != null) {
+    if (this._switchTransport()) delay = 0; // a WebSocket that cannot open: the HTTP transport at once
+    else if (this._shutdownDelay != null) {
       delay = this._shutdownDelay + this.reconnectAfterMs(1);
       this._shutdownDelay = null;
     }
     const used = this._reconnectTimer.scheduleTimeout(delay);
     this.emit("retry", { attempt: this._reconnectTimer.tries + 1, delayMs: used, code, reason });
+  }
+
+  /**
+   * With `transport: "auto"`: a WebSocket that never opened (a proxy refused
+   * the upgrade) is followed by the HTTP transport; once that has worked the
+   * client keeps it. An HTTP attempt that fails before ever working hands
+   * back to the WebSocket (the server may just have been down).
+   * @returns {boolean} whether the next attempt is the HTTP transport's first
+   */
+  _switchTransport() {
+    if (this._transportMode !== "auto" || this._socketOpened) return false;
+    if (this.transport === "websocket" && !this._worked.websocket) {
+      this.transport = "sse";
+      this.emit("transport", "sse");
+      return true;
+    }
+    if (this.transport === "sse" && !this._worked.sse && typeof this._WebSocket === "function") {
+      this.transport = "websocket";
+      this.emit("transport", "websocket");
+    }
+    return false;
   }
 
   _finalize(error) {

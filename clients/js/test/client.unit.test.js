@@ -726,11 +726,12 @@ describe("channels and direct messages", () => {
   });
 });
 
-test("the WebSocket constructor is injectable and required", () => {
+test("the WebSocket constructor is injectable, and required for transport: \"websocket\"", () => {
   const saved = globalThis.WebSocket;
   try {
     delete globalThis.WebSocket;
-    assert.throws(() => new Client("ws://x/"), TypeError);
+    assert.throws(() => new Client("ws://x/", { transport: "websocket" }), TypeError);
+    assert.equal(new Client("ws://x/").transport, "sse", "no WebSocket at all: the HTTP transport");
     const MockWebSocket = mockWebSocketClass();
     globalThis.WebSocket = MockWebSocket;
     const client = new Client("ws://x/", { heartbeatIntervalMs: 0 });
