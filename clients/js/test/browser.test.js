@@ -275,3 +275,92 @@ describe("demo page in Chromium", { skip: missing && !CI ? missing : false }, ()
     assert.deepEqual(problems, [], "no page errors");
   });
 });
+
+// The same demo page, unchanged, behind a proxy that refuses the WebSocket
+// upgrade (as some corporate proxies do): the client falls back to the HTTP
+// transport by itself and every feature keeps working.
+describe("demo page in Chromium behind a proxy that refuses WebSockets", { skip: missing && !CI ? missing : false }, () => {
+  if (missing) return;
+  let server;
+  let proxy;
+  let browser;
+  let page;
+  let node;
+  const problems = [];
+
+  before(async () => {
+    server = await startServer();
+    proxy = await startProxy(server.port, "127.0.0.1", { refuseUpgrade: true });
+    browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
+    page = await (await browser.newContext({ viewport: { width: 1280, height: 820 } })).newPage();
+    page.on("pageerror", (error) => problems.push(`pageerror: ${error.message}`));
+    page.on("console", (message) => {
+      if (message.type() === "error" && !/WebSocket|ERR_CONNECTION|net::|403/.test(message.text())) {
+        problems.push(`console.error: ${message.text()}`);
+      }
+    });
+    node = new Client(server.url, { WebSocket, heartbeatIntervalMs: 0, requestTimeoutMs: 10_000, agent: "node-bot-2" });
+    await node.connect();
+    mkdirSync(ARTIFACTS, { recursive: true });
+  });
+
+  after(async () => {
+    await browser?.close();
+    await node?.close();
+    await proxy?.close();
+    await server?.stop();
+  });
+
+  const answer = (i) => page.locator('[data-testid="answer"]').nth(i);
+  const waitFor = (fn, arg, timeout = 15_000) => page.waitForFunction(fn, arg, { timeout });
+  const waitText = (i, n) =>
+    waitFor(([index, min]) => {
+      const el = document.querySelectorAll('[data-testid="answer"]')[index];
+      return el && el.querySelector(".text").textContent.length >= min;
+    }, [i, n]);
+  const waitStatus = (i, ...statuses) =>
+    waitFor(([index, wanted]) => {
+      const el = document.querySelectorAll('[data-testid="answer"]')[index];
+      return el && wanted.includes(el.dataset.status);
+    }, [i, statuses]);
+  async function say(text) {
+    await page.fill('[data-testid="prompt"]', text);
+    await page.press('[data-testid="prompt"]', "Enter");
+  }
+
+  test("falls back to the HTTP transport; chat, Stop, steering and channels work", async () => {
+    await page.goto(`http://127.0.0.1:${proxy.port}/?tokens_per_s=50&reply_tokens=400&agent=browser-http`);
+    await waitFor(() => ["open", "resumed"].includes(document.querySelector('[data-testid="status"]').dataset.state));
+    assert.equal(await page.evaluate(() => window.__wsserverClient.transport), "sse");
+    assert.ok(proxy.refused >= 1, "the page's WebSocket was refused by the proxy");
+
+    await say("Tell me how streaming works");
+    await waitText(0, 40);
+    await page.click('[data-testid="stop"]');
+    await waitStatus(0, "cancelled");
+    const out = Number(await answer(0).getAttribute("data-output-tokens"));
+    assert.ok(out > 0 && out < 400, `cancelled after ${out} tokens`);
+
+    await say("Write about dragons");
+    await waitText(1, 40);
+    await say("Make it about cats");
+    await waitStatus(1, "interrupted");
+    await waitText(2, 30);
+    assert.ok((await answer(2).locator(".text").textContent()).startsWith('You said "Make it about cats".'));
+    await page.click('[data-testid="stop"]');
+    await waitStatus(2, "cancelled");
+
+    const channel = await node.subscribe("lobby-http");
+    await page.fill('[data-testid="channel-name"]', "lobby-http");
+    await page.click('[data-testid="join"]');
+    await page.waitForSelector('[data-testid="members"] li[data-member="node-bot-2"]', { timeout: 10_000 });
+    await node.publish("lobby-http", { text: "Hello over plain HTTP" });
+    await page.waitForSelector('[data-testid="feed-message"] >> text=Hello over plain HTTP', { timeout: 10_000 });
+    const heard = new Promise((resolve) => channel.onMessage((m) => m.from === "browser-http" && resolve(m)));
+    await page.fill('[data-testid="publish-text"]', "Heard you.");
+    await page.click('[data-testid="publish"]');
+    assert.equal((await heard).data?.text ?? (await heard).data, "Heard you.");
+    await page.screenshot({ path: path.join(ARTIFACTS, "demo-http-transport.png") });
+    assert.deepEqual(problems, [], "no page errors");
+  });
+});
