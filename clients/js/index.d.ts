@@ -297,7 +297,46 @@ export interface WebSocketLike {
 }
 export type WebSocketConstructor = new (url: string, protocols?: string | string[], options?: unknown) => WebSocketLike;
 
+/** The HTTP transport with a WebSocket's face (what the Client uses for transport "sse"). */
+export declare class SseSocket implements WebSocketLike {
+  constructor(url: string, protocols?: string | string[], options?: { fetch?: typeof fetch; headers?: Record<string, string> });
+  readonly url: string;
+  readonly readyState: number;
+  readonly protocol: string;
+  /** The server's connection token (from the stream's first event). */
+  readonly connection: string | null;
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+  terminate(): void;
+  onopen: ((event: unknown) => void) | null;
+  onmessage: ((event: { data: unknown }) => void) | null;
+  onclose: ((event: { code: number; reason: string }) => void) | null;
+  onerror: ((event: unknown) => void) | null;
+}
+
+/** Splits a text stream into SSE events. */
+export declare class SseParser {
+  constructor(onEvent: (event: { event: string; data: string; id: string | null }) => void);
+  feed(text: string): void;
+}
+
+/** `ws://h:p/path?q` -> {base: "http://h:p", query: "q"}. */
+export declare function httpEndpoint(url: string): { base: string; query: string };
+
+/**
+ * "auto" (default): a WebSocket, and the HTTP transport (GET /v1/events + POST
+ * /v1/send) by itself when a WebSocket cannot open (or there is no WebSocket
+ * implementation); "websocket" or "sse" force one.
+ */
+export type Transport = "auto" | "websocket" | "sse";
+
 export interface ClientOptions {
+  /** Default "auto". */
+  transport?: Transport;
+  /** The HTTP transport's fetch (default globalThis.fetch). */
+  fetch?: typeof fetch;
+  /** Headers for the HTTP transport's requests (e.g. Authorization). */
+  httpHeaders?: Record<string, string>;
   /** Default: globalThis.WebSocket. In Node before 22: the `ws` package's WebSocket. */
   WebSocket?: WebSocketConstructor;
   /** Third constructor argument for the `ws` package (headers, agent…). */
@@ -401,12 +440,16 @@ export type ClientEvents = {
   frame: [frame: ServerFrame];
   /** An error that answers no request of this client. */
   error: [error: WsServerError];
+  /** With transport "auto": the transport the next connection attempt uses. */
+  transport: [transport: "websocket" | "sse"];
 };
 
 export declare class Client extends Emitter<ClientEvents> {
   constructor(url: string, options?: ClientOptions);
   static connect(url: string, options?: ClientOptions): Promise<Client>;
   readonly url: string;
+  /** The transport in use. */
+  readonly transport: "websocket" | "sse";
   readonly state: ConnectionState;
   readonly connected: boolean;
   /** The session id (keep it to resume). */
