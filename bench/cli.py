@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="run only this scenario (repeatable); default: all six")
     p.add_argument("--set", action="append", default=[], metavar="[SCENARIO.]KEY=VALUE",
                    help="override a parameter, e.g. conns=4, fanout.subs=100,500 (see bench/scenarios.py)")
-    p.add_argument("--servers", help="comma list of baselines to include (wsserver always runs): raw,sse,naive")
+    p.add_argument("--servers", help="comma list of other servers to include (wsserver always runs): wsserver-sse,raw,sse,naive")
     p.add_argument("--out", type=Path, help="results folder (default bench/results, or bench/results/quick)")
     p.add_argument("--profile", action="store_true",
                    help="also run wsserver once more under py-spy in streaming and fanout; writes profile-*.txt")

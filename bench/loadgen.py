@@ -9,8 +9,10 @@ on Linux is one clock for every process of the machine.
 
 Roles: ``stream`` (unpaced throughput or paced latency), ``fanout_sub``,
 ``fanout_pub``, ``idle``, ``cancel``, ``replay``. ``kind`` is ``wsserver``
-(the real protocol), ``ws`` (the baselines' ``{"op": ...}`` requests) or
-``sse`` (aiohttp against the SSE baseline).
+(the real protocol), ``wsserver-sse`` (the real protocol over wsserver's HTTP
+transport: ``GET /v1/events`` + ``POST /v1/send``, aiohttp), ``ws`` (the
+baselines' ``{"op": ...}`` requests) or ``sse`` (aiohttp against the SSE
+baseline).
 """
 
 from __future__ import annotations
@@ -153,6 +155,8 @@ async def role_stream(spec: dict[str, Any], stdin: Stdin) -> None:
     kind = spec["kind"]
     if kind == "sse":
         return await role_stream_sse(spec, stdin)
+    if kind == "wsserver-sse":
+        return await role_stream_http(spec, stdin)
     n_conns, streams = spec["conns"], spec["streams"]
     rate, ttft = spec["rate"], spec["ttft_ms"] / 1000
     paced = rate > 0
@@ -337,6 +341,125 @@ async def role_stream_sse(spec: dict[str, Any], stdin: Stdin) -> None:
         "tokens": totals["tokens"],
         "frames": totals["frames"],
         "conns_done": totals["done"] // max(1, streams),
+        "reasons": reasons,
+        "timed_out": timed_out,
+        "bad_frames": bad,
+        "client_cpu_s": cpu_s() - cpu0,
+    }
+    save_latencies(spec, result, paced, lats, ttfts, gaps)
+    await session.close()
+    emit("RESULT", result)
+
+
+async def role_stream_http(spec: dict[str, Any], stdin: Stdin) -> None:
+    """``stream`` over wsserver's HTTP transport: one event stream per
+    connection (opened and past hello before the clock starts), its
+    generates posted as one array."""
+    import aiohttp
+
+    n_conns, streams = spec["conns"], spec["streams"]
+    rate, ttft = spec["rate"], spec["ttft_ms"] / 1000
+    paced = rate > 0
+    base_url = f"http://{spec['host']}:{spec['port']}"
+    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=600)
+    session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_read=None))
+    sem = asyncio.Semaphore(32)
+
+    async def post(token: str, body: bytes) -> None:
+        async with session.post(f"{base_url}/v1/send?connection={token}", data=body) as resp:
+            await resp.read()
+            if resp.status != 202:
+                raise RuntimeError(f"POST /v1/send answered {resp.status}")
+
+    async def data_line(resp: Any) -> bytes:
+        async for line in resp.content:
+            if line.startswith(b"data: "):
+                return bytes(line[6:])
+        raise RuntimeError("the event stream ended")
+
+    async def open_one() -> tuple[Any, str]:
+        async with sem:
+            resp = await session.get(base_url + "/v1/events")
+            token = orjson.loads(await data_line(resp))["connection"]
+            await post(token, b'{"type":"hello","protocol":1}')
+            welcome = await data_line(resp)
+            if not welcome.startswith(b'{"type":"welcome"'):
+                raise RuntimeError(f"expected welcome, got {welcome[:200]!r}")
+            return resp, token
+
+    opened = await asyncio.gather(*(open_one() for _ in range(n_conns)))
+    body = b"[" + b",".join(generate_request(spec, f"b{k + 1}") for k in range(streams)) + b"]"
+    ttfts: list[float] = []
+    gaps = array("d")
+    lats = array("d")
+    bad: list[str] = []
+    reasons: dict[str, int] = {}
+    totals = {"tokens": 0, "frames": 0, "done": 0}
+    done_at: list[float] = []
+    t_reqs: list[float] = []
+    emit("READY", {"conns": n_conns})
+    await stdin.line()
+    cpu0 = cpu_s()
+    t_go = time.monotonic()
+    stagger, first, total = spec.get("stagger_s", 0.0), spec.get("first", 0), spec.get("total", n_conns)
+    monotonic = time.monotonic
+
+    async def one(k: int, resp: Any, token: str) -> None:
+        if stagger > 0:
+            await asyncio.sleep(max(0.0, t_go + stagger * (first + k) / total - monotonic()))
+        t_req = monotonic()
+        t_reqs.append(t_req)
+        await post(token, body)
+        last = 0.0
+        ends = streams
+        frames = 0
+        next_token: dict[str, int] = {}
+        async for line in resp.content:
+            if not line.startswith(b"data: "):
+                continue
+            now = monotonic()
+            if line.startswith(P_DELTA, 6):
+                frames += 1
+                if paced:
+                    msg = orjson.loads(line[6:])
+                    sid = msg["stream"]
+                    i = next_token.get(sid, 0)
+                    kk = len(TOKEN_RE.findall(msg["text"])) or 1
+                    for j in range(i, i + kk):
+                        lats.append(now - (t_req + ttft + j / rate))
+                    next_token[sid] = i + kk
+                elif last:
+                    gaps.append(now - last)
+                else:
+                    ttfts.append(now - t_req)
+                last = now
+            elif line.startswith(P_END, 6):
+                msg = orjson.loads(line[6:])
+                totals["tokens"] += msg["usage"]["output_tokens"]
+                reasons[msg["reason"]] = reasons.get(msg["reason"], 0) + 1
+                ends -= 1
+                if ends == 0:
+                    done_at.append(now)
+                    break
+            elif not line.startswith(P_STREAM, 6) and len(bad) < 5:
+                bad.append(line[:300].decode(errors="replace"))
+        totals["frames"] += frames
+        totals["done"] += 1
+        resp.close()
+
+    timed_out = False
+    try:
+        await asyncio.wait_for(
+            asyncio.gather(*(one(k, resp, token) for k, (resp, token) in enumerate(opened))), spec["run_timeout"]
+        )
+    except TimeoutError:
+        timed_out = True
+    result = {
+        "t_first": min(t_reqs) if t_reqs else t_go,
+        "t_last": max(done_at, default=0.0),
+        "tokens": totals["tokens"],
+        "frames": totals["frames"],
+        "conns_done": totals["done"],
         "reasons": reasons,
         "timed_out": timed_out,
         "bad_frames": bad,

@@ -37,7 +37,7 @@ class BenchError(RuntimeError):
 class ServerSpec:
     name: str
     label: str
-    kind: str  # how load generators talk to it: wsserver | ws | sse
+    kind: str  # how load generators talk to it: wsserver | wsserver-sse | ws | sse
     argv: list[str]
 
 
@@ -76,6 +76,8 @@ def server_specs(tokens_file: Path) -> dict[str, ServerSpec]:
     tok = ["--tokens", str(tokens_file)]
     return {
         "wsserver": ServerSpec("wsserver", "wsserver (ours)", "wsserver", wsserver_argv()),
+        # the same server, its HTTP transport (GET /v1/events + POST /v1/send)
+        "wsserver-sse": ServerSpec("wsserver-sse", "wsserver over SSE (ours)", "wsserver-sse", wsserver_argv()),
         "raw": ServerSpec("raw", "raw websockets", "ws", [py, "-m", "bench.baselines.raw_ws", *tok]),
         "sse": ServerSpec("sse", "FastAPI + SSE", "sse", [py, "-m", "bench.baselines.sse", *tok]),
         "naive": ServerSpec("naive", "naive FastAPI WS", "ws", [py, "-m", "bench.baselines.naive_ws", *tok]),

@@ -35,7 +35,7 @@ def test_quick_streaming_runs_prints_a_table_and_writes_json(tmp_path: Path) -> 
     assert "| wsserver (ours) |" in proc.stdout
     result = json.loads((out / "streaming.json").read_text())
     assert result["scenario"] == "streaming"
-    assert set(result["servers"]) == {"wsserver", "raw", "sse", "naive"}
+    assert set(result["servers"]) == {"wsserver", "wsserver-sse", "raw", "sse", "naive"}
     for server in result["servers"].values():
         assert server["ok"], server  # every token arrived, every stream ended
     assert (out / "streaming.png").stat().st_size > 0

@@ -119,6 +119,7 @@ class SseConnection:
         self.tunnel: Tunnel | None = None
         self.close_with: CloseConnection | None = None
         self.wake = asyncio.Event()
+        self._scheduled = False
         self._inbox: deque[str] = deque()
         self._arrived = asyncio.Event()
         self._room = asyncio.Event()
@@ -128,8 +129,8 @@ class SseConnection:
         self._beat: asyncio.TimerHandle | None = None
         self._relay: asyncio.Task[None] | None = None
         self.proto = server.protocol_for(self)
-        front.on_writable = self.send_soon
-        front.on_lost = self.send_soon
+        front.on_writable = self.wake.set
+        front.on_lost = self.wake.set
 
     # ------------------------------------------------------------------ input
 
@@ -189,13 +190,36 @@ class SseConnection:
             close = await carry_out(self, actions)
             if close is not None:
                 self.close_with = close
-            if proto.has_output or close is not None:
-                self.wake.set()
+                self.wake.set()  # the writer sends what is queued, then the close
+            elif proto.has_output:
+                self.send_soon()
 
     # ----------------------------------------------------------------- output
 
     def send_soon(self) -> None:
-        self.wake.set()
+        """Output is pending: write it at the end of this loop turn (as
+        :meth:`Connection.send_soon`), with whatever else the turn produces."""
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_now)
+
+    def _send_now(self) -> None:
+        """Write inline when the transport takes data and nothing must be
+        written to the backplane first; else the writer task does it."""
+        self._scheduled = False
+        session = self.proto.session
+        front = self.front
+        if (
+            self.close_with is not None or front.closed or not front.writable.is_set()
+            or (session is not None and session.out.journal is not None)
+        ):
+            self.wake.set()
+            return
+        frames = self.proto.data_to_send()
+        if frames:
+            front.write(sse_chunk(frames))
+            self._written = True
+            self.server.fanout.count(frames)
 
     async def run(self) -> None:
         """Serve the stream until it closes (either side)."""
