@@ -101,6 +101,10 @@ export const ERROR_CODES = Object.freeze({
   TOO_MANY_SUBSCRIPTIONS: "too_many_subscriptions",
   MESSAGE_TOO_LARGE: "message_too_large",
   BACKPLANE_UNAVAILABLE: "backplane_unavailable",
+  // the HTTP transport's refused requests (JSON error bodies)
+  UNKNOWN_CONNECTION: "unknown_connection",
+  BAD_REQUEST: "bad_request",
+  UNAVAILABLE: "unavailable",
   // stream.end.error.code
   PROVIDER_ERROR: "provider_error",
   PROVIDER_TIMEOUT: "provider_timeout",

@@ -361,3 +361,28 @@ test("an error frame before hello rejects connect() with a typed error, never a 
   await assert.rejects(connecting, (e) => !(e instanceof ConnectionLostError) && e.code === frame.code);
   void WELCOME;
 });
+
+// The same vectors over the HTTP transport: each server-valid frame, written
+// as the server writes it on an event stream (event id = its seq), comes out
+// of the client's SSE reader byte for byte, in chunks cut anywhere.
+describe("server-valid vectors over the HTTP transport", async () => {
+  const { SseParser } = await import("../src/sse.js");
+  test("every frame survives the event stream, with its seq as the event id", () => {
+    let wire = 'event: connection\ndata: {"connection":"t"}\n\n';
+    for (const vector of serverValid) {
+      const frame = JSON.stringify(vector.message);
+      wire += `${typeof vector.message.seq === "number" ? `id: ${vector.message.seq}\n` : ""}data: ${frame}\n\n:\n\n`;
+    }
+    const events = [];
+    const parser = new SseParser((event) => events.push(event));
+    for (let i = 0; i < wire.length; i += 7) parser.feed(wire.slice(i, i + 7));
+    assert.equal(events.length, serverValid.length + 1);
+    assert.equal(events[0].event, "connection");
+    serverValid.forEach((vector, i) => {
+      const event = events[i + 1];
+      assert.equal(event.event, "message", vector.name);
+      assert.deepEqual(JSON.parse(event.data), vector.message, vector.name);
+      assert.equal(event.id, typeof vector.message.seq === "number" ? String(vector.message.seq) : null, vector.name);
+    });
+  });
+});
