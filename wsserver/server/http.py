@@ -7,9 +7,9 @@ behind a token), ``/`` and ``/static/…``, ``/client/…`` the demo page and th
 JS client. websockets closes the TCP connection after each plain-HTTP reply.
 (Requests under ``/v1/`` never get here: :mod:`wsserver.server.front` hands
 them to the HTTP transport, :mod:`wsserver.server.sse`, which runs the same
-:meth:`HttpFront.admission` before a stream opens.) An upgrade is refused here when the server drains, the Origin is not
-allowed, a connection limit is reached or the handshake's credential is
-wrong.
+:meth:`HttpFront.admission` before a stream opens.) An upgrade is refused
+here when the server drains, the Origin is not allowed, a connection limit
+is reached or the handshake's credential is wrong.
 """
 
 from __future__ import annotations
