@@ -257,12 +257,92 @@ async def role_stream(spec: dict[str, Any], stdin: Stdin) -> None:
     emit("RESULT", result)
 
 
+class Probe:
+    """One SSE request's clock: when it was asked, its last delivery, the next token of each stream."""
+
+    __slots__ = ("last", "next_token", "t_req")
+
+    def __init__(self, t_req: float) -> None:
+        self.t_req = t_req
+        self.last = 0.0
+        self.next_token: dict[str, int] = {}
+
+
+class SseTally:
+    """What the two SSE stream roles count (the FastAPI baseline's stream and
+    wsserver's HTTP transport): the same samples and result as ``role_stream``."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.rate, self.ttft = spec["rate"], spec["ttft_ms"] / 1000
+        self.paced = self.rate > 0
+        self.ttfts: list[float] = []
+        self.gaps = array("d")
+        self.lats = array("d")
+        self.bad: list[str] = []
+        self.reasons: dict[str, int] = {}
+        self.tokens = self.frames = self.done = 0
+        self.done_at: list[float] = []
+        self.t_reqs: list[float] = []
+
+    def probe(self) -> Probe:
+        probe = Probe(time.monotonic())
+        self.t_reqs.append(probe.t_req)
+        return probe
+
+    def delta(self, probe: Probe, now: float, payload: bytes) -> None:
+        self.frames += 1
+        if self.paced:
+            msg = orjson.loads(payload)
+            sid = msg.get("stream", "")
+            i = probe.next_token.get(sid, 0)
+            k = len(TOKEN_RE.findall(msg["text"])) or 1
+            base = probe.t_req + self.ttft
+            for j in range(i, i + k):
+                self.lats.append(now - (base + j / self.rate))
+            probe.next_token[sid] = i + k
+        elif probe.last:
+            self.gaps.append(now - probe.last)
+        else:
+            self.ttfts.append(now - probe.t_req)
+        probe.last = now
+
+    def end(self, payload: bytes) -> None:
+        msg = orjson.loads(payload)
+        self.tokens += msg["usage"]["output_tokens"]
+        self.reasons[msg["reason"]] = self.reasons.get(msg["reason"], 0) + 1
+
+    def odd(self, line: bytes) -> None:
+        if len(self.bad) < 5:
+            self.bad.append(line[:300].decode(errors="replace"))
+
+    def emit_result(self, spec: dict[str, Any], t_go: float, cpu0: float, timed_out: bool, conns_done: int) -> None:
+        result = {
+            "t_first": min(self.t_reqs) if self.t_reqs else t_go,
+            "t_last": max(self.done_at, default=0.0),
+            "tokens": self.tokens,
+            "frames": self.frames,
+            "conns_done": conns_done,
+            "reasons": self.reasons,
+            "timed_out": timed_out,
+            "bad_frames": self.bad,
+            "client_cpu_s": cpu_s() - cpu0,
+        }
+        save_latencies(spec, result, self.paced, self.lats, self.ttfts, self.gaps)
+        emit("RESULT", result)
+
+
+async def start_delay(spec: dict[str, Any], t_go: float, k: int) -> None:
+    """Wait for connection ``k``'s turn when the starts are spread (``stagger_s``)."""
+    stagger, first, total = spec.get("stagger_s", 0.0), spec.get("first", 0), spec.get("total", spec["conns"])
+    if stagger > 0:
+        await asyncio.sleep(max(0.0, t_go + stagger * (first + k) / total - time.monotonic()))
+
+
 async def role_stream_sse(spec: dict[str, Any], stdin: Stdin) -> None:
     import aiohttp
 
     n_conns, streams = spec["conns"], spec["streams"]
-    rate, ttft = spec["rate"], spec["ttft_ms"] / 1000
-    paced = rate > 0
+    rate = spec["rate"]
     base_url = f"http://{spec['host']}:{spec['port']}"
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=600)
     timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
@@ -274,60 +354,30 @@ async def role_stream_sse(spec: dict[str, Any], stdin: Stdin) -> None:
             await resp.read()
 
     await asyncio.gather(*(ping() for _ in range(n_conns * streams)))
-    ttfts: list[float] = []
-    gaps = array("d")
-    lats = array("d")
-    bad: list[str] = []
-    reasons: dict[str, int] = {}
-    totals = {"tokens": 0, "frames": 0, "done": 0}
-    done_at: list[float] = []
-    t_reqs: list[float] = []
+    tally = SseTally(spec)
     emit("READY", {"conns": n_conns * streams})
     await stdin.line()
     cpu0 = cpu_s()
     t_go = time.monotonic()
-    stagger, first, total = spec.get("stagger_s", 0.0), spec.get("first", 0), spec.get("total", n_conns)
-    monotonic = time.monotonic
 
     async def one(k: int, sid: str) -> None:
-        if stagger > 0:
-            await asyncio.sleep(max(0.0, t_go + stagger * (first + k) / total - monotonic()))
+        await start_delay(spec, t_go, k)
         url = f"{base_url}/stream?n={spec['tokens']}&rate={rate}&ttft_ms={spec['ttft_ms']}&sid={sid}"
-        t_req = monotonic()
-        t_reqs.append(t_req)
-        last = 0.0
-        i = 0
+        probe = tally.probe()
         is_end = False
-        frames = 0
         async with session.get(url) as resp:
             async for line in resp.content:
                 if line.startswith(b"data:"):
-                    now = monotonic()
                     if is_end:
-                        msg = orjson.loads(line[5:])
-                        totals["tokens"] += msg["usage"]["output_tokens"]
-                        reasons[msg["reason"]] = reasons.get(msg["reason"], 0) + 1
-                        done_at.append(now)
+                        tally.end(line[5:])
+                        tally.done_at.append(time.monotonic())
                         break
-                    frames += 1
-                    if paced:
-                        msg = orjson.loads(line[5:])
-                        kk = len(TOKEN_RE.findall(msg["text"])) or 1
-                        for j in range(i, i + kk):
-                            lats.append(now - (t_req + ttft + j / rate))
-                        i += kk
-                    elif last:
-                        gaps.append(now - last)
-                    else:
-                        ttfts.append(now - t_req)
-                    last = now
+                    tally.delta(probe, time.monotonic(), line[5:])
                 elif line.startswith(b"event: end"):
                     is_end = True
                 elif line.strip() and not line.startswith((b"event:", b":", b"id:", b"retry:")):
-                    if len(bad) < 5:
-                        bad.append(line[:300].decode(errors="replace"))
-        totals["frames"] += frames
-        totals["done"] += 1
+                    tally.odd(line)
+        tally.done += 1
 
     tasks = [one(k, f"s{j + 1}") for k in range(n_conns) for j in range(streams)]
     timed_out = False
@@ -335,20 +385,8 @@ async def role_stream_sse(spec: dict[str, Any], stdin: Stdin) -> None:
         await asyncio.wait_for(asyncio.gather(*tasks), spec["run_timeout"])
     except TimeoutError:
         timed_out = True
-    result = {
-        "t_first": min(t_reqs) if t_reqs else t_go,
-        "t_last": max(done_at, default=0.0),
-        "tokens": totals["tokens"],
-        "frames": totals["frames"],
-        "conns_done": totals["done"] // max(1, streams),
-        "reasons": reasons,
-        "timed_out": timed_out,
-        "bad_frames": bad,
-        "client_cpu_s": cpu_s() - cpu0,
-    }
-    save_latencies(spec, result, paced, lats, ttfts, gaps)
+    tally.emit_result(spec, t_go, cpu0, timed_out, tally.done // max(1, streams))
     await session.close()
-    emit("RESULT", result)
 
 
 async def role_stream_http(spec: dict[str, Any], stdin: Stdin) -> None:
@@ -358,8 +396,6 @@ async def role_stream_http(spec: dict[str, Any], stdin: Stdin) -> None:
     import aiohttp
 
     n_conns, streams = spec["conns"], spec["streams"]
-    rate, ttft = spec["rate"], spec["ttft_ms"] / 1000
-    paced = rate > 0
     base_url = f"http://{spec['host']}:{spec['port']}"
     connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=600)
     session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_read=None))
@@ -389,62 +425,31 @@ async def role_stream_http(spec: dict[str, Any], stdin: Stdin) -> None:
 
     opened = await asyncio.gather(*(open_one() for _ in range(n_conns)))
     body = b"[" + b",".join(generate_request(spec, f"b{k + 1}") for k in range(streams)) + b"]"
-    ttfts: list[float] = []
-    gaps = array("d")
-    lats = array("d")
-    bad: list[str] = []
-    reasons: dict[str, int] = {}
-    totals = {"tokens": 0, "frames": 0, "done": 0}
-    done_at: list[float] = []
-    t_reqs: list[float] = []
+    tally = SseTally(spec)
     emit("READY", {"conns": n_conns})
     await stdin.line()
     cpu0 = cpu_s()
     t_go = time.monotonic()
-    stagger, first, total = spec.get("stagger_s", 0.0), spec.get("first", 0), spec.get("total", n_conns)
-    monotonic = time.monotonic
 
     async def one(k: int, resp: Any, token: str) -> None:
-        if stagger > 0:
-            await asyncio.sleep(max(0.0, t_go + stagger * (first + k) / total - monotonic()))
-        t_req = monotonic()
-        t_reqs.append(t_req)
+        await start_delay(spec, t_go, k)
+        probe = tally.probe()
         await post(token, body)
-        last = 0.0
         ends = streams
-        frames = 0
-        next_token: dict[str, int] = {}
         async for line in resp.content:
             if not line.startswith(b"data: "):
                 continue
-            now = monotonic()
             if line.startswith(P_DELTA, 6):
-                frames += 1
-                if paced:
-                    msg = orjson.loads(line[6:])
-                    sid = msg["stream"]
-                    i = next_token.get(sid, 0)
-                    kk = len(TOKEN_RE.findall(msg["text"])) or 1
-                    for j in range(i, i + kk):
-                        lats.append(now - (t_req + ttft + j / rate))
-                    next_token[sid] = i + kk
-                elif last:
-                    gaps.append(now - last)
-                else:
-                    ttfts.append(now - t_req)
-                last = now
+                tally.delta(probe, time.monotonic(), line[6:])
             elif line.startswith(P_END, 6):
-                msg = orjson.loads(line[6:])
-                totals["tokens"] += msg["usage"]["output_tokens"]
-                reasons[msg["reason"]] = reasons.get(msg["reason"], 0) + 1
+                tally.end(line[6:])
                 ends -= 1
                 if ends == 0:
-                    done_at.append(now)
+                    tally.done_at.append(time.monotonic())
                     break
-            elif not line.startswith(P_STREAM, 6) and len(bad) < 5:
-                bad.append(line[:300].decode(errors="replace"))
-        totals["frames"] += frames
-        totals["done"] += 1
+            elif not line.startswith(P_STREAM, 6):
+                tally.odd(line)
+        tally.done += 1
         resp.close()
 
     timed_out = False
@@ -454,20 +459,8 @@ async def role_stream_http(spec: dict[str, Any], stdin: Stdin) -> None:
         )
     except TimeoutError:
         timed_out = True
-    result = {
-        "t_first": min(t_reqs) if t_reqs else t_go,
-        "t_last": max(done_at, default=0.0),
-        "tokens": totals["tokens"],
-        "frames": totals["frames"],
-        "conns_done": totals["done"],
-        "reasons": reasons,
-        "timed_out": timed_out,
-        "bad_frames": bad,
-        "client_cpu_s": cpu_s() - cpu0,
-    }
-    save_latencies(spec, result, paced, lats, ttfts, gaps)
+    tally.emit_result(spec, t_go, cpu0, timed_out, tally.done)
     await session.close()
-    emit("RESULT", result)
 
 
 # ------------------------------------------------------------------ fan-out

@@ -39,6 +39,7 @@ here and then, once handed over, websockets' handshake has its own.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -53,6 +54,8 @@ if TYPE_CHECKING:
     from websockets.asyncio.server import ServerConnection
 
 __all__ = ["PREFIX", "Front", "HttpError", "HttpRequest", "Routes"]
+
+logger = logging.getLogger("wsserver.server")
 
 #: Requests for paths under this prefix are served by the HTTP transport.
 PREFIX = b"/v1/"
@@ -357,6 +360,10 @@ class Front(asyncio.Protocol):
                 self._timer = loop.call_later(routes.open_timeout, self._idle)  # the next request's head
         except TimeoutError:
             routes.refused(self, HttpError(408, "bad_request", "the request body did not arrive in time"))
+        except Exception:  # a bug: this connection ends, nothing else does
+            logger.exception("HTTP transport request failed")
+            if not self.closed:
+                routes.refused(self, HttpError(500, "internal", "internal error"))
         finally:
             if self.transport is not None and self.transport.get_protocol() is self:
                 self.transport.close()

@@ -380,8 +380,10 @@ class HttpTransport:
     # ---------------------------------------------------------------- answers
 
     def _cors(self, request: HttpRequest) -> list[tuple[str, str]]:
-        origin = request.headers.get("Origin")
-        if origin is None:
+        """An allowed page of another origin may read the answer."""
+        headers = request.headers
+        origin = headers.get("Origin")
+        if origin is None or not origin_allowed(origin, headers.get("Host"), self._server.config.allowed_origins):
             return []
         return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
 
