@@ -53,6 +53,18 @@ if (missing && CI) {
   });
 }
 
+/** A browser and a page whose errors (console errors not matching `expected`) go to `problems`. */
+async function openPage(problems, expected) {
+  const browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
+  const context = await browser.newContext({ viewport: { width: 1280, height: 820 }, deviceScaleFactor: 1 });
+  const page = await context.newPage();
+  page.on("pageerror", (error) => problems.push(`pageerror: ${error.message}`));
+  page.on("console", (message) => {
+    if (message.type() === "error" && !expected.test(message.text())) problems.push(`console.error: ${message.text()}`);
+  });
+  return { browser, page };
+}
+
 describe("demo page in Chromium", { skip: missing && !CI ? missing : false }, () => {
   if (missing) return;
   let server;
@@ -65,15 +77,7 @@ describe("demo page in Chromium", { skip: missing && !CI ? missing : false }, ()
   before(async () => {
     server = await startServer();
     proxy = await startProxy(server.port);
-    browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
-    const context = await browser.newContext({ viewport: { width: 1280, height: 820 }, deviceScaleFactor: 1 });
-    page = await context.newPage();
-    page.on("pageerror", (error) => problems.push(`pageerror: ${error.message}`));
-    page.on("console", (message) => {
-      if (message.type() === "error" && !/WebSocket|ERR_CONNECTION|net::/.test(message.text())) {
-        problems.push(`console.error: ${message.text()}`);
-      }
-    });
+    ({ browser, page } = await openPage(problems, /WebSocket|ERR_CONNECTION|net::/));
     node = new Client(server.url, { WebSocket, heartbeatIntervalMs: 0, requestTimeoutMs: 10_000, agent: "node-bot" });
     await node.connect();
     mkdirSync(ARTIFACTS, { recursive: true });
@@ -291,14 +295,7 @@ describe("demo page in Chromium behind a proxy that refuses WebSockets", { skip:
   before(async () => {
     server = await startServer();
     proxy = await startProxy(server.port, "127.0.0.1", { refuseUpgrade: true });
-    browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args: CHROMIUM_ARGS });
-    page = await (await browser.newContext({ viewport: { width: 1280, height: 820 } })).newPage();
-    page.on("pageerror", (error) => problems.push(`pageerror: ${error.message}`));
-    page.on("console", (message) => {
-      if (message.type() === "error" && !/WebSocket|ERR_CONNECTION|net::|403/.test(message.text())) {
-        problems.push(`console.error: ${message.text()}`);
-      }
-    });
+    ({ browser, page } = await openPage(problems, /WebSocket|ERR_CONNECTION|net::|403/));
     node = new Client(server.url, { WebSocket, heartbeatIntervalMs: 0, requestTimeoutMs: 10_000, agent: "node-bot-2" });
     await node.connect();
     mkdirSync(ARTIFACTS, { recursive: true });

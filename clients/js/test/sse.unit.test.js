@@ -58,6 +58,19 @@ describe("SseParser", () => {
   });
 });
 
+/** An SseSocket on a scripted fetch, its close codes collected; `open` pushes the connection event. */
+async function socketOn(net, { open = true } = {}) {
+  const socket = new SseSocket("http://127.0.0.1:9/", [], { fetch: net.fetch });
+  const closes = [];
+  socket.onclose = (e) => closes.push(e.code);
+  await tick();
+  if (open) {
+    net.push('event: connection\ndata: {"connection":"t"}\n\n');
+    await tick();
+  }
+  return { socket, closes };
+}
+
 describe("SseSocket", () => {
   test("opens on the connection event, delivers frames, posts batches one at a time", async () => {
     const net = mockFetch();
@@ -99,11 +112,7 @@ describe("SseSocket", () => {
 
   test("a stream that just ends is 1006; a refused one maps its status", async () => {
     const net = mockFetch();
-    const socket = new SseSocket("http://127.0.0.1:9/", [], { fetch: net.fetch });
-    const closes = [];
-    socket.onclose = (e) => closes.push(e.code);
-    await tick();
-    net.push('event: connection\ndata: {"connection":"t"}\n\n');
+    const { closes } = await socketOn(net);
     net.end();
     for (let i = 0; i < 5; i++) await tick();
     const refused = mockFetch();
@@ -116,12 +125,7 @@ describe("SseSocket", () => {
 
   test("a POST to a connection that is gone closes the socket", async () => {
     const net = mockFetch();
-    const socket = new SseSocket("http://127.0.0.1:9/", [], { fetch: net.fetch });
-    const closes = [];
-    socket.onclose = (e) => closes.push(e.code);
-    await tick();
-    net.push('event: connection\ndata: {"connection":"t"}\n\n');
-    await tick();
+    const { socket, closes } = await socketOn(net);
     net.postStatus = 404;
     net.postBody = '{"type":"error","code":"unknown_connection","message":"gone"}';
     socket.send('{"type":"ping"}');
