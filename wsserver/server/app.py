@@ -4,8 +4,10 @@ A :class:`Server` owns the websockets listener, the backplane (memory or
 Redis), the live sessions (:mod:`~wsserver.server.sessions`), the open
 connections (:mod:`~wsserver.server.connection`), the fan-out of channel
 traffic and the slow-consumer watch (:mod:`~wsserver.server.fanout`), plain
-HTTP (:mod:`~wsserver.server.http`) and the relayed clients of other nodes
-(:mod:`~wsserver.server.tunnelled`). It is also the backplane's
+HTTP (:mod:`~wsserver.server.http`), the HTTP transport for networks that
+refuse WebSockets (:mod:`~wsserver.server.front` routes every TCP connection,
+:mod:`~wsserver.server.sse` serves ``/v1/``) and the relayed clients of
+other nodes (:mod:`~wsserver.server.tunnelled`). It is also the backplane's
 :class:`~wsserver.cluster.backplane.ClusterEvents`: what other nodes cause
 here comes in through those methods.
 """
