@@ -11,7 +11,11 @@ from .base import (
     ProviderFailure,
     ProviderUnavailable,
     Providers,
+    ReasoningDelta,
+    ReasoningDone,
     TextDelta,
+    ToolCallDelta,
+    ToolCallStart,
     UsageReport,
 )
 from .openai_provider import OpenAIProvider
@@ -28,9 +32,13 @@ __all__ = [
     "ProviderFailure",
     "ProviderUnavailable",
     "Providers",
+    "ReasoningDelta",
+    "ReasoningDone",
     "RetryPolicy",
     "SimulatedProvider",
     "TextDelta",
+    "ToolCallDelta",
+    "ToolCallStart",
     "UsageReport",
     "simulated_reply",
 ]

@@ -16,10 +16,14 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..wire.messages import ChatMessage, GenerateParams
+from ..wire.messages import ChatMessage, GenerateParams, Tool, ToolChoice
 
 __all__ = [
     "Finish",
+    "ReasoningDelta",
+    "ReasoningDone",
+    "ToolCallDelta",
+    "ToolCallStart",
     "GenerationRequest",
     "Provider",
     "ProviderEvent",
@@ -40,6 +44,40 @@ class TextDelta:
 
 
 @dataclass(frozen=True, slots=True)
+class ReasoningDelta:
+    """A piece of the model's reasoning (thinking, or a reasoning summary)."""
+
+    text: str
+    tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReasoningDone:
+    """The current reasoning block is complete. ``signature`` (Anthropic) goes
+    back with it in the next request; ``redacted`` is an opaque redacted block
+    (Anthropic ``redacted_thinking``) that had no text, passed back as it came."""
+
+    signature: str | None = None
+    redacted: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallStart:
+    """The model opens tool call ``call`` (the provider's id) of tool ``name``."""
+
+    call: str
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    """A fragment of the arguments JSON of call ``call`` (fragments concatenate)."""
+
+    call: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
 class UsageReport:
     """Token usage so far. Values are cumulative: a later report overwrites."""
 
@@ -51,17 +89,24 @@ class UsageReport:
 class Finish:
     """Why the provider stopped (the last event of a stream that was not cut)."""
 
-    reason: Literal["complete", "length"]
+    reason: Literal["complete", "length", "tool_calls"]
 
 
-ProviderEvent = TextDelta | UsageReport | Finish
+ProviderEvent = TextDelta | ReasoningDelta | ReasoningDone | ToolCallStart | ToolCallDelta | UsageReport | Finish
 
 
 @dataclass(frozen=True, slots=True)
 class GenerationRequest:
+    """What a provider is asked: the conversation (content parts, tool calls
+    and tool results in the wire's shape), the model, the parameters
+    (``params.response_format``, ``params.reasoning`` and
+    ``params.provider_options`` included), and the tools."""
+
     messages: Sequence[ChatMessage]
     model: str
     params: GenerateParams = field(default_factory=GenerateParams)
+    tools: Sequence[Tool] = ()
+    tool_choice: ToolChoice | None = None
 
 
 class ProviderFailure(Exception):

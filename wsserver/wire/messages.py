@@ -35,27 +35,41 @@ __all__ = [
     "Cancel",
     "ChatMessage",
     "ClientMessage",
+    "ContentPart",
     "Error",
     "ErrorInfo",
     "Generate",
     "GenerateParams",
     "Hello",
+    "ImagePart",
     "Interrupt",
+    "JsonObjectFormat",
+    "JsonSchemaFormat",
     "Message",
     "Ok",
     "Ping",
     "Pong",
     "Presence",
     "Publish",
+    "ReasoningParams",
+    "ReasoningPart",
+    "ResponseFormat",
     "Send",
     "ServerMessage",
     "Shutdown",
+    "SnapshotCall",
     "StreamDelta",
     "StreamEnd",
     "StreamSnapshot",
     "StreamStart",
+    "StreamToolCall",
     "Subscribe",
     "Subscribed",
+    "TextPart",
+    "Tool",
+    "ToolCall",
+    "ToolChoice",
+    "ToolChoiceName",
     "Unsubscribe",
     "Usage",
     "Welcome",
@@ -72,7 +86,11 @@ Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN)]
 #: Client-chosen request id, unique within a session.
 RequestId = Annotated[str, StringConstraints(min_length=1, max_length=64)]
 Seq = PositiveInt
-StopReason = Literal["complete", "cancelled", "interrupted", "length", "error"]
+StopReason = Literal["complete", "cancelled", "interrupted", "length", "tool_calls", "error"]
+#: Tool names, as every provider accepts them.
+ToolName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+#: A tool call's id (the provider's, or the simulated provider's own).
+CallId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
 
 
 class _Strict(BaseModel):
@@ -103,18 +121,96 @@ class Hello(_Client):
     agent: str | None = Field(None, max_length=1024)  # checked: bad_name
 
 
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Strict):
+    """An image by ``http(s)`` URL or ``data:`` URL (checked: ``bad_image``)."""
+
+    type: Literal["image"]
+    url: str
+
+
+class ReasoningPart(_Strict):
+    """The model's reasoning, in an assistant message only. ``signature`` is
+    what Anthropic needs back with it; ``redacted`` carries an opaque
+    redacted block (Anthropic ``redacted_thinking``) as it came."""
+
+    type: Literal["reasoning"]
+    text: str = ""
+    signature: str | None = None
+    redacted: str | None = None
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart, ReasoningPart], Field(discriminator="type")]
+
+
+class ToolCall(_Strict):
+    """A call the model made, in an assistant message (``arguments`` parsed)."""
+
+    id: CallId
+    name: ToolName
+    arguments: dict[str, Any]
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: str
+    """One message of a conversation. ``content`` is a string or a list of
+    parts; an assistant message may carry ``tool_calls``; a ``tool`` message
+    answers the call named by ``tool_call_id``."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | list[ContentPart]
+    tool_calls: list[ToolCall] | None = Field(None, max_length=128)
+    tool_call_id: CallId | None = None
+
+
+class Tool(_Strict):
+    """A tool the model may call; ``parameters`` is a JSON Schema of an object."""
+
+    name: ToolName
+    description: str | None = Field(None, max_length=8192)
+    parameters: dict[str, Any] | None = None
+
+
+class ToolChoiceName(_Strict):
+    name: ToolName
+
+
+ToolChoice = Literal["auto", "none", "required"] | ToolChoiceName
+
+
+class JsonSchemaFormat(_Strict):
+    type: Literal["json_schema"]
+    name: ToolName
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class JsonObjectFormat(_Strict):
+    type: Literal["json_object"]
+
+
+ResponseFormat = Annotated[Union[JsonSchemaFormat, JsonObjectFormat], Field(discriminator="type")]
+
+
+class ReasoningParams(_Strict):
+    effort: Literal["minimal", "low", "medium", "high"] | None = None
+    budget_tokens: PositiveInt | None = None
 
 
 class GenerateParams(_Strict):
-    """Generation parameters. Unknown ones are ignored."""
+    """Generation parameters. Unknown ones are ignored; ``provider_options``
+    is merged into the upstream request as is (the escape hatch)."""
 
     max_tokens: PositiveInt | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     stop: list[str] | None = Field(None, max_length=16)
+    response_format: ResponseFormat | None = None
+    reasoning: ReasoningParams | None = None
+    provider_options: dict[str, Any] | None = None
     # simulated provider only
     tokens_per_s: Annotated[float, Field(ge=0)] | None = None
     ttft_ms: Annotated[float, Field(ge=0, le=600_000)] | None = None
@@ -131,6 +227,8 @@ class Generate(_Client):
     model: str | None = Field(None, max_length=256)
     params: GenerateParams = GenerateParams()
     channel: str | None = Field(None, max_length=1024)  # checked: bad_name
+    tools: list[Tool] | None = Field(None, max_length=128)
+    tool_choice: ToolChoice | None = None
 
 
 class Cancel(_Client):
@@ -225,11 +323,27 @@ class StreamStart(_Server):
 
 
 class StreamDelta(_Server):
+    """Answer text; with ``part`` reasoning text, or (``part: "tool_call"``)
+    a fragment of the arguments JSON of call ``call``."""
+
     type: Literal["stream.delta"] = "stream.delta"
     seq: Seq
     stream: str
     index: NonNegativeInt
     text: str
+    part: Literal["reasoning", "tool_call"] | None = None
+    call: str | None = None
+
+
+class StreamToolCall(_Server):
+    """The model opens a tool call; its arguments follow as ``stream.delta {part: "tool_call"}``."""
+
+    type: Literal["stream.tool_call"] = "stream.tool_call"
+    seq: Seq
+    stream: str
+    index: NonNegativeInt
+    call: str
+    name: str
 
 
 class StreamEnd(_Server):
@@ -241,6 +355,16 @@ class StreamEnd(_Server):
     usage: Usage
     ttft_ms: float | None = None
     duration_ms: float
+    #: The assistant message as it goes back into ``messages``.
+    message: ChatMessage | None = None
+
+
+class SnapshotCall(_Server):
+    """A tool call as far as it has streamed (``arguments``: the JSON text so far)."""
+
+    call: str
+    name: str
+    arguments: str
 
 
 class StreamSnapshot(_Server):
@@ -249,6 +373,8 @@ class StreamSnapshot(_Server):
     stream: str
     text: str
     index: NonNegativeInt
+    reasoning: str | None = None
+    calls: list[SnapshotCall] | None = None
 
 
 class Message(_Server):
@@ -318,6 +444,7 @@ ServerMessage = Annotated[
         Welcome,
         StreamStart,
         StreamDelta,
+        StreamToolCall,
         StreamEnd,
         StreamSnapshot,
         Message,
@@ -356,7 +483,10 @@ def decode_client(data: str | bytes) -> Any:
 
 
 def _protocol_error(data: str | bytes, exc: ValidationError) -> ProtocolError:
-    err = exc.errors(include_url=False)[0]
+    errors = exc.errors(include_url=False)
+    # Of the alternatives of a union (content: a string or a list of parts),
+    # the one that got furthest into the input says what is wrong.
+    err = max(errors, key=lambda e: len(e["loc"]))
     kind = err["type"]
     if kind == "json_invalid":
         return ProtocolError(ErrorCode.BAD_JSON, f"not valid JSON: {err['msg'][14:]}")
@@ -373,11 +503,11 @@ def _protocol_error(data: str | bytes, exc: ValidationError) -> ProtocolError:
         )
     ref = obj.get("id") if isinstance(obj.get("id"), str) and len(obj["id"]) <= 64 else None
     msg_type = obj.get("type")
-    if kind == "union_tag_not_found":
+    if kind == "union_tag_not_found" and len(err["loc"]) == 0:
         return ProtocolError(
             ErrorCode.BAD_MESSAGE, "field 'type' is required", field="type", ref=ref
         )
-    if kind == "union_tag_invalid":
+    if kind == "union_tag_invalid" and len(err["loc"]) == 0:
         if not isinstance(msg_type, str):
             return ProtocolError(
                 ErrorCode.BAD_MESSAGE,
@@ -391,17 +521,46 @@ def _protocol_error(data: str | bytes, exc: ValidationError) -> ProtocolError:
             f"unknown message type {shown!r}; expected one of {', '.join(sorted(CLIENT_TYPES))}",
             ref=ref,
         )
-    loc = [str(p) for p in err["loc"][1:]]  # drop the union tag
-    field = ".".join(loc)
+    path = _field_path(obj, err["loc"][1:])  # drop the union tags
+    field = ".".join(str(p) for p in path)
+    alternatives = [e for e in errors if _field_path(obj, e["loc"][1:]) == path]
     if kind == "missing":
         text = f"field {field!r} is required"
+    elif len(alternatives) > 1 and len(err["loc"]) - 1 > len(path):  # e.g. a string or a list of parts
+        text = f"field {field!r}: not of any accepted type, got {_json_kind(_lookup(obj, path))}"
     else:
-        got = _lookup(obj, err["loc"][1:])
+        got = _lookup(obj, path)
         text = f"field {field!r}: {err['msg'][0].lower()}{err['msg'][1:]}, got {_json_kind(got)}"
     return ProtocolError(ErrorCode.BAD_MESSAGE, text, field=field, ref=ref)
 
 
-def _lookup(obj: Any, loc: tuple[Any, ...]) -> Any:
+def _field_path(obj: Any, loc: tuple[Any, ...]) -> list[Any]:
+    """The fields and indexes of a pydantic error location in the input
+    ``obj``, without the labels pydantic adds for a union's branches (``str``,
+    ``list[...]``, a model's name) or a discriminated union's tag (the value
+    of ``type``): a part followed by more parts must exist in the input."""
+    path: list[Any] = []
+    for i, part in enumerate(loc):
+        if i + 1 < len(loc):
+            if isinstance(obj, dict):
+                if part not in obj or part == obj.get("type"):
+                    continue
+            elif isinstance(obj, list):
+                if not isinstance(part, int) or not -len(obj) <= part < len(obj):
+                    continue
+            else:
+                continue
+        elif isinstance(part, str) and (part in ("str", "int", "float", "bool", "list", "dict") or "[" in part):
+            continue
+        path.append(part)
+        try:
+            obj = obj[part]
+        except (KeyError, IndexError, TypeError):
+            obj = None
+    return path
+
+
+def _lookup(obj: Any, loc: list[Any]) -> Any:
     for part in loc:
         try:
             obj = obj[part]
