@@ -6,15 +6,19 @@ import asyncio
 import time
 from typing import Any
 
+import orjson
 import pytest
 
 from tests.helpers import until
-from wsserver.wire.messages import ChatMessage, GenerateParams
+from wsserver.wire.messages import ChatMessage, GenerateParams, ImagePart, TextPart, Tool, ToolCall, ToolChoiceName
 from wsserver.providers import (
     Finish,
     GenerationRequest,
+    ReasoningDelta,
     SimulatedProvider,
     TextDelta,
+    ToolCallDelta,
+    ToolCallStart,
     UsageReport,
     simulated_reply,
 )
@@ -112,3 +116,132 @@ async def test_cancel_stops_at_once_and_runs_cleanup() -> None:
         await task
     assert 0 < seen < 1000
     assert events.ag_frame is None  # type: ignore[attr-defined]  # the generator is closed
+
+
+# ------------------------------------------------------------ rich generations
+
+WEATHER = Tool(
+    name="get_weather",
+    parameters={
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}, "days": {"type": "integer"}},
+        "required": ["city", "unit", "days"],
+    },
+)
+TIME = Tool(name="get_time", parameters={"type": "object", "properties": {"zone": {"type": "string"}}, "required": ["zone"]})
+
+
+async def rich(messages: list[ChatMessage], tools: list[Tool] | None = None, choice: Any = None, **params: Any) -> list[Any]:
+    params.setdefault("tokens_per_s", 0)
+    params.setdefault("ttft_ms", 0)
+    request = GenerationRequest(messages, "sim-1", GenerateParams(**params), tools=tools or (), tool_choice=choice)
+    return [event async for event in SimulatedProvider().stream(request)]
+
+
+def user(text: str) -> list[ChatMessage]:
+    return [ChatMessage(role="user", content=text)]
+
+
+def calls_of(events: list[Any]) -> dict[str, tuple[str, str]]:
+    """call id -> (tool name, the arguments' JSON joined)."""
+    found: dict[str, tuple[str, str]] = {}
+    for e in events:
+        if isinstance(e, ToolCallStart):
+            found[e.call] = (e.name, "")
+        elif isinstance(e, ToolCallDelta):
+            name, text = found[e.call]
+            found[e.call] = (name, text + e.text)
+    return found
+
+
+async def test_reasoning_comes_first_and_ends_with_a_fake_signature() -> None:
+    events = await rich(user("why is the sky blue"), reasoning={})  # effort: medium
+    kinds = [type(e).__name__ for e in events]
+    first_text = kinds.index("TextDelta")
+    assert kinds[1:first_text] == ["ReasoningDelta"] * 24 + ["ReasoningDone"]
+    thought = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
+    assert thought.startswith('The user asks "why is the sky blue". I can answer directly.')
+    done = events[first_text - 1]
+    assert done.signature.startswith("sim-") and len(done.signature) == 28 and done.redacted is None
+    assert events == await rich(user("why is the sky blue"), reasoning={})  # deterministic
+    # reasoning counts as output, the text keeps its length
+    assert events[-2] == UsageReport(output_tokens=24 + kinds.count("TextDelta"))
+    low = await rich(user("why is the sky blue"), reasoning={"effort": "low"})
+    assert len([e for e in low if isinstance(e, ReasoningDelta)]) == 12
+    short = await rich(user("why"), reasoning={"effort": "high", "budget_tokens": 5})
+    assert len([e for e in short if isinstance(e, ReasoningDelta)]) == 5
+
+
+async def test_a_named_tool_is_called_with_arguments_from_its_schema() -> None:
+    events = await rich(user("What is get_weather in Oslo today?"), [WEATHER, TIME])
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert text == "Calling get_weather."
+    (call,) = calls_of(events).items()
+    call_id, (name, arguments) = call
+    assert call_id.startswith("call_") and name == "get_weather"
+    assert orjson.loads(arguments) == {"city": "Oslo", "unit": "c", "days": 3}
+    assert len([e for e in events if isinstance(e, ToolCallDelta)]) >= 2  # several fragments
+    assert events[-1] == Finish("tool_calls")
+
+
+async def test_two_tools_named_are_two_parallel_calls_in_the_order_named() -> None:
+    events = await rich(user("get_time UTC and then get_weather Paris"), [WEATHER, TIME])
+    calls = list(calls_of(events).values())
+    assert [name for name, _ in calls] == ["get_time", "get_weather"]
+    assert orjson.loads(calls[0][1]) == {"zone": "UTC"}
+    assert orjson.loads(calls[1][1])["city"] == "Paris"
+    assert len(set(calls_of(events))) == 2  # distinct ids
+
+
+@pytest.mark.parametrize(
+    ("prompt", "choice", "called"),
+    [
+        ("use get_weather for Rome", "none", []),
+        ("tell me a joke", "auto", []),
+        ("tell me a joke", None, []),
+        ("tell me a joke", "required", ["get_weather"]),
+        ("get_weather in Rome", {"name": "get_time"}, ["get_time"]),
+    ],
+)
+async def test_tool_choice(prompt: str, choice: Any, called: list[str]) -> None:
+    tool_choice = ToolChoiceName(**choice) if isinstance(choice, dict) else choice
+    events = await rich(user(prompt), [WEATHER, TIME], tool_choice)
+    assert [name for name, _ in calls_of(events).values()] == called
+    assert events[-1] == Finish("tool_calls" if called else "complete")
+
+
+async def test_after_a_tool_result_it_quotes_it_and_calls_nothing() -> None:
+    first = await rich(user("get_weather in Oslo"), [WEATHER])
+    (call_id,) = calls_of(first)
+    conversation = [
+        *user("get_weather in Oslo"),
+        ChatMessage(
+            role="assistant",
+            content="Calling get_weather.",
+            tool_calls=[ToolCall(id=call_id, name="get_weather", arguments={"city": "Oslo", "unit": "c", "days": 3})],
+        ),
+        ChatMessage(role="tool", tool_call_id=call_id, content='{"temp_c": 4, "sky": "rain"}'),
+    ]
+    events = await rich(conversation, [WEATHER], "required")
+    text = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert text.startswith('get_weather returned "{"temp_c": 4, "sky": "rain"}".')
+    assert calls_of(events) == {} and events[-1] == Finish("complete")
+
+
+async def test_max_tokens_cuts_the_arguments() -> None:
+    events = await rich(user("get_weather in Oslo"), [WEATHER], max_tokens=6)
+    assert events[-1] == Finish("length")
+    (name, arguments), = calls_of(events).values()
+    assert name == "get_weather" and not arguments.endswith("}")
+
+
+async def test_content_parts_count_and_echo_their_text() -> None:
+    messages = [
+        ChatMessage(
+            role="user",
+            content=[TextPart(type="text", text="what is"), ImagePart(type="image", url="https://x.test/a.png"), TextPart(type="text", text="this")],
+        )
+    ]
+    events = await rich(messages, reply_tokens=6)
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)) == 'You said "what is this'
+    assert events[0] == UsageReport(input_tokens=count_tokens("what is this") + 3)

@@ -18,10 +18,11 @@ from wsserver.wire.messages import (
     CLIENT_TYPES,
     Message,
     StreamDelta,
+    StreamToolCall,
     decode_client,
     decode_server,
 )
-from wsserver.wire.codec import encode, encode_delta
+from wsserver.wire.codec import encode, encode_delta, encode_tool_call
 from wsserver.core.actions import CloseConnection
 from wsserver.core.protocol import Opened, ServerProtocol
 from wsserver.providers import Providers, SimulatedProvider
@@ -90,6 +91,22 @@ class TestCodec:
     def test_encode_delta_matches_the_model(self) -> None:
         fast = encode_delta(7, "s1", 3, 'he said "hi" \u2603\n')
         model = StreamDelta(seq=7, stream="s1", index=3, text='he said "hi" \u2603\n')
+        assert fast == encode(model)
+        assert decode_server(fast) == model
+
+    @pytest.mark.parametrize(
+        ("part", "call"), [("reasoning", None), ("tool_call", "call_1"), ("tool_call", 'c"\u2603')]
+    )
+    def test_encode_delta_of_a_part_matches_the_model(self, part: str, call: str | None) -> None:
+        text = '{"city": "Z\u00fcrich \\"}'
+        fast = encode_delta(7, "s1", 3, text, part, call)
+        model = StreamDelta(seq=7, stream="s1", index=3, text=text, part=part, call=call)
+        assert fast == encode(model)
+        assert decode_server(fast) == model
+
+    def test_encode_tool_call_matches_the_model(self) -> None:
+        fast = encode_tool_call(8, "s1", 4, "toolu_01", "get_weather")
+        model = StreamToolCall(seq=8, stream="s1", index=4, call="toolu_01", name="get_weather")
         assert fast == encode(model)
         assert decode_server(fast) == model
 

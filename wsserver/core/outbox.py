@@ -5,9 +5,13 @@ Frames are *queued* by the session core (:meth:`Outbox.push`,
 the transport takes them (:meth:`Outbox.take`): if the socket lags, the
 pending deltas of one stream are merged into one frame before they get a
 ``seq`` (DESIGN "Decisions v1"), so ``seq`` stays contiguous and a slow
-reader gets fewer, larger frames instead of an ever longer queue. A merged
-delta never moves past another frame of its own stream, so a stream's frames
-stay in order and no delta follows its ``stream.end``.
+reader gets fewer, larger frames instead of an ever longer queue. Only
+neighbours merge: deltas of the same stream, part (answer text, reasoning,
+a tool call's arguments) and call, with no other frame of that stream in
+between. A merged delta never moves past another frame of its own stream, so
+a stream's frames stay in order and no delta follows its ``stream.end``.
+Delta-like frames (``stream.delta`` of every part, ``stream.tool_call``)
+get their stream's next ``index`` when they are sequenced.
 
 Every sequenced frame also enters the *replay log*, bounded by frames and by
 bytes and trimmed by ``ack`` (:meth:`Outbox.ack`); :meth:`Outbox.replay_after`
@@ -29,7 +33,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel
 
-from ..wire.codec import compact, encode, encode_delta
+from ..wire.codec import compact, encode, encode_delta, encode_tool_call
 from ..wire.errors import ErrorCode
 from ..wire.messages import Error
 from .streams import Stream
@@ -40,9 +44,11 @@ class ErrorObserver(Protocol):
     def error(self, code: str) -> None: ...
 
 
-_DELTA = 0
-_FRAME = 1
+_DELTA = 0  # answer text: (_DELTA, stream, text)
+_FRAME = 1  # (_FRAME, stream, model, fields)
 _RAW = 2  # an encoded frame that carries no seq (pong, channel traffic)
+_PART = 3  # reasoning text or tool-call arguments: (_PART, stream, text, part, call)
+_CALL = 4  # stream.tool_call: (_CALL, stream, call, name)
 
 
 class Outbox:
@@ -114,6 +120,21 @@ class Outbox:
         if len(pending) == 1 and self.on_output is not None:
             self.on_output()
 
+    def push_part(self, stream: Stream, text: str, part: str, call: str | None) -> None:
+        """Queue a ``stream.delta`` of another part than the answer text
+        (``reasoning``, or ``tool_call`` with its ``call``)."""
+        pending = self.pending
+        pending.append((_PART, stream, text, part, call))
+        if len(pending) == 1 and self.on_output is not None:
+            self.on_output()
+
+    def push_call(self, stream: Stream, call: str, name: str) -> None:
+        """Queue a ``stream.tool_call`` (it takes the stream's next index)."""
+        pending = self.pending
+        pending.append((_CALL, stream, call, name))
+        if len(pending) == 1 and self.on_output is not None:
+            self.on_output()
+
     def push(self, stream: Stream | None, model: type[BaseModel], fields: dict[str, Any]) -> None:
         """Queue a sequenced frame (of ``stream``, which keeps it in order with
         that stream's deltas); it is built from ``model(seq=…, **fields)``."""
@@ -171,10 +192,20 @@ class Outbox:
                 out.append(item[2])
                 continue
             seq += 1
-            if item[0] == _DELTA:
+            kind = item[0]
+            if kind == _DELTA:
                 stream = item[1]
                 text = item[2] if isinstance(item[2], str) else "".join(item[2])
                 frame = encode_delta(seq, stream.id, stream.next_index, text)
+                stream.next_index += 1
+            elif kind == _PART:
+                stream = item[1]
+                text = item[2] if isinstance(item[2], str) else "".join(item[2])
+                frame = encode_delta(seq, stream.id, stream.next_index, text, item[3], item[4])
+                stream.next_index += 1
+            elif kind == _CALL:
+                stream = item[1]
+                frame = encode_tool_call(seq, stream.id, stream.next_index, item[2], item[3])
                 stream.next_index += 1
             else:
                 frame = encode(item[2](seq=seq, **item[3]))
@@ -253,21 +284,24 @@ class Outbox:
 
 
 def _coalesce(pending: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
-    """Merge each stream's consecutive deltas (no other frame of it in between)."""
+    """Merge each stream's consecutive deltas of one part and call (no other
+    frame of that stream in between)."""
     merged: list[tuple[Any, ...]] = []
     open_delta: dict[Stream, int] = {}
     for item in pending:
         stream = item[1]
-        if item[0] == _DELTA:
+        kind = item[0]
+        if kind == _DELTA or kind == _PART:
             j = open_delta.get(stream)
-            if j is None:
-                open_delta[stream] = len(merged)
-                merged.append(item)
-            else:
+            if j is not None:
                 prev = merged[j]
-                parts = prev[2] if isinstance(prev[2], list) else [prev[2]]
-                parts.append(item[2])
-                merged[j] = (_DELTA, stream, parts)
+                if prev[0] == kind and (kind == _DELTA or prev[3:] == item[3:]):
+                    parts = prev[2] if isinstance(prev[2], list) else [prev[2]]
+                    parts.append(item[2])
+                    merged[j] = (kind, stream, parts, *item[3:])
+                    continue
+            open_delta[stream] = len(merged)
+            merged.append(item)
         else:
             if stream is not None:
                 open_delta.pop(stream, None)

@@ -3,8 +3,9 @@
 Decoded client messages go in through :meth:`Session.handle`, which returns
 :class:`~wsserver.core.actions.Action` values (start or stop a generation,
 carry a messaging request to the backplane) for the transport to carry out.
-The generation runner reports provider events through :meth:`stream_delta`,
-:meth:`stream_usage` and :meth:`stream_end`. The transport *pulls* the
+The generation runner reports provider events through the methods of
+:class:`~wsserver.core.generation.StreamEvents` (``stream_delta``,
+``stream_reasoning``, ``stream_tool_call``, …, ``stream_end``). The transport *pulls* the
 encoded frames with :meth:`take_output` when the outbox's ``on_output``
 wake-up tells it there is something to take.
 
@@ -16,6 +17,8 @@ The parts, each in its own module:
   recently ended streams;
 * :class:`~wsserver.core.messaging.Membership` — subscriptions and the rules
   of subscribe, unsubscribe, publish and send;
+* :class:`~wsserver.core.generation.StreamEvents` — the provider events of
+  the streams, as frames (text, reasoning, tool calls, the end and its message);
 * this module — the request rules of generate, cancel, interrupt and ack,
   request ids (``duplicate_request``), rate limits of generations.
 
@@ -39,16 +42,16 @@ from ..wire.messages import (
     Ack,
     Cancel,
     ChatMessage,
-    ErrorInfo,
     Generate,
     Interrupt,
     Ok,
-    StreamEnd,
     StreamSnapshot,
     StreamStart,
     Usage,
 )
 from .actions import Action, StartGeneration, StopGeneration
+from .conversation import check_generate
+from .generation import StreamEvents
 from .limits import ChannelRules, GenerationQuota, MessagingLimits
 from .messaging import ChannelSink, Membership
 from .outbox import Outbox
@@ -73,7 +76,7 @@ class ProviderCatalog(Protocol):
         """Return ``(provider, model)`` or raise an exception whose str() is for the client."""
 
 
-class Session:
+class Session(StreamEvents):
     """The state of one session: its outbox, its streams and the ids it has answered.
 
     Args:
@@ -247,6 +250,10 @@ class Session:
         ref = msg.id
         if msg.channel is not None and not self.members.check_channel(msg.channel, ref, publish=True):
             return None, []
+        problem = check_generate(msg)
+        if problem is not None:
+            self.reject(problem)
+            return None, []
         if not self._generation_allowed(ref):
             return None, []
         try:
@@ -265,6 +272,8 @@ class Session:
             messages=tuple(msg.messages),
             params=msg.params,
             channel=msg.channel,
+            tools=tuple(msg.tools or ()),
+            tool_choice=msg.tool_choice,
         )
         return stream_id, [StartGeneration(stream)]
 
@@ -360,6 +369,8 @@ class Session:
             messages=(*stream.conversation(), ChatMessage(role="user", content=msg.input)),
             params=stream.params,
             channel=stream.channel,
+            tools=stream.tools,
+            tool_choice=stream.tool_choice,
             steered_from=stream.id,
         )
         actions.append(StartGeneration(steered))
@@ -378,67 +389,6 @@ class Session:
         out.ack(msg.seq)
         if msg.id is not None:
             out.push(None, Ok, {"ref": msg.id})
-
-    # ------------------------------------------------------------- messaging
-
-    def _to_channel(self, stream: Stream, frame: BaseModel) -> None:
-        data = frame.model_dump(exclude_none=True)
-        del data["seq"]
-        self.members.mirror(stream.channel, data)  # type: ignore[arg-type]
-
-    # ------------------------------------------------------- provider events
-
-    def stream_delta(self, stream: Stream, text: str, tokens: int | None = None) -> None:
-        """The provider produced ``text``; ignored once the stream has ended."""
-        if stream.state is not StreamState.RUNNING or not text:
-            return
-        if stream.first_token_at is None:
-            stream.first_token_at = self.clock()
-        stream.parts.append(text)
-        if tokens is None:
-            stream.exact_count = False
-            stream.counted_tokens += 1
-        else:
-            stream.counted_tokens += tokens
-        self.out.push_delta(stream, text)
-        if stream.channel is not None:
-            index, stream.channel_index = stream.channel_index, stream.channel_index + 1
-            self.members.mirror(stream.channel, {"type": "stream.delta", "stream": stream.id, "index": index, "text": text})
-
-    def stream_usage(self, stream: Stream, input_tokens: int | None = None, output_tokens: int | None = None) -> None:
-        if stream.state is not StreamState.RUNNING:
-            return
-        if input_tokens is not None:
-            stream.input_tokens = input_tokens
-        if output_tokens is not None:
-            stream.output_tokens = output_tokens
-
-    def stream_end(self, stream: Stream, reason: str, error: tuple[str, str] | None = None) -> bool:
-        """End ``stream`` with ``reason``; returns False if it had already ended."""
-        if stream.state is not StreamState.RUNNING:
-            return False
-        stream.state = StreamState.ENDED
-        stream.reason = reason
-        self.book.ended(stream)
-        now = self.clock()
-        usage = stream.usage()
-        payload: dict[str, Any] = {
-            "stream": stream.id,
-            "reason": reason,
-            "usage": usage,
-            "ttft_ms": _ms(stream.first_token_at - stream.started_at) if stream.first_token_at is not None else None,
-            "duration_ms": _ms(now - stream.started_at),
-        }
-        if error is not None:
-            payload["error"] = ErrorInfo(code=error[0], message=error[1])
-        self.out.push(stream, StreamEnd, payload)
-        if self.quota is not None:
-            self.quota.spend(usage.output_tokens, now)
-        if self.observer is not None:
-            self.observer.stream_ended(self.id, stream, usage, error)
-        if stream.channel is not None:
-            self._to_channel(stream, StreamEnd(seq=1, **payload))
-        return True
 
     def close(self, reason: str = "cancelled", error: tuple[str, str] | None = None) -> list[Action]:
         """End the session: every running stream is stopped with ``reason``."""
@@ -470,7 +420,7 @@ class Session:
         """
         self.take_output()
         for stream in self.book.running.values():
-            self.out.push(stream, StreamSnapshot, {"stream": stream.id, "text": stream.text, "index": stream.next_index})
+            self.out.push(stream, StreamSnapshot, stream.snapshot())
 
     # ----------------------------------------------------------------- output
 
@@ -481,7 +431,3 @@ class Session:
     def take_output(self) -> list[bytes]:
         """Sequence and encode everything pending, in order."""
         return self.out.take()
-
-
-def _ms(seconds: float) -> float:
-    return round(seconds * 1000, 3)

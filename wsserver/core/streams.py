@@ -5,6 +5,24 @@ request, its answer so far, its token counts. The :class:`StreamBook` keeps a
 session's running streams, every stream id the session has used (ids are
 never reused: ``stream_exists``), and the most recently ended streams (an
 ``interrupt`` racing the natural end still finds the conversation).
+
+What a stream keeps of its answer, for ``stream.end.message``, a snapshot
+and a steer:
+
+* the answer text (``parts``: the text deltas, joined on demand);
+* its reasoning blocks (:class:`Reasoning`), in order, each placed among the
+  text by the text's length when it began. A block is *finished* when the
+  provider said so (``ReasoningDone``, with a signature or a redacted block)
+  or when anything came after it (text, a tool call, another block): only
+  the last block can be unfinished;
+* its tool calls (:class:`Call`: id, tool name, the argument JSON text so
+  far), in the order they opened. A call is *finished* only when the
+  provider finished the stream (``Finish``); then its arguments must parse
+  as a JSON object. A stream stopped any other way (cancel, interrupt, an
+  error) has partial calls only, and they are dropped from its message.
+
+Issue 16's agent runs build on this: a stream that ended with reason
+``tool_calls`` has exactly the calls of its ``message`` to answer.
 """
 
 from __future__ import annotations
@@ -12,11 +30,26 @@ from __future__ import annotations
 import enum
 import itertools
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from ..wire.messages import ChatMessage, GenerateParams, Usage
+import orjson
+from pydantic import ValidationError
 
-__all__ = ["RECENT_STREAMS", "Stream", "StreamBook", "StreamState"]
+from ..wire.messages import (
+    ChatMessage,
+    GenerateParams,
+    ReasoningPart,
+    SnapshotCall,
+    TextPart,
+    Tool,
+    ToolCall,
+    ToolChoice,
+    Usage,
+)
+
+__all__ = ["RECENT_STREAMS", "Call", "Reasoning", "Stream", "StreamBook", "StreamState", "content_chars"]
 
 #: Ended streams kept so that an interrupt racing the natural end still finds
 #: the conversation to continue.
@@ -26,6 +59,40 @@ RECENT_STREAMS = 64
 class StreamState(enum.IntEnum):
     RUNNING = 0
     ENDED = 1
+
+
+@dataclass(slots=True, eq=False)
+class Reasoning:
+    """One reasoning block of an answer."""
+
+    parts: list[str]
+    #: Length of the answer text when the block began (where it sits in the text).
+    at: int
+    #: Tool calls opened when the block began.
+    calls_at: int
+    signature: str | None = None
+    #: An opaque redacted block (it has no text).
+    redacted: str | None = None
+    #: The provider closed it (``ReasoningDone``).
+    done: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+@dataclass(slots=True, eq=False)
+class Call:
+    """A tool call as far as it has streamed."""
+
+    id: str
+    name: str
+    #: The argument JSON text, in the fragments it came in.
+    parts: list[str] = field(default_factory=list)
+
+    @property
+    def arguments(self) -> str:
+        return "".join(self.parts)
 
 
 @dataclass(slots=True, eq=False)
@@ -41,40 +108,173 @@ class Stream:
     started_at: float
     channel: str | None = None
     steered_from: str | None = None
-    channel_index: int = 0  # index of the next delta published to the channel
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice | None = None
+    channel_index: int = 0  # index of the next delta-like frame published to the channel
     state: StreamState = StreamState.RUNNING
     reason: str | None = None
     first_token_at: float | None = None
     parts: list[str] = field(default_factory=list)
-    next_index: int = 0  # index of the next delta frame (assigned when taken)
+    reasoning: list[Reasoning] | None = None  # made at the first reasoning event
+    calls: dict[str, Call] | None = None  # by id, in the order they opened
+    next_index: int = 0  # index of the next delta-like frame (assigned when taken)
     input_tokens: int | None = None  # as reported by the provider
     output_tokens: int | None = None  # as reported by the provider
-    counted_tokens: int = 0  # sum of TextDelta.tokens
+    counted_tokens: int = 0  # sum of the deltas' token counts
     exact_count: bool = True  # every delta carried its token count
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
 
-    def conversation(self) -> tuple[ChatMessage, ...]:
-        """The request's messages plus the answer so far (if any)."""
+    # ------------------------------------------------------------ reasoning
+
+    def add_reasoning(self, text: str) -> None:
+        """Reasoning text: it continues the last block unless that one is finished."""
+        blocks = self.reasoning
+        if blocks is None:
+            blocks = self.reasoning = []
+        text_len = sum(map(len, self.parts))
+        if not blocks or self._finished(blocks[-1], text_len, last=True):
+            blocks.append(Reasoning([], text_len, len(self.calls or ())))
+        blocks[-1].parts.append(text)
+
+    def end_reasoning(self, signature: str | None, redacted: str | None) -> None:
+        """The provider closed the reasoning block (or sent a redacted one)."""
+        blocks = self.reasoning
+        if blocks is None:
+            blocks = self.reasoning = []
+        text_len = sum(map(len, self.parts))
+        if redacted is not None or not blocks or self._finished(blocks[-1], text_len, last=True):
+            blocks.append(Reasoning([], text_len, len(self.calls or ())))
+        block = blocks[-1]
+        block.signature, block.redacted, block.done = signature, redacted, True
+
+    def _finished(self, block: Reasoning, text_len: int, *, last: bool) -> bool:
+        return block.done or not last or text_len > block.at or len(self.calls or ()) > block.calls_at
+
+    @property
+    def reasoning_text(self) -> str | None:
+        """All reasoning text so far (None: there was none)."""
+        if not self.reasoning:
+            return None
+        return "".join(block.text for block in self.reasoning)
+
+    # ----------------------------------------------------------- tool calls
+
+    def open_call(self, call: str, name: str) -> None:
+        calls = self.calls
+        if calls is None:
+            calls = self.calls = {}
+        if call in calls:
+            raise ValueError(f"tool call {call!r} opened twice")
+        calls[call] = Call(call, name)
+
+    def add_arguments(self, call: str, text: str) -> None:
+        found = self.calls.get(call) if self.calls is not None else None
+        if found is None:
+            raise ValueError(f"arguments for tool call {call!r}, which was never opened")
+        found.parts.append(text)
+
+    def finished_calls(self, *, drop_broken: bool = False) -> list[ToolCall] | str:
+        """The calls, their arguments parsed, once the provider finished the
+        stream; or what is wrong with the first that cannot be (arguments that
+        are not a JSON object, an id or tool name the wire does not take).
+        ``drop_broken`` leaves such calls out instead (a stream cut at
+        ``max_tokens`` whose last call was cut with it)."""
+        finished: list[ToolCall] = []
+        for call in (self.calls or {}).values():
+            raw = call.arguments
+            problem = None
+            try:
+                arguments = orjson.loads(raw) if raw.strip() else {}
+            except orjson.JSONDecodeError:
+                problem = "its arguments are not valid JSON"
+            else:
+                if not isinstance(arguments, dict):
+                    problem = "its arguments are not a JSON object"
+            if problem is None:
+                try:
+                    finished.append(ToolCall(id=call.id, name=call.name, arguments=arguments))
+                    continue
+                except ValidationError:
+                    problem = "its id or tool name is not valid"
+            if not drop_broken:
+                return f"tool call {call.id!r} ({call.name}): {problem}"
+        return finished
+
+    # -------------------------------------------------------------- answer
+
+    def message(self, calls: Sequence[ToolCall] = ()) -> ChatMessage:
+        """The assistant message as it goes back into ``messages``: the text,
+        the finished reasoning blocks where they came (content becomes a list
+        of parts when there is reasoning), and ``calls``."""
         text = self.text
-        if not text:  # an interrupt before the first token adds no empty message
+        content: str | list[Any] = text
+        blocks = self.reasoning
+        if blocks:
+            parts: list[Any] = []
+            pos, last = 0, len(blocks) - 1
+            for i, block in enumerate(blocks):
+                if not self._finished(block, len(text), last=i == last):
+                    break  # still streaming: dropped
+                if block.at > pos:
+                    parts.append(TextPart(type="text", text=text[pos : block.at]))
+                    pos = block.at
+                parts.append(
+                    ReasoningPart(type="reasoning", text=block.text, signature=block.signature, redacted=block.redacted)
+                )
+            if parts:
+                if pos < len(text):
+                    parts.append(TextPart(type="text", text=text[pos:]))
+                content = parts
+        return ChatMessage(role="assistant", content=content, tool_calls=list(calls) or None)
+
+    def conversation(self) -> tuple[ChatMessage, ...]:
+        """The request's messages plus the answer so far (if any): what a
+        steered stream continues. Tool calls are left out (nobody answered them)."""
+        answer = self.message()
+        if not answer.content:  # an interrupt before the first token adds no empty message
             return self.messages
-        return (*self.messages, ChatMessage(role="assistant", content=text))
+        return (*self.messages, answer)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The fields of this stream's ``stream.snapshot``: everything so far."""
+        fields: dict[str, Any] = {"stream": self.id, "text": self.text, "index": self.next_index}
+        fields["reasoning"] = self.reasoning_text
+        if self.calls:
+            fields["calls"] = [SnapshotCall(call=c.id, name=c.name, arguments=c.arguments) for c in self.calls.values()]
+        return fields
 
     def usage(self) -> Usage:
         """Token usage: the provider's figures, else estimated (``estimated: true``)."""
         estimated = False
         input_tokens = self.input_tokens
         if input_tokens is None:  # rough: ~4 characters a token
-            input_tokens = sum(len(m.content) // 4 + 3 for m in self.messages)
+            input_tokens = sum(content_chars(m) // 4 + 3 for m in self.messages)
             estimated = True
         output_tokens = self.output_tokens
         if output_tokens is None:
             output_tokens = self.counted_tokens
             estimated = estimated or not self.exact_count
         return Usage(input_tokens=input_tokens, output_tokens=output_tokens, estimated=estimated or None)
+
+
+#: What an image counts as in a rough estimate of input tokens, in characters.
+IMAGE_CHARS = 1000
+
+
+def content_chars(message: ChatMessage) -> int:
+    """The characters of a message, roughly as a model reads them (an image
+    counts as :data:`IMAGE_CHARS`, a tool call as its arguments' JSON)."""
+    content = message.content
+    if isinstance(content, str):
+        chars = len(content)
+    else:
+        chars = sum(IMAGE_CHARS if part.type == "image" else len(part.text) for part in content)
+    for call in message.tool_calls or ():
+        chars += len(call.name) + len(orjson.dumps(call.arguments))
+    return chars
 
 
 class StreamBook:

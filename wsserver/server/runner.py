@@ -19,7 +19,11 @@ from ..providers.base import (
     GenerationRequest,
     Provider,
     ProviderFailure,
+    ReasoningDelta,
+    ReasoningDone,
     TextDelta,
+    ToolCallDelta,
+    ToolCallStart,
     UsageReport,
 )
 from ..core.session import Session
@@ -31,19 +35,34 @@ logger = logging.getLogger("wsserver.streams")
 
 
 async def run_generation(session: Session, stream: Stream, provider: Provider) -> None:
-    request = GenerationRequest(messages=stream.messages, model=stream.model, params=stream.params)
+    request = GenerationRequest(
+        messages=stream.messages,
+        model=stream.model,
+        params=stream.params,
+        tools=stream.tools,
+        tool_choice=stream.tool_choice,
+    )
     reason = "complete"
     delta, usage = session.stream_delta, session.stream_usage
     try:
         events = provider.stream(request)
         try:
             async for event in events:
-                if type(event) is TextDelta:
-                    delta(stream, event.text, event.tokens)
-                elif type(event) is UsageReport:
-                    usage(stream, event.input_tokens, event.output_tokens)
-                elif type(event) is Finish:
-                    reason = event.reason
+                kind = type(event)
+                if kind is TextDelta:
+                    delta(stream, event.text, event.tokens)  # type: ignore[union-attr]
+                elif kind is ToolCallDelta:
+                    session.stream_tool_delta(stream, event.call, event.text)  # type: ignore[union-attr]
+                elif kind is ReasoningDelta:
+                    session.stream_reasoning(stream, event.text, event.tokens)  # type: ignore[union-attr]
+                elif kind is ToolCallStart:
+                    session.stream_tool_call(stream, event.call, event.name)  # type: ignore[union-attr]
+                elif kind is ReasoningDone:
+                    session.stream_reasoning_done(stream, event.signature, event.redacted)  # type: ignore[union-attr]
+                elif kind is UsageReport:
+                    usage(stream, event.input_tokens, event.output_tokens)  # type: ignore[union-attr]
+                elif kind is Finish:
+                    reason = event.reason  # type: ignore[union-attr]
         finally:
             await events.aclose()  # type: ignore[attr-defined]
     except asyncio.CancelledError:

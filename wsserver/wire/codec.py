@@ -5,7 +5,9 @@ section 2). Most are encoded from their pydantic model by :func:`encode`; the
 hot and the shared ones have their own builders, each checked by a test
 against the model's encoding:
 
-* :func:`encode_delta` — ``stream.delta``, once per token batch;
+* :func:`encode_delta` — ``stream.delta``, once per token batch (answer
+  text, reasoning, a tool call's arguments);
+* :func:`encode_tool_call` — ``stream.tool_call``;
 * :func:`channel_message` / :func:`channel_message_parts` — a channel
   ``message``, encoded once for every subscriber (the parts are the bytes
   around the offset, for a backplane that assigns the offset itself);
@@ -35,6 +37,7 @@ __all__ = [
     "compact",
     "encode",
     "encode_delta",
+    "encode_tool_call",
     "peek",
     "presence",
     "presence_parts",
@@ -63,10 +66,24 @@ def compact(frame: bytes) -> bytes:
     return bytes(memoryview(frame))
 
 
-def encode_delta(seq: int, stream: str, index: int, text: str) -> bytes:
-    """Hot-path encoder of ``stream.delta`` (same bytes as ``encode(StreamDelta(...))``)."""
+def encode_delta(
+    seq: int, stream: str, index: int, text: str, part: str | None = None, call: str | None = None
+) -> bytes:
+    """Hot-path encoder of ``stream.delta`` (same bytes as ``encode(StreamDelta(...))``):
+    answer text, or with ``part`` reasoning text or (``part="tool_call"``) a
+    fragment of the arguments of ``call``."""
+    if part is None:
+        return orjson.dumps({"type": "stream.delta", "seq": seq, "stream": stream, "index": index, "text": text})
+    fields = {"type": "stream.delta", "seq": seq, "stream": stream, "index": index, "text": text, "part": part}
+    if call is not None:
+        fields["call"] = call
+    return orjson.dumps(fields)
+
+
+def encode_tool_call(seq: int, stream: str, index: int, call: str, name: str) -> bytes:
+    """``stream.tool_call`` (same bytes as ``encode(StreamToolCall(...))``)."""
     return orjson.dumps(
-        {"type": "stream.delta", "seq": seq, "stream": stream, "index": index, "text": text}
+        {"type": "stream.tool_call", "seq": seq, "stream": stream, "index": index, "call": call, "name": name}
     )
 
 

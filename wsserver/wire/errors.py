@@ -60,6 +60,13 @@ class ErrorCode(enum.StrEnum):
     STREAM_EXISTS = "stream_exists"
     UNKNOWN_STREAM = "unknown_stream"
     PROVIDER_UNAVAILABLE = "provider_unavailable"
+    # A generate's conversation and tools (rich generations).
+    BAD_TOOL_SCHEMA = "bad_tool_schema"
+    DUPLICATE_TOOL = "duplicate_tool"
+    UNKNOWN_TOOL = "unknown_tool"
+    UNKNOWN_TOOL_CALL = "unknown_tool_call"
+    MISPLACED_CONTENT = "misplaced_content"
+    BAD_IMAGE = "bad_image"
     # Later features (resume, channels, hardening); listed so the set is whole.
     RESUME_FAILED = "resume_failed"
     RATE_LIMITED = "rate_limited"

@@ -522,6 +522,10 @@ def _protocol_error(data: str | bytes, exc: ValidationError) -> ProtocolError:
             ref=ref,
         )
     path = _field_path(obj, err["loc"][1:])  # drop the union tags
+    if kind in ("union_tag_invalid", "union_tag_not_found"):  # a part's (or a format's) type
+        path.append(err["ctx"]["discriminator"].strip("'"))
+        kind = "missing" if kind == "union_tag_not_found" else "literal_error"
+        err = {**err, "msg": f"Input should be one of {err['ctx'].get('expected_tags', '?')}"}
     field = ".".join(str(p) for p in path)
     alternatives = [e for e in errors if _field_path(obj, e["loc"][1:]) == path]
     if kind == "missing":
