@@ -92,16 +92,64 @@ def test_a_log_taken_over_from_a_lost_node_keeps_what_its_frames_tell() -> None:
     first.stream_delta(stream, "lo", 1)
     frames = first.take_output()  # what the lost node had written: start + 2 deltas
     s = make_session()
-    texts = restore_log(s, 3, 1, 1, frames)
-    assert texts == {"a": ["Hel", "lo"]} and s.seq == 3 and s.acked == 1
+    answers = restore_log(s, 3, 1, 1, frames)
+    assert [f["text"] for f in answers["a"]] == ["Hel", "lo"] and s.seq == 3 and s.acked == 1
     assert s.replay_after(1) == frames[1:]
     lost = Stream(
         id="a", ref=None, provider="simulated", model="sim-1", messages=(), params=GenerateParams(), started_at=0
     )
-    end_lost(s, lost, texts["a"], ("node_lost", "gone"))
+    end_lost(s, lost, answers["a"], ("node_lost", "gone"))
     feed(s, {"type": "generate", "id": "g", "messages": HI})  # its id was answered before
     out = [orjson.loads(f) for f in s.take_output()]
     assert out[0]["type"] == "stream.end" and out[0]["seq"] == 4 and out[0]["error"]["code"] == "node_lost"
     assert out[0]["usage"]["output_tokens"] == 2 and out[0]["usage"]["estimated"] is True
     assert out[1]["code"] == "duplicate_request" and out[1]["stream"] == "a"
     assert s.book.find("a").text == "Hello"  # an interrupt continues from the partial answer
+
+
+def test_a_lost_streams_reasoning_and_calls_are_rebuilt_from_the_log() -> None:
+    """Text, reasoning and calls come back from the frames (a snapshot in the
+    log starts afresh); the partial calls and their unknown signatures are not
+    in the lost stream's message."""
+    from wsserver.wire.messages import GenerateParams
+
+    first = make_session(coalesce=False)
+    stream = start(first, stream="a", tools=[{"name": "f"}])
+    first.stream_reasoning(stream, "think", 1)
+    first.stream_reasoning_done(stream, signature="sig")
+    first.stream_delta(stream, "Hi", 1)
+    first.take_output()
+    first.snapshot()  # a refreshed page: the log now holds a snapshot of everything so far
+    first.stream_delta(stream, " there", 1)
+    first.stream_tool_call(stream, "c1", "f")
+    first.stream_tool_delta(stream, "c1", '{"x"')
+    assert len(first.log) == 3
+    log = first.take_output()  # the client acked up to seq 3: the log starts at the snapshot (seq 4)
+    s = make_session()
+    answers = restore_log(s, first.seq, 3, 4, log)
+    lost = Stream(id="a", ref=None, provider="simulated", model="sim-1", messages=(), params=GenerateParams(), started_at=0)
+    end_lost(s, lost, answers["a"], ("node_lost", "gone"))
+    (end,) = [orjson.loads(f) for f in s.take_output()]
+    assert end["message"] == {
+        "role": "assistant",
+        "content": [{"type": "reasoning", "text": "think"}, {"type": "text", "text": "Hi there"}],
+    }
+    assert end["usage"]["output_tokens"] == 5  # 2 frames before the snapshot (its index), 3 after
+    assert s.book.find("a").calls["c1"].arguments == '{"x"'
+
+
+def test_arguments_whose_call_was_acked_away_are_skipped() -> None:
+    from wsserver.wire.messages import GenerateParams
+
+    first = make_session(coalesce=False)
+    stream = start(first, stream="a", tools=[{"name": "f"}])
+    first.stream_tool_call(stream, "c1", "f")
+    first.stream_tool_delta(stream, "c1", "{")
+    first.stream_tool_delta(stream, "c1", "}")
+    log = first.take_output()[2:]  # start and stream.tool_call acked away
+    s = make_session()
+    answers = restore_log(s, first.seq, 2, 3, log)
+    lost = Stream(id="a", ref=None, provider="simulated", model="sim-1", messages=(), params=GenerateParams(), started_at=0)
+    end_lost(s, lost, answers["a"], ("node_lost", "gone"))
+    (end,) = [orjson.loads(f) for f in s.take_output()]
+    assert end["error"]["code"] == "node_lost" and end["message"] == {"role": "assistant", "content": ""}

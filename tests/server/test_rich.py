@@ -13,6 +13,8 @@ import pytest
 from websockets.asyncio.client import connect
 
 from tests.helpers import RawClient
+from wsserver.cluster.backplane import AdoptedSession
+from wsserver.cluster.redis_util import decode_request, encode_request
 from wsserver.server import Server
 from wsserver.wire.messages import ChatMessage
 
@@ -181,3 +183,64 @@ async def test_images_and_bad_input_keep_the_connection(make_server: Any) -> Non
             await d.hello()
             await d.send({"type": "ping", "id": "p"})
             assert await d.recv() == {"type": "pong", "ref": "p"}
+
+
+async def test_a_lost_nodes_tool_stream_is_adopted_and_steered_with_its_tools(make_server: Any) -> None:
+    """What the Redis backplane keeps of a running stream (its stored request,
+    the log) is enough for another node to end it with its partial answer and
+    to steer it with the same tools; here the two nodes share nothing but
+    what encode_request/decode_request and the log carry."""
+    async with make_server() as first, make_server() as second:
+        async with raw(first) as a:
+            welcome = await a.hello()
+            await a.send(generate(ASK, rate=100, id="g", tool_choice="auto"))
+            before = await a.recv_until(lambda f: f.get("part") == "tool_call")
+            live = first.sessions[welcome["session"]]
+            (stream,) = live.session.streams.values()
+            stored = encode_request(stream)  # what the owner wrote to Redis
+            log = [frame for _, frame in live.session.log]
+            seq = live.session.seq
+        lost = decode_request(stored)
+        assert lost.tools == stream.tools and lost.tool_choice == "auto" and lost.params == stream.params
+        assert lost.messages == stream.messages
+        second.adopt(
+            AdoptedSession(
+                id=welcome["session"], identity="anonymous", agent=None, public_id=None, rules=None,
+                seq=seq, acked=0, first=1, frames=log, subscriptions=[], running={stream.id: lost},
+            )
+        )
+        async with raw(second) as b:
+            assert (await b.hello(session=welcome["session"], last_seq=before[-1]["seq"]))["resumed"]
+            frames = await b.recv_until(lambda f: f["type"] == "stream.end")
+            end = frames[-1]
+            assert (end["reason"], end["error"]["code"]) == ("error", "node_lost")
+            assert end["message"]["content"] == [
+                {"type": "reasoning", "text": rebuild(before, "s1")["reasoning"]},  # no signature: not on the wire yet
+                {"type": "text", "text": "Calling get_weather and get_time."},
+            ]
+            assert "tool_calls" not in end["message"]
+            await b.send({"type": "interrupt", "id": "i", "stream": "s1", "input": "just get_time Oslo"})
+            steered = await b.recv_until(lambda f: f["type"] == "stream.end")
+            assert steered[-1]["reason"] == "tool_calls"
+            assert steered[-1]["message"]["tool_calls"][0]["name"] == "get_time"
+
+
+def test_the_stored_request_of_a_running_stream_keeps_everything_rich() -> None:
+    """encode_request/decode_request (Redis) round-trip a step-two request."""
+    import json
+    from pathlib import Path
+
+    from wsserver.core.streams import Stream
+    from wsserver.wire.messages import decode_client
+
+    vectors = Path(__file__).resolve().parents[2] / "protocol" / "vectors" / "client-valid"
+    for name in ("generate-tools.json", "generate-rich-params.json"):
+        msg = decode_client(json.dumps(json.loads((vectors / name).read_text())["message"]))
+        stream = Stream(
+            id="s1", ref=None, provider="simulated", model="sim-1", messages=tuple(msg.messages), params=msg.params,
+            started_at=0, tools=tuple(msg.tools), tool_choice=msg.tool_choice,
+        )
+        lost = decode_request(encode_request(stream))
+        assert (lost.messages, lost.params, lost.tools, lost.tool_choice) == (
+            stream.messages, stream.params, stream.tools, stream.tool_choice,
+        )

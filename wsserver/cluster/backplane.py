@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ..core.channels import Delivery
 from ..core.limits import ChannelRules
-from ..wire.messages import ChatMessage, GenerateParams
+from ..wire.messages import ChatMessage, GenerateParams, Tool, ToolChoice
 
 if TYPE_CHECKING:
     from ..core.actions import MessagingCall
@@ -69,6 +69,8 @@ class LostStream:
     messages: tuple[ChatMessage, ...] = ()
     params: GenerateParams = field(default_factory=GenerateParams)
     channel: str | None = None
+    tools: tuple[Tool, ...] = ()
+    tool_choice: ToolChoice | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -5,26 +5,41 @@ node's session rebuilds it from that log: the seq and the log continue, the
 request ids the log answered still count as answered, the stream ids it
 used stay used, and each stream that was running ends with an error, its
 partial answer kept for an ``interrupt`` to continue from.
+
+The partial answer is rebuilt from the stream's frames in the log (a
+``stream.snapshot`` there starts it afresh): its text, its reasoning and its
+tool calls. The reasoning's signatures are not on the wire before
+``stream.end``, so the rebuilt reasoning has none; it counts as finished
+when text or a call came after it. The calls are partial (the stream never
+finished), so the ``stream.end`` that ends the lost stream carries none.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import orjson
 
 from .session import Session
-from .streams import Stream
+from .streams import Reasoning, Stream
 
 __all__ = ["end_lost", "restore_log"]
 
 
-def restore_log(session: Session, seq: int, acked: int, first: int, frames: list[bytes]) -> dict[str, list[str]]:
+#: The frames of a stream's answer: deltas of every part, tool calls, snapshots.
+_ANSWER = frozenset({"stream.delta", "stream.tool_call", "stream.snapshot"})
+
+
+def restore_log(
+    session: Session, seq: int, acked: int, first: int, frames: list[bytes]
+) -> dict[str, list[dict[str, Any]]]:
     """Give ``session`` a replay log kept elsewhere: ``frames`` are seqs
     ``first`` on, the session's seq is ``seq``, its client acknowledged ``acked``.
 
-    Returns the text of each stream's deltas in the log, by stream id.
+    Returns each stream's answer frames in the log (decoded), by stream id.
     """
     session.out.restore(seq, acked, first, frames)
-    texts: dict[str, list[str]] = {}
+    answers: dict[str, list[dict[str, Any]]] = {}
     for frame in frames:
         msg = orjson.loads(frame)
         kind = msg["type"]
@@ -32,15 +47,37 @@ def restore_log(session: Session, seq: int, acked: int, first: int, frames: list
             session.remember(msg["ref"], msg.get("stream") if kind == "stream.start" else None)
         if kind == "stream.start":
             session.book.mark_used(msg["stream"])
-        elif kind == "stream.delta":
-            texts.setdefault(msg["stream"], []).append(msg["text"])
-    return texts
+        elif kind in _ANSWER:
+            answers.setdefault(msg["stream"], []).append(msg)
+    return answers
 
 
-def end_lost(session: Session, stream: Stream, parts: list[str], error: tuple[str, str]) -> None:
-    """A stream that ran elsewhere and is gone with its node: it gets the text
-    it had (``parts``) and ends with ``error`` (its usage estimated from the deltas)."""
-    stream.parts = parts
-    stream.counted_tokens, stream.exact_count = len(parts), False
+def end_lost(session: Session, stream: Stream, frames: list[dict[str, Any]], error: tuple[str, str]) -> None:
+    """A stream that ran elsewhere and is gone with its node: it gets the
+    answer its ``frames`` tell and ends with ``error`` (its usage estimated
+    from the frames)."""
+    for msg in frames:
+        kind = msg["type"]
+        if kind == "stream.snapshot":
+            stream.parts, stream.reasoning, stream.calls = [msg["text"]], None, None
+            if msg.get("reasoning"):
+                stream.reasoning = [Reasoning([msg["reasoning"]], 0, 0)]
+            for call in msg.get("calls", ()):
+                stream.open_call(call["call"], call["name"])
+                stream.add_arguments(call["call"], call["arguments"])
+            stream.counted_tokens = msg["index"]
+            continue
+        stream.counted_tokens += 1
+        part = msg.get("part")
+        if kind == "stream.tool_call":
+            if msg["call"] not in (stream.calls or ()):
+                stream.open_call(msg["call"], msg["name"])
+        elif part is None:
+            stream.parts.append(msg["text"])
+        elif part == "reasoning":
+            stream.add_reasoning(msg["text"])
+        elif msg.get("call") in (stream.calls or ()):  # (its stream.tool_call may be acked away)
+            stream.add_arguments(msg["call"], msg["text"])
+    stream.exact_count = False
     session.book.add(stream)
     session.stream_end(stream, "error", error)

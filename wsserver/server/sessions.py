@@ -198,7 +198,7 @@ class Sessions(Mapping[str, SessionRuntime]):
         session = self._new_session(
             adopted.id, adopted.identity, adopted.rules, adopted.agent, "ip:?", public_id=adopted.public_id
         )
-        texts = restore_log(session, adopted.seq, adopted.acked, adopted.first, adopted.frames)
+        answers = restore_log(session, adopted.seq, adopted.acked, adopted.first, adopted.frames)
         session.subscriptions.update(adopted.subscriptions)
         session.paused.update(adopted.subscriptions)
         live = SessionRuntime(self._server, session)
@@ -215,8 +215,10 @@ class Sessions(Mapping[str, SessionRuntime]):
                 params=request.params,
                 started_at=now,
                 channel=request.channel,
+                tools=request.tools,
+                tool_choice=request.tool_choice,
             )
-            end_lost(session, stream, texts.get(stream_id, []), lost)
+            end_lost(session, stream, answers.get(stream_id, []), lost)
         live.start_detached()
         return session
 
