@@ -266,3 +266,38 @@ async def test_unsolicited_errors(server: Server) -> None:
         await c.ping()  # the error was sent before the pong
         await c.ping()
         assert [e.code for e in c.unsolicited_errors] == ["bad_json"]
+
+
+async def test_reasoning_and_a_tool_round_trip(server: Server) -> None:
+    weather = {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+    ask = [{"role": "user", "content": "get_weather in Oslo"}]
+    async with asyncio.timeout(10), wsserver.connect(server.url) as c:
+        stream = await c.generate(ask, tools=[weather], tool_choice="auto", params={"reasoning": {"effort": "minimal"}})
+        events = [event async for event in stream.events()]
+        texts = [text async for text in stream]  # the text iterator sees the text only
+        kinds = [e.kind for e in events]
+        assert [k for i, k in enumerate(kinds) if k != kinds[i - 1] or i == 0] == ["reasoning", "text", "tool_call", "tool_call_delta"]
+        opened = next(e for e in events if e.kind == "tool_call")
+        fragments = [e.text for e in events if e.kind == "tool_call_delta"]
+        assert opened.name == "get_weather" and fragments
+        assert "".join(texts) == stream.text == "Calling get_weather."
+        assert stream.result is not None and stream.result.reason == "tool_calls"
+        (call,) = stream.tool_calls
+        assert (call.id, call.name, call.arguments) == (opened.call, "get_weather", {"city": "Oslo"})
+        assert stream.calls[call.id].arguments == "".join(fragments)
+        assert stream.reasoning == stream.result.reasoning and stream.message["content"][0]["signature"]
+        # the second step: the message as it goes back, and the tool's result
+        result = {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}
+        second = await c.generate([*ask, stream.message, result], tools=[weather])
+        answer = await second.wait()
+        assert answer.reason == "complete" and answer.text.startswith('get_weather returned "sunny, 21 C".')
+        assert second.tool_calls == [] and answer.message == {"role": "assistant", "content": answer.text}
+        events_again = [e async for e in stream.events()]  # each events() starts afresh
+        assert events_again == events
+
+
+async def test_bad_tools_are_refused_with_their_code(server: Server) -> None:
+    async with asyncio.timeout(10), wsserver.connect(server.url) as c:
+        with pytest.raises(ServerError) as exc:
+            await c.generate(USER_HI, tools=[{"name": "f"}, {"name": "f"}])
+        assert exc.value.code == "duplicate_tool"

@@ -6,6 +6,7 @@ import asyncio
 import random
 from typing import Any
 
+import orjson
 import pytest
 
 import wsserver
@@ -167,3 +168,34 @@ async def test_no_reconnect_when_disabled(server: Server) -> None:
             await asyncio.sleep(0.01)
         with pytest.raises(ConnectionLost):
             await client.ping()
+
+
+async def test_a_tool_stream_survives_connection_kills_mid_arguments(server: Server) -> None:
+    """Reasoning, calls and argument fragments arrive once each across reconnects."""
+    tools = [
+        {"name": f"tool_{i}", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}
+        for i in range(40)
+    ]
+    prompt = " ".join(f"tool_{i} word{i}" for i in range(40))
+    async with asyncio.timeout(30), wsserver.connect(server.url, backoff=FAST, ack_every=20) as client:
+        stream = await client.generate(
+            [{"role": "user", "content": prompt}],
+            tools=tools,
+            params={"reasoning": {"effort": "high"}, "tokens_per_s": 1500},
+        )
+        kills = 0
+        events = []
+        async for event in stream.events():
+            events.append(event)
+            if len(events) % 60 == 30:
+                kills += kill_connections(server)
+        assert kills >= 3 and client.reconnects >= 3
+        assert stream.result is not None and stream.result.reason == "tool_calls"
+        calls = stream.tool_calls
+        assert [c.name for c in calls] == [f"tool_{i}" for i in range(40)]
+        assert [c.arguments for c in calls] == [{"q": f"word{i}"} for i in range(40)]
+        # the events tell exactly what the end's message says: nothing lost or doubled
+        assert "".join(e.text for e in events if e.kind == "reasoning") == stream.message["content"][0]["text"]
+        assert {c.id: c.arguments for c in stream.calls.values()} == {
+            c.id: orjson.dumps(c.arguments).decode() for c in calls
+        }

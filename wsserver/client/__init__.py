@@ -11,7 +11,17 @@ from ..wire.errors import ConnectionLost, RateLimited, ServerError, StreamFailed
 from .channels import Subscription
 from .client import Client, connect
 from .streams import ClientStream
-from .types import Backoff, ChannelMessage, DirectMessage, Presence, StreamResult, Usage
+from .types import (
+    Backoff,
+    ChannelMessage,
+    DirectMessage,
+    PendingCall,
+    Presence,
+    StreamEvent,
+    StreamResult,
+    ToolCall,
+    Usage,
+)
 
 __all__ = [
     "Backoff",
@@ -20,12 +30,15 @@ __all__ = [
     "ClientStream",
     "ConnectionLost",
     "DirectMessage",
+    "PendingCall",
     "Presence",
     "RateLimited",
     "ServerError",
+    "StreamEvent",
     "StreamFailed",
     "StreamResult",
     "Subscription",
+    "ToolCall",
     "Usage",
     "connect",
 ]

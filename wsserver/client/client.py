@@ -8,6 +8,11 @@
             print(text, end="", flush=True)
         print(stream.result.reason, stream.result.usage)
 
+``async for event in stream.events()`` gives reasoning and tool calls as
+well (:class:`~wsserver.client.types.StreamEvent`); once ended,
+``stream.message`` is the assistant message to send back and
+``stream.tool_calls`` the calls to answer with ``tool`` messages.
+
 One reader task per connection dispatches frames: replies go to the request
 that carries the matching ``id`` (``ref``), stream frames to their stream.
 Every request sent by this client carries an ``id``, so each has exactly one
@@ -324,13 +329,23 @@ class Client:
         model: str | None = None,
         params: Mapping[str, Any] | None = None,
         channel: str | None = None,
+        tools: Iterable[Mapping[str, Any]] | None = None,
+        tool_choice: str | Mapping[str, Any] | None = None,
     ) -> ClientStream:
         """Start a generation; returns once the server accepted it (``stream.start``).
 
         With ``channel``, the stream's frames are also published to that channel.
+        ``tools`` (``{"name", "description"?, "parameters"?}``) and
+        ``tool_choice`` (``"auto"``, ``"none"``, ``"required"`` or ``{"name"}``)
+        let the model call tools: the stream then ends with reason
+        ``tool_calls``, ``stream.tool_calls`` lists them, and the next
+        generate carries ``stream.message`` and one ``{"role": "tool",
+        "tool_call_id", "content"}`` message per call.
         """
         msg: dict[str, Any] = {"type": "generate", "messages": list(messages)}
-        options = {"stream": stream, "provider": provider, "model": model, "channel": channel}
+        if tools is not None:
+            msg["tools"] = [dict(t) for t in tools]
+        options = {"stream": stream, "provider": provider, "model": model, "channel": channel, "tool_choice": tool_choice}
         msg.update({k: v for k, v in options.items() if v is not None})
         if params is not None:
             msg["params"] = dict(params)
@@ -412,7 +427,12 @@ class Client:
         if kind == "stream.delta":
             handle = self._streams.get(frame["stream"])
             if handle is not None:
-                handle._feed(frame["text"])
+                handle._delta(frame)
+            return
+        if kind == "stream.tool_call":
+            handle = self._streams.get(frame["stream"])
+            if handle is not None:
+                handle._tool_call(frame)
             return
         if kind == "stream.start":
             handle = self._by_ref.get(frame.get("ref") or "")
@@ -422,7 +442,7 @@ class Client:
         elif kind == "stream.snapshot":
             handle = self._streams.get(frame["stream"])
             if handle is not None:
-                handle._snapshot(frame["text"])
+                handle._snapshot(frame)
         elif kind == "stream.end":
             handle = self._streams.pop(frame["stream"], None)
             if handle is not None:

@@ -1,4 +1,5 @@
-"""A generation as the Python client sees it: an async iterator of its text."""
+"""A generation as the Python client sees it: an async iterator of its text,
+and of all its events (reasoning, tool calls)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..wire.errors import ServerError, StreamFailed
-from .channels import END
-from .types import StreamResult, Usage
+from .types import PendingCall, StreamEvent, StreamResult, ToolCall, Usage
 
 if TYPE_CHECKING:
     from .client import Client
@@ -19,8 +19,13 @@ __all__ = ["ClientStream"]
 class ClientStream:
     """One generation: an async iterator of text pieces.
 
-    ``result`` is set once ``stream.end`` arrived. Iteration ends normally for
-    every reason but ``error``, which raises :class:`StreamFailed`.
+    ``async for text in stream`` yields the answer text; :meth:`events`
+    yields every event (text, reasoning, tool calls opening, argument
+    fragments), each iterator from the first event on. ``result`` is set once
+    ``stream.end`` arrived; ``message`` is then the assistant message to put
+    back into ``messages`` and ``tool_calls`` its calls. Iteration ends
+    normally for every reason but ``error``, which raises
+    :class:`StreamFailed`.
     """
 
     def __init__(self, client: Client, ref: str) -> None:
@@ -31,8 +36,14 @@ class ClientStream:
         self.model: str | None = None
         self.steered_from: str | None = None
         self.result: StreamResult | None = None
+        #: Tool calls as far as they have streamed, by call id, in order.
+        self.calls: dict[str, PendingCall] = {}
         self._parts: list[str] = []
-        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._reasoning: list[str] = []
+        self._events: list[StreamEvent] = []
+        self._text_at = 0  # the text iterator's place in _events
+        self._ended = False
+        self._wake: asyncio.Future[None] | None = None
         self._failure: BaseException | None = None
 
     @property
@@ -40,17 +51,56 @@ class ClientStream:
         """Everything received so far."""
         return "".join(self._parts)
 
+    @property
+    def reasoning(self) -> str:
+        """The reasoning text received so far."""
+        return "".join(self._reasoning)
+
+    @property
+    def message(self) -> dict[str, Any] | None:
+        """The assistant message as it goes back into ``messages`` (once ended)."""
+        return self.result.message if self.result is not None else None
+
+    @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The calls the model made (once ended; reason ``tool_calls``), arguments parsed."""
+        message = self.message or {}
+        return [ToolCall(c["id"], c["name"], c["arguments"]) for c in message.get("tool_calls") or ()]
+
     def __aiter__(self) -> AsyncIterator[str]:
         return self
 
     async def __anext__(self) -> str:
-        item = await self._queue.get()
-        if item is END:
-            self._queue.put_nowait(END)  # iterating again ends again
+        while True:
+            events = self._events
+            while self._text_at < len(events):
+                event = events[self._text_at]
+                self._text_at += 1
+                if event.kind == "text":
+                    return event.text
+            if not await self._next():
+                raise StopAsyncIteration
+
+    async def events(self) -> AsyncIterator[StreamEvent]:
+        """Every event of the stream, from the first on (each call starts afresh)."""
+        at = 0
+        while True:
+            while at < len(self._events):
+                at += 1
+                yield self._events[at - 1]
+            if not await self._next():
+                return
+
+    async def _next(self) -> bool:
+        """Wait for the next event (True), or the end (False; raises the failure)."""
+        if self._ended:
             if self._failure is not None:
                 raise self._failure
-            raise StopAsyncIteration
-        return item  # type: ignore[no-any-return]
+            return False
+        if self._wake is None:
+            self._wake = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._wake)
+        return True
 
     async def wait(self) -> StreamResult:
         """Consume the rest of the stream and return its result."""
@@ -73,6 +123,7 @@ class ClientStream:
         """Steer: stop this stream where it is and, with ``text``, continue the
         conversation (so far, plus ``text`` as the user's words) in a new stream,
         which is returned. Without ``text`` it only stops (reason ``interrupted``).
+        The new stream keeps this one's tools.
         """
         assert self.id is not None
         message: dict[str, Any] = {"type": "interrupt", "stream": self.id}
@@ -83,15 +134,51 @@ class ClientStream:
         return await self._client._start_stream(message)
 
     # called by the client's reader
-    def _feed(self, text: str) -> None:
-        self._parts.append(text)
-        self._queue.put_nowait(text)
+    def _add(self, event: StreamEvent) -> None:
+        kind = event.kind
+        if kind == "text":
+            self._parts.append(event.text)
+        elif kind == "reasoning":
+            self._reasoning.append(event.text)
+        elif kind == "tool_call":
+            self.calls[event.call or ""] = PendingCall(event.call or "", event.name or "")
+        else:
+            pending = self.calls.get(event.call or "")
+            if pending is None:  # its opening was missed: keep the fragment anyway
+                pending = self.calls[event.call or ""] = PendingCall(event.call or "", "")
+            pending.arguments += event.text
+        self._events.append(event)
+        self._notify()
 
-    def _snapshot(self, text: str) -> None:
-        # The server's text so far: deliver only what this handle has not seen.
-        seen = self.text
-        if text.startswith(seen) and len(text) > len(seen):
-            self._feed(text[len(seen) :])
+    def _notify(self) -> None:
+        wake, self._wake = self._wake, None
+        if wake is not None and not wake.done():
+            wake.set_result(None)
+
+    def _delta(self, frame: Mapping[str, Any]) -> None:
+        part = frame.get("part")
+        if part is None:
+            self._add(StreamEvent("text", frame["text"]))
+        elif part == "reasoning":
+            self._add(StreamEvent("reasoning", frame["text"]))
+        elif part == "tool_call":
+            self._add(StreamEvent("tool_call_delta", frame["text"], frame.get("call")))
+
+    def _tool_call(self, frame: Mapping[str, Any]) -> None:
+        self._add(StreamEvent("tool_call", call=frame["call"], name=frame.get("name")))
+
+    def _snapshot(self, frame: Mapping[str, Any]) -> None:
+        # The server's answer so far: deliver only what this handle has not seen.
+        for kind, text, seen in (("reasoning", frame.get("reasoning") or "", self.reasoning), ("text", frame["text"], self.text)):
+            if text.startswith(seen) and len(text) > len(seen):
+                self._add(StreamEvent(kind, text[len(seen) :]))  # type: ignore[arg-type]
+        for call in frame.get("calls") or ():
+            if call["call"] not in self.calls:
+                self._add(StreamEvent("tool_call", call=call["call"], name=call["name"]))
+            seen = self.calls[call["call"]].arguments
+            arguments = call["arguments"]
+            if arguments.startswith(seen) and len(arguments) > len(seen):
+                self._add(StreamEvent("tool_call_delta", arguments[len(seen) :], call["call"]))
 
     def _end(self, frame: Mapping[str, Any]) -> None:
         usage = frame.get("usage") or {}
@@ -108,14 +195,18 @@ class ClientStream:
             text=self.text,
             error_code=error.get("code"),
             error_message=error.get("message"),
+            message=frame.get("message"),
+            reasoning=self.reasoning,
         )
         if frame["reason"] == "error":
             self._failure = StreamFailed(
                 error.get("code", "internal"), error.get("message", ""), self.result
             )
-        self._queue.put_nowait(END)
+        self._ended = True
+        self._notify()
 
     def _lost(self, exc: BaseException) -> None:
         if self.result is None and self._failure is None:
             self._failure = exc
-            self._queue.put_nowait(END)
+            self._ended = True
+            self._notify()

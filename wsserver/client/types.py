@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["Backoff", "ChannelMessage", "DirectMessage", "Presence", "StreamResult", "Usage"]
+__all__ = [
+    "Backoff",
+    "ChannelMessage",
+    "DirectMessage",
+    "PendingCall",
+    "Presence",
+    "StreamEvent",
+    "StreamResult",
+    "ToolCall",
+    "Usage",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +37,43 @@ class StreamResult:
     text: str
     error_code: str | None = None
     error_message: str | None = None
+    #: The assistant message as it goes back into ``messages`` (``stream.end.message``).
+    message: dict[str, Any] | None = None
+    #: The reasoning text received (all blocks).
+    reasoning: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """One event of a stream, as :meth:`ClientStream.events` yields them.
+
+    ``kind`` is ``"text"`` (answer text), ``"reasoning"`` (reasoning text),
+    ``"tool_call"`` (a call opens: ``call``, ``name``) or ``"tool_call_delta"``
+    (a fragment of ``call``'s argument JSON in ``text``).
+    """
+
+    kind: Literal["text", "reasoning", "tool_call", "tool_call_delta"]
+    text: str = ""
+    call: str | None = None
+    name: str | None = None
+
+
+@dataclass(slots=True)
+class PendingCall:
+    """A tool call as far as it has streamed (``arguments``: the JSON text so far)."""
+
+    id: str
+    name: str
+    arguments: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """A finished tool call of ``stream.end.message`` (``arguments`` parsed)."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
