@@ -8,7 +8,8 @@ export declare const CLIENT_MESSAGES: Readonly<{
   PING: "ping"; SUBSCRIBE: "subscribe"; UNSUBSCRIBE: "unsubscribe"; PUBLISH: "publish"; SEND: "send";
 }>;
 export declare const SERVER_MESSAGES: Readonly<{
-  WELCOME: "welcome"; STREAM_START: "stream.start"; STREAM_DELTA: "stream.delta"; STREAM_END: "stream.end";
+  WELCOME: "welcome"; STREAM_START: "stream.start"; STREAM_DELTA: "stream.delta"; STREAM_TOOL_CALL: "stream.tool_call";
+  STREAM_END: "stream.end";
   STREAM_SNAPSHOT: "stream.snapshot"; MESSAGE: "message"; SUBSCRIBED: "subscribed"; PRESENCE: "presence";
   OK: "ok"; PONG: "pong"; ERROR: "error"; SHUTDOWN: "shutdown";
 }>;
@@ -24,17 +25,22 @@ export declare const NO_RECONNECT_CODES: ReadonlySet<number>;
 export type ErrorCode =
   | "bad_json" | "bad_message" | "unknown_type" | "binary_frame" | "not_hello" | "duplicate_hello"
   | "unsupported_protocol" | "not_implemented" | "duplicate_request" | "too_many_streams"
-  | "stream_exists" | "unknown_stream" | "provider_unavailable" | "resume_failed" | "rate_limited"
+  | "stream_exists" | "unknown_stream" | "provider_unavailable"
+  | "bad_tool_schema" | "duplicate_tool" | "unknown_tool" | "unknown_tool_call" | "misplaced_content" | "bad_image"
+  | "resume_failed" | "rate_limited"
   | "unauthorized" | "forbidden" | "bad_name" | "agent_name_taken" | "unknown_agent"
   | "too_many_subscriptions" | "message_too_large" | "backplane_unavailable"
   | "provider_error" | "provider_timeout" | "expired" | "shutdown" | "node_lost" | "internal"
   | "connection_lost" | "timeout";
 export declare const ERROR_CODES: Readonly<Record<string, ErrorCode>>;
 
-export type EndReason = "complete" | "length" | "cancelled" | "interrupted" | "error";
+export type EndReason = "complete" | "length" | "cancelled" | "interrupted" | "tool_calls" | "error";
 export declare const END_REASONS: Readonly<{
-  COMPLETE: "complete"; LENGTH: "length"; CANCELLED: "cancelled"; INTERRUPTED: "interrupted"; ERROR: "error";
+  COMPLETE: "complete"; LENGTH: "length"; CANCELLED: "cancelled"; INTERRUPTED: "interrupted"; TOOL_CALLS: "tool_calls";
+  ERROR: "error";
 }>;
+/** `stream.delta.part` values (absent: answer text). */
+export declare const DELTA_PARTS: Readonly<{ REASONING: "reasoning"; TOOL_CALL: "tool_call" }>;
 
 export type ConnectionState = "connecting" | "open" | "reconnecting" | "resumed" | "closed";
 export declare const STATES: Readonly<{
@@ -82,10 +88,44 @@ export declare function errorFromFrame(frame: ServerFrame): WsServerError;
 
 // ------------------------------------------------------------------ frames
 
-export interface ChatMessage {
-  role: "system" | "user" | "assistant";
-  content: string;
+export interface TextPart {
+  type: "text";
+  text: string;
 }
+/** An image by http(s) URL or `data:image/…;base64,…` URL. */
+export interface ImagePart {
+  type: "image";
+  url: string;
+}
+/** The model's reasoning (assistant messages only); `signature` / `redacted` go back as they came. */
+export interface ReasoningPart {
+  type: "reasoning";
+  text?: string;
+  signature?: string;
+  redacted?: string;
+}
+export type ContentPart = TextPart | ImagePart | ReasoningPart;
+/** A call the model made (in an assistant message), arguments parsed. */
+export interface ToolCall {
+  id: string;
+  name: string;
+  arguments: Record<string, unknown>;
+}
+export interface ChatMessage {
+  role: "system" | "user" | "assistant" | "tool";
+  content: string | ContentPart[];
+  /** Assistant messages: the calls the model made. */
+  tool_calls?: ToolCall[];
+  /** Tool messages: the call this is the result of. */
+  tool_call_id?: string;
+}
+/** A tool the model may call; `parameters` is a JSON Schema of an object. */
+export interface Tool {
+  name: string;
+  description?: string;
+  parameters?: Record<string, unknown>;
+}
+export type ToolChoice = "auto" | "none" | "required" | { name: string };
 /** Any frame the server sends (unknown fields are kept as they are). */
 export interface ServerFrame {
   type: string;
@@ -107,6 +147,12 @@ export interface GenerateParams {
   temperature?: number;
   top_p?: number;
   stop?: string[];
+  response_format?:
+    | { type: "json_schema"; name: string; schema: Record<string, unknown>; strict?: boolean }
+    | { type: "json_object" };
+  reasoning?: { effort?: "minimal" | "low" | "medium" | "high"; budget_tokens?: number };
+  /** Merged into the upstream request as is. */
+  provider_options?: Record<string, unknown>;
   /** simulated provider */
   tokens_per_s?: number;
   ttft_ms?: number;
@@ -176,6 +222,12 @@ export interface StreamResult {
   ttftMs: number | null;
   durationMs: number;
   text: string;
+  /** The reasoning text received. */
+  reasoning: string;
+  /** The assistant message as it goes back into `messages` (stream.end.message). */
+  message: ChatMessage | null;
+  /** Its tool calls (reason tool_calls). */
+  toolCalls: ToolCall[];
   error?: { code: string; message: string };
 }
 export interface Delta {
@@ -183,10 +235,37 @@ export interface Delta {
   /** The delta's index; null for text that came in a snapshot. */
   index: number | null;
 }
+export interface ToolCallOpened {
+  call: string;
+  name: string;
+  index: number | null;
+}
+export interface ToolCallFragment {
+  call: string;
+  /** A fragment of the arguments' JSON text. */
+  text: string;
+  index: number | null;
+}
+/** A tool call as far as it has streamed. */
+export interface PendingCall {
+  id: string;
+  name: string;
+  /** The arguments' JSON text so far. */
+  arguments: string;
+}
+/** One event of `stream.events()`, in the order they came. */
+export type StreamEvent =
+  | ({ type: "text" } & Delta)
+  | ({ type: "reasoning" } & Delta)
+  | ({ type: "tool_call" } & ToolCallOpened)
+  | ({ type: "tool_call_delta" } & ToolCallFragment);
 export type StreamEvents = {
   start: [frame: ServerFrame];
   delta: [delta: Delta];
-  snapshot: [snapshot: { text: string; index: number }];
+  reasoning: [delta: Delta];
+  tool_call: [call: ToolCallOpened];
+  tool_call_delta: [fragment: ToolCallFragment];
+  snapshot: [snapshot: { text: string; index: number; reasoning: string; calls: PendingCall[] }];
   end: [result: StreamResult];
   steered: [stream: Stream];
   error: [error: StreamFailedError | ConnectionLostError];
@@ -203,9 +282,17 @@ export declare class Stream extends Emitter<StreamEvents> implements AsyncIterab
   readonly steeredFrom: string | null;
   /** Everything received so far. */
   readonly text: string;
-  /** The index the next delta must carry. */
+  /** The reasoning text received so far. */
+  readonly reasoning: string;
+  /** Tool calls as far as they have streamed, by call id. */
+  readonly calls: Map<string, PendingCall>;
+  /** The index the next delta-like frame must carry. */
   readonly nextIndex: number;
   readonly result: StreamResult | null;
+  /** The assistant message to put back into `messages` (null until ended). */
+  readonly message: ChatMessage | null;
+  /** The calls the model made, arguments parsed ([] until ended). */
+  readonly toolCalls: ToolCall[];
   readonly failure: StreamFailedError | ConnectionLostError | null;
   readonly done: boolean;
   /** Resolves with the result; rejects with StreamFailedError or ConnectionLostError. */
@@ -218,6 +305,9 @@ export declare class Stream extends Emitter<StreamEvents> implements AsyncIterab
   /** Steer: stop here and continue with `input` in a new stream (returned); without input only stop. */
   interrupt(input: string, options?: { newStream?: string; timeoutMs?: number }): Promise<Stream>;
   interrupt(input?: undefined, options?: { timeoutMs?: number }): Promise<null>;
+  /** Every event (text, reasoning, tool calls, argument fragments) from the first on. */
+  events(): AsyncIterableIterator<StreamEvent>;
+  /** The answer text, piece by piece. */
   [Symbol.asyncIterator](): AsyncIterator<string>;
 }
 
@@ -270,7 +360,14 @@ export declare class Channel extends Emitter<ChannelEvents> implements AsyncIter
 }
 
 /** A generation that an agent publishes to a channel (`generate({channel})`). */
-export declare class RemoteStream extends Emitter<{ start: [data: unknown]; delta: [delta: Delta]; end: [data: Record<string, unknown>] }> {
+export declare class RemoteStream extends Emitter<{
+  start: [data: unknown];
+  delta: [delta: Delta];
+  reasoning: [delta: Delta];
+  tool_call: [call: ToolCallOpened];
+  tool_call_delta: [fragment: ToolCallFragment];
+  end: [data: Record<string, unknown>];
+}> {
   readonly channel: string;
   readonly from: string;
   readonly id: string;
@@ -278,6 +375,8 @@ export declare class RemoteStream extends Emitter<{ start: [data: unknown]; delt
   readonly model: string | null;
   readonly steeredFrom: string | null;
   readonly text: string;
+  readonly reasoning: string;
+  readonly calls: Map<string, PendingCall>;
   /** The stream.end data (wire names: reason, usage.output_tokens…). */
   readonly result: Record<string, unknown> | null;
   readonly done: boolean;
@@ -386,6 +485,9 @@ export interface GenerateOptions {
   params?: GenerateParams;
   /** Also publish the stream to this channel. */
   channel?: string;
+  /** Tools the model may call. */
+  tools?: Tool[];
+  toolChoice?: ToolChoice;
   /** The request id (default: generated). */
   id?: string;
   timeoutMs?: number;

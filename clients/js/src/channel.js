@@ -25,7 +25,7 @@
 // Messages that arrive before anyone listens (onMessage or an iterator) are
 // kept, up to `maxBacklog`, and handed to the first consumer.
 
-import { SERVER_MESSAGES } from "./constants.js";
+import { DELTA_PARTS, SERVER_MESSAGES } from "./constants.js";
 import { Emitter } from "./emitter.js";
 
 /** A generation that another agent publishes to a channel, followed token by token. */
@@ -39,6 +39,10 @@ export class RemoteStream extends Emitter {
     this.model = null;
     this.steeredFrom = null;
     this.text = "";
+    /** Its reasoning text so far. */
+    this.reasoning = "";
+    /** Its tool calls so far: call id -> {id, name, arguments (JSON text)}. */
+    this.calls = new Map();
     this.nextIndex = 0;
     /** The stream.end data ({reason, usage, ttft_ms, duration_ms, …}) once it ended. */
     this.result = null;
@@ -57,11 +61,26 @@ export class RemoteStream extends Emitter {
         this.emit("start", data);
         break;
       case SERVER_MESSAGES.STREAM_DELTA:
+      case SERVER_MESSAGES.STREAM_TOOL_CALL:
         if (typeof data.index === "number") {
           if (data.index < this.nextIndex) return;
           this.nextIndex = data.index + 1;
         }
-        if (typeof data.text === "string") {
+        if (data.type === SERVER_MESSAGES.STREAM_TOOL_CALL) {
+          if (typeof data.call === "string" && !this.calls.has(data.call)) {
+            this.calls.set(data.call, { id: data.call, name: data.name ?? "", arguments: "" });
+            this.emit("tool_call", { call: data.call, name: data.name ?? "", index: data.index });
+          }
+        } else if (typeof data.text !== "string") {
+          // nothing to add
+        } else if (data.part === DELTA_PARTS.REASONING) {
+          this.reasoning += data.text;
+          this.emit("reasoning", { text: data.text, index: data.index });
+        } else if (data.part === DELTA_PARTS.TOOL_CALL) {
+          const call = this.calls.get(data.call);
+          if (call) call.arguments += data.text;
+          this.emit("tool_call_delta", { call: data.call, text: data.text, index: data.index });
+        } else if (data.part == null) {
           this.text += data.text;
           this.emit("delta", { text: data.text, index: data.index });
         }

@@ -26,6 +26,7 @@ export const SERVER_MESSAGES = Object.freeze({
   WELCOME: "welcome",
   STREAM_START: "stream.start",
   STREAM_DELTA: "stream.delta",
+  STREAM_TOOL_CALL: "stream.tool_call",
   STREAM_END: "stream.end",
   STREAM_SNAPSHOT: "stream.snapshot",
   MESSAGE: "message",
@@ -91,6 +92,13 @@ export const ERROR_CODES = Object.freeze({
   STREAM_EXISTS: "stream_exists",
   UNKNOWN_STREAM: "unknown_stream",
   PROVIDER_UNAVAILABLE: "provider_unavailable",
+  // a generate's conversation and tools
+  BAD_TOOL_SCHEMA: "bad_tool_schema",
+  DUPLICATE_TOOL: "duplicate_tool",
+  UNKNOWN_TOOL: "unknown_tool",
+  UNKNOWN_TOOL_CALL: "unknown_tool_call",
+  MISPLACED_CONTENT: "misplaced_content",
+  BAD_IMAGE: "bad_image",
   RESUME_FAILED: "resume_failed",
   RATE_LIMITED: "rate_limited",
   UNAUTHORIZED: "unauthorized",
@@ -123,7 +131,14 @@ export const END_REASONS = Object.freeze({
   LENGTH: "length",
   CANCELLED: "cancelled",
   INTERRUPTED: "interrupted",
+  TOOL_CALLS: "tool_calls",
   ERROR: "error",
+});
+
+/** `stream.delta.part` values (absent: answer text). */
+export const DELTA_PARTS = Object.freeze({
+  REASONING: "reasoning",
+  TOOL_CALL: "tool_call",
 });
 
 /** The client's connection states (`client.state`, and the event of that name). */

@@ -30,6 +30,7 @@ export {
   NO_RECONNECT_CODES,
   ERROR_CODES,
   END_REASONS,
+  DELTA_PARTS,
   STATES,
   DEFAULTS,
 } from "./constants.js";

@@ -642,8 +642,12 @@ export class Client extends Emitter {
    * Start a generation. Resolves with the Stream once the server accepted
    * it (`stream.start`); rejects with WsServerError (provider_unavailable,
    * stream_exists, too_many_streams, bad_message…).
-   * @param {string|Array<{role: string, content: string}>} messages a string is one user message
-   * @param {object} [options] {stream, provider, model, params, channel, id, timeoutMs, signal}
+   * With `tools` ([{name, description?, parameters?}]) and `toolChoice`
+   * ("auto" | "none" | "required" | {name}), the model may call tools: the
+   * stream ends with reason `tool_calls`; send `stream.message` and one
+   * {role: "tool", tool_call_id, content} per call in the next generate.
+   * @param {string|Array<object>} messages a string is one user message
+   * @param {object} [options] {stream, provider, model, params, channel, tools, toolChoice, id, timeoutMs, signal}
    */
   async generate(messages, options = {}) {
     const list = typeof messages === "string" ? [{ role: "user", content: messages }] : [...messages];
@@ -651,6 +655,8 @@ export class Client extends Emitter {
     for (const key of ["stream", "provider", "model", "channel"]) {
       if (options[key] != null) message[key] = options[key];
     }
+    if (options.tools != null) message.tools = [...options.tools];
+    if (options.toolChoice != null) message.tool_choice = options.toolChoice;
     if (options.params != null) message.params = { ...options.params };
     if (options.id != null) message.id = options.id;
     const stream = await this._startStream(message, options);
@@ -793,6 +799,9 @@ export class Client extends Emitter {
         break;
       case SERVER_MESSAGES.STREAM_DELTA:
         this._streams.get(frame.stream)?._delta(frame);
+        break;
+      case SERVER_MESSAGES.STREAM_TOOL_CALL:
+        this._streams.get(frame.stream)?._toolCall(frame);
         break;
       case SERVER_MESSAGES.STREAM_SNAPSHOT:
         this._onSnapshot(frame);

@@ -3,19 +3,29 @@
 //     const stream = await client.generate("hi");
 //     stream.on("delta", ({ text, index }) => render(text));
 //     for await (const text of stream) process.stdout.write(text);
-//     console.log(stream.result);   // {reason, usage, ttftMs, durationMs, text}
+//     console.log(stream.result);   // {reason, usage, ttftMs, durationMs, text, message, toolCalls}
 //
 // Every iterator starts at the first piece, so text that arrived before the
 // loop began is not lost. Iteration ends normally for every end reason but
 // `error`, which throws StreamFailedError; a stream the client could not
 // follow (its session was lost) throws ConnectionLostError.
 //
-// Events: "start" (the stream.start frame), "delta" ({text, index}),
-// "snapshot" ({text, index}: the text so far, after a snapshot resume),
-// "end" (result), "steered" (the new Stream, after interrupt with input),
-// "error" (StreamFailedError or ConnectionLostError).
+// Reasoning and tool calls: `stream.reasoning` (text so far), `stream.calls`
+// (Map: call id -> {id, name, arguments: the JSON text so far}), and once
+// ended `stream.message` (the assistant message to put back into
+// `messages`) and `stream.toolCalls` ([{id, name, arguments}], parsed).
+// `for await (const event of stream.events())` yields every event in order:
+// {type: "text"|"reasoning", text, index}, {type: "tool_call", call, name,
+// index}, {type: "tool_call_delta", call, text, index}.
+//
+// Events: "start" (the stream.start frame), "delta" ({text, index}: answer
+// text), "reasoning" ({text, index}), "tool_call" ({call, name, index}),
+// "tool_call_delta" ({call, text, index}), "snapshot" ({text, index,
+// reasoning, calls}: everything so far, after a snapshot resume), "end"
+// (result), "steered" (the new Stream, after interrupt with input), "error"
+// (StreamFailedError or ConnectionLostError).
 
-import { END_REASONS, ERROR_CODES } from "./constants.js";
+import { DELTA_PARTS, END_REASONS, ERROR_CODES } from "./constants.js";
 import { Emitter } from "./emitter.js";
 import { StreamFailedError, WsServerError } from "./errors.js";
 
@@ -36,6 +46,10 @@ export class Stream extends Emitter {
     this.steeredFrom = null;
     /** Everything received so far. */
     this.text = "";
+    /** The reasoning text received so far. */
+    this.reasoning = "";
+    /** Tool calls as far as they have streamed: call id -> {id, name, arguments (JSON text so far)}. */
+    this.calls = new Map();
     /** The index the next stream.delta must carry. */
     this.nextIndex = 0;
     /** Set once stream.end arrived: {stream, reason, usage, ttftMs, durationMs, text, error?}. */
@@ -43,6 +57,7 @@ export class Stream extends Emitter {
     /** The error that ended it (StreamFailedError, ConnectionLostError), if any. */
     this.failure = null;
     this._pieces = [];
+    this._events = [];
     this._wake = null;
     this.finished = new Promise((resolve, reject) => {
       this._resolveFinished = resolve;
@@ -59,6 +74,16 @@ export class Stream extends Emitter {
   /** Consume the rest of the stream: resolves with `result`, rejects with `failure`. */
   wait() {
     return this.finished;
+  }
+
+  /** The assistant message as it goes back into `messages` (null until ended). */
+  get message() {
+    return this.result?.message ?? null;
+  }
+
+  /** The calls the model made, arguments parsed ([] until ended; reason `tool_calls`). */
+  get toolCalls() {
+    return this.result?.toolCalls ?? [];
   }
 
   /**
@@ -111,12 +136,25 @@ export class Stream extends Emitter {
   }
 
   [Symbol.asyncIterator]() {
+    return this._iterate(this._pieces, (piece) => piece.text);
+  }
+
+  /**
+   * Every event of the stream in order, from the first on: answer text,
+   * reasoning, tool calls opening, argument fragments. Ends (or throws) like
+   * the text iterator.
+   */
+  events() {
+    return this._iterate(this._events, (event) => event);
+  }
+
+  _iterate(list, map) {
     let position = 0;
     let finished = false;
     const next = async () => {
       for (;;) {
         if (finished) return { value: undefined, done: true };
-        if (position < this._pieces.length) return { value: this._pieces[position++].text, done: false };
+        if (position < list.length) return { value: map(list[position++]), done: false };
         if (this.failure !== null) {
           finished = true; // throw once; a later next() just ends
           throw this.failure;
@@ -173,28 +211,72 @@ export class Stream extends Emitter {
     if (typeof text !== "string" || text === "") return;
     this._pieces.push({ text, index });
     this.text += text;
+    this._events.push({ type: "text", text, index });
     this.emit("delta", { text, index });
     this._notify();
   }
 
-  _delta(frame) {
-    if (this.done) return;
+  _reason(text, index) {
+    if (typeof text !== "string" || text === "") return;
+    this.reasoning += text;
+    this._events.push({ type: "reasoning", text, index });
+    this.emit("reasoning", { text, index });
+    this._notify();
+  }
+
+  _openCall(call, name, index) {
+    if (typeof call !== "string" || this.calls.has(call)) return;
+    this.calls.set(call, { id: call, name: name ?? "", arguments: "" });
+    this._events.push({ type: "tool_call", call, name: name ?? "", index });
+    this.emit("tool_call", { call, name: name ?? "", index });
+    this._notify();
+  }
+
+  _arguments(call, text, index) {
+    if (typeof call !== "string" || typeof text !== "string" || text === "") return;
+    if (!this.calls.has(call)) this.calls.set(call, { id: call, name: "", arguments: "" });
+    this.calls.get(call).arguments += text;
+    this._events.push({ type: "tool_call_delta", call, text, index });
+    this.emit("tool_call_delta", { call, text, index });
+    this._notify();
+  }
+
+  /** Whether a delta-like frame is new (advances nextIndex), or one already had. */
+  _take(frame) {
+    if (this.done) return null;
     const index = typeof frame.index === "number" ? frame.index : this.nextIndex;
-    if (index < this.nextIndex) return; // already have it (a snapshot covered it)
+    if (index < this.nextIndex) return null; // already have it (a snapshot covered it)
     this.nextIndex = index + 1;
-    this._feed(frame.text, index);
+    return index;
+  }
+
+  _delta(frame) {
+    const index = this._take(frame);
+    if (index === null) return;
+    if (frame.part === DELTA_PARTS.REASONING) this._reason(frame.text, index);
+    else if (frame.part === DELTA_PARTS.TOOL_CALL) this._arguments(frame.call, frame.text, index);
+    else if (frame.part == null) this._feed(frame.text, index);
+    // an unknown part is a newer server's: skipped
+  }
+
+  _toolCall(frame) {
+    const index = this._take(frame);
+    if (index !== null) this._openCall(frame.call, frame.name, index);
   }
 
   _snapshot(frame) {
     if (this.done) return;
     if (this.id === null) this.id = frame.stream;
-    const text = typeof frame.text === "string" ? frame.text : "";
-    // The server's text so far: deliver only what this handle has not seen.
-    if (text.startsWith(this.text) && text.length > this.text.length) {
-      this._feed(text.slice(this.text.length), null);
+    // The server's answer so far: deliver only what this handle has not seen.
+    const rest = (have, text) => (typeof text === "string" && text.startsWith(have) ? text.slice(have.length) : "");
+    this._reason(rest(this.reasoning, frame.reasoning), null);
+    this._feed(rest(this.text, frame.text), null);
+    for (const call of Array.isArray(frame.calls) ? frame.calls : []) {
+      this._openCall(call.call, call.name, null);
+      this._arguments(call.call, rest(this.calls.get(call.call)?.arguments ?? "", call.arguments), null);
     }
     if (typeof frame.index === "number" && frame.index > this.nextIndex) this.nextIndex = frame.index;
-    this.emit("snapshot", { text: this.text, index: this.nextIndex });
+    this.emit("snapshot", { text: this.text, index: this.nextIndex, reasoning: this.reasoning, calls: [...this.calls.values()] });
   }
 
   _end(frame) {
@@ -211,6 +293,11 @@ export class Stream extends Emitter {
       ttftMs: frame.ttft_ms ?? null,
       durationMs: frame.duration_ms ?? 0,
       text: this.text,
+      reasoning: this.reasoning,
+      message: frame.message ?? null,
+      toolCalls: Array.isArray(frame.message?.tool_calls)
+        ? frame.message.tool_calls.map((c) => ({ id: c.id, name: c.name, arguments: c.arguments }))
+        : [],
     };
     if (frame.error) this.result.error = { code: frame.error.code, message: frame.error.message ?? "" };
     if (frame.reason === END_REASONS.ERROR) {

@@ -458,8 +458,78 @@ describe("streams", () => {
       ttftMs: 12.5,
       durationMs: 40,
       text: "Hello",
+      reasoning: "",
+      message: null,
+      toolCalls: [],
     });
     assert.equal(stream.provider, "simulated");
+  });
+
+  test("reasoning and tool calls: events, both iterators, message and toolCalls", async () => {
+    const { client, MockWebSocket } = await connectedClient(Client);
+    const ws = MockWebSocket.last;
+    const tools = [{ name: "get_weather", parameters: { type: "object", properties: { city: { type: "string" } } } }];
+    const stream = await started(client, ws, { seq: 1, tools, toolChoice: { name: "get_weather" } });
+    const request = ws.sentOfType("generate").at(-1);
+    assert.deepEqual([request.tools, request.tool_choice], [tools, { name: "get_weather" }]);
+    const heard = [];
+    for (const name of ["delta", "reasoning", "tool_call", "tool_call_delta"]) stream.on(name, (e) => heard.push([name, e.index]));
+    const message = {
+      role: "assistant",
+      content: [{ type: "reasoning", text: "Weather.", signature: "sig" }, { type: "text", text: "Checking." }],
+      tool_calls: [{ id: "c1", name: "get_weather", arguments: { city: "Oslo" } }],
+    };
+    ws.receive({ type: "stream.delta", seq: 2, stream: "s1", index: 0, text: "Weather.", part: "reasoning" });
+    ws.receive({ type: "stream.delta", seq: 3, stream: "s1", index: 1, text: "Checking." });
+    ws.receive({ type: "stream.tool_call", seq: 4, stream: "s1", index: 2, call: "c1", name: "get_weather" });
+    ws.receive({ type: "stream.delta", seq: 5, stream: "s1", index: 3, text: '{"city":', part: "tool_call", call: "c1" });
+    assert.equal(stream.calls.get("c1").arguments, '{"city":');
+    ws.receive({ type: "stream.delta", seq: 6, stream: "s1", index: 4, text: '"Oslo"}', part: "tool_call", call: "c1" });
+    ws.receive({ type: "stream.delta", seq: 7, stream: "s1", index: 3, text: "dup", part: "tool_call", call: "c1" }); // seen
+    ws.receive({ type: "stream.delta", seq: 8, stream: "s1", index: 5, text: "?", part: "audio" }); // a newer part: skipped
+    assert.deepEqual([stream.message, stream.toolCalls], [null, []]);
+    ws.receive({ type: "stream.end", seq: 9, stream: "s1", reason: "tool_calls", usage: { input_tokens: 9, output_tokens: 7 }, duration_ms: 5, message });
+    const texts = [];
+    for await (const text of stream) texts.push(text);
+    const events = [];
+    for await (const event of stream.events()) events.push(event);
+    assert.deepEqual(texts, ["Checking."]);
+    assert.deepEqual(events, [
+      { type: "reasoning", text: "Weather.", index: 0 },
+      { type: "text", text: "Checking.", index: 1 },
+      { type: "tool_call", call: "c1", name: "get_weather", index: 2 },
+      { type: "tool_call_delta", call: "c1", text: '{"city":', index: 3 },
+      { type: "tool_call_delta", call: "c1", text: '"Oslo"}', index: 4 },
+    ]);
+    assert.deepEqual(heard, [["reasoning", 0], ["delta", 1], ["tool_call", 2], ["tool_call_delta", 3], ["tool_call_delta", 4]]);
+    assert.deepEqual([stream.text, stream.reasoning], ["Checking.", "Weather."]);
+    assert.deepEqual(stream.calls.get("c1"), { id: "c1", name: "get_weather", arguments: '{"city":"Oslo"}' });
+    assert.equal(stream.result.reason, "tool_calls");
+    assert.deepEqual(stream.message, message);
+    assert.deepEqual(stream.toolCalls, [{ id: "c1", name: "get_weather", arguments: { city: "Oslo" } }]);
+  });
+
+  test("a snapshot brings reasoning and calls so far; only the unseen rest is delivered", async () => {
+    const { client, MockWebSocket } = await connectedClient(Client);
+    const ws = MockWebSocket.last;
+    const stream = await started(client, ws, { seq: 1 });
+    ws.receive({ type: "stream.delta", seq: 2, stream: "s1", index: 0, text: "Thin", part: "reasoning" });
+    const events = [];
+    const iterating = (async () => {
+      for await (const event of stream.events()) events.push(event);
+    })();
+    ws.receive({
+      type: "stream.snapshot", seq: 3, stream: "s1", index: 4, text: "Ok.", reasoning: "Think.",
+      calls: [{ call: "c1", name: "f", arguments: '{"a"' }],
+    });
+    ws.receive({ type: "stream.delta", seq: 4, stream: "s1", index: 3, text: '{"a"', part: "tool_call", call: "c1" }); // covered
+    ws.receive({ type: "stream.delta", seq: 5, stream: "s1", index: 4, text: ":1}", part: "tool_call", call: "c1" });
+    ws.receive({ type: "stream.end", seq: 6, stream: "s1", reason: "tool_calls", usage: { input_tokens: 1, output_tokens: 5 }, duration_ms: 1 });
+    await iterating;
+    assert.deepEqual(events.map((e) => [e.type, e.text ?? e.name]), [
+      ["reasoning", "Thin"], ["reasoning", "k."], ["text", "Ok."], ["tool_call", "f"], ["tool_call_delta", '{"a"'], ["tool_call_delta", ":1}"],
+    ]);
+    assert.deepEqual([stream.reasoning, stream.text, stream.calls.get("c1").arguments], ["Think.", "Ok.", '{"a":1}']);
   });
 
   test("a stream that ends with an error throws StreamFailedError with its code", async () => {
@@ -710,6 +780,25 @@ describe("channels and direct messages", () => {
     send(4, { type: "stream.end", stream: "s1", reason: "complete", usage: { input_tokens: 1, output_tokens: 2 }, duration_ms: 1 });
     assert.equal(remote[0].result.reason, "complete");
     assert.equal(channel.streams.length, 0);
+  });
+
+  test("a published stream's reasoning and tool calls are kept apart from its text", async () => {
+    const { client, MockWebSocket } = await connectedClient(Client);
+    const ws = MockWebSocket.last;
+    const channel = await subscribed(client, ws, "room", { seq: 1 });
+    let remote = null;
+    channel.on("stream", (s) => (remote = s));
+    const calls = [];
+    const send = (offset, data) => ws.receive({ type: "message", channel: "room", offset, from: "bot", data });
+    send(1, { type: "stream.start", stream: "s1", provider: "simulated", model: "sim-1" });
+    remote.on("tool_call", (c) => calls.push(c));
+    send(2, { type: "stream.delta", stream: "s1", index: 0, text: "hmm", part: "reasoning" });
+    send(3, { type: "stream.delta", stream: "s1", index: 1, text: "Calling." });
+    send(4, { type: "stream.tool_call", stream: "s1", index: 2, call: "c1", name: "f" });
+    send(5, { type: "stream.delta", stream: "s1", index: 3, text: "{}", part: "tool_call", call: "c1" });
+    assert.deepEqual([remote.text, remote.reasoning], ["Calling.", "hmm"]);
+    assert.deepEqual(remote.calls.get("c1"), { id: "c1", name: "f", arguments: "{}" });
+    assert.deepEqual(calls, [{ call: "c1", name: "f", index: 2 }]);
   });
 
   test("direct messages reach onMessage; send resolves on ok", async () => {

@@ -305,3 +305,66 @@ describe("resume", () => {
     }
   });
 });
+
+describe("rich generations", () => {
+  const WEATHER = {
+    name: "get_weather",
+    parameters: { type: "object", properties: { city: { type: "string" } }, required: ["city"] },
+  };
+  const TIME = { name: "get_time", parameters: { type: "object", properties: { zone: { type: "string" } }, required: ["zone"] } };
+
+  test("a two-step tool conversation with reasoning", async () => {
+    const client = newClient();
+    await client.connect();
+    const ask = [{ role: "user", content: "get_weather Lisbon" }];
+    const stream = await client.generate(ask, { tools: [WEATHER], params: { reasoning: { effort: "low" } } });
+    const kinds = [];
+    for await (const event of stream.events()) if (kinds.at(-1) !== event.type) kinds.push(event.type);
+    assert.deepEqual(kinds, ["reasoning", "text", "tool_call", "tool_call_delta"]);
+    assert.equal(stream.result.reason, "tool_calls");
+    const [call] = stream.toolCalls;
+    assert.deepEqual([call.name, call.arguments], ["get_weather", { city: "Lisbon" }]);
+    assert.equal(stream.message.content[0].type, "reasoning");
+    assert.match(stream.message.content[0].signature, /^sim-/);
+    assert.equal(stream.calls.get(call.id).arguments, JSON.stringify(call.arguments));
+    const next = await client.generate(
+      [...ask, stream.message, { role: "tool", tool_call_id: call.id, content: "19 C, clear" }],
+      { tools: [WEATHER] },
+    );
+    const result = await next.wait();
+    assert.equal(result.reason, "complete");
+    assert.ok(result.text.startsWith('get_weather returned "19 C, clear".'), result.text);
+    await assert.rejects(
+      client.generate(ask, { tools: [WEATHER], toolChoice: { name: "get_time" } }),
+      (e) => e instanceof WsServerError && e.code === "unknown_tool" && e.field === "tool_choice.name",
+    );
+  });
+
+  test("network loss mid-arguments: every event once, as the end's message tells", async () => {
+    const client = newClient();
+    await client.connect();
+    const stream = await client.generate([{ role: "user", content: "get_time WET then get_weather Lisbon" }], {
+      tools: [WEATHER, TIME],
+      params: { reasoning: {}, tokens_per_s: 300 },
+    });
+    const indexes = [];
+    let cuts = 0;
+    for await (const event of stream.events()) {
+      indexes.push(event.index);
+      if (event.type === "tool_call_delta" && cuts < 2 && client.state !== "reconnecting") {
+        cuts += 1;
+        cutNetwork(client);
+      }
+    }
+    const result = stream.result;
+    assert.equal(cuts, 2);
+    assert.equal(result.reason, "tool_calls");
+    assertContiguous(indexes);
+    assert.equal(stream.reasoning, stream.message.content[0].text);
+    assert.deepEqual(
+      result.toolCalls.map((c) => [c.name, c.arguments]),
+      [["get_time", { zone: "WET" }], ["get_weather", { city: "Lisbon" }]],
+    );
+    for (const c of result.toolCalls) assert.equal(stream.calls.get(c.id).arguments, JSON.stringify(c.arguments));
+  });
+});

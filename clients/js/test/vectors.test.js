@@ -8,7 +8,7 @@ import { readFileSync, readdirSync } from "node:fs";
 import path from "node:path";
 import { describe, test } from "node:test";
 
-import { Client, ConnectionLostError, StreamFailedError, WsServerError } from "../src/index.js";
+import { Client, ConnectionLostError, ERROR_CODES, StreamFailedError, WsServerError } from "../src/index.js";
 import { WELCOME, connectedClient, flush } from "./helpers/mock.js";
 import { repoRoot } from "./helpers/server.js";
 
@@ -122,8 +122,40 @@ describe("server-valid vectors are accepted", () => {
         case "stream.delta": {
           const { client, ws } = await connectedClient(Client);
           const stream = await streamWith(client, ws(), frame.stream, { seq: frame.seq - 1 });
+          if (frame.part === "tool_call") {
+            // the call was opened by the frame before (stream.tool_call)
+            ws().receive({ type: "stream.tool_call", seq: frame.seq - 1, stream: frame.stream, index: frame.index - 1, call: frame.call, name: "f" });
+          }
+          const events = [];
+          const iterating = (async () => {
+            for await (const event of stream.events()) events.push(event);
+          })();
           ws().receive(frame);
-          assert.equal(stream.text, frame.text);
+          ws().receive({ type: "stream.end", seq: frame.seq + 1, stream: frame.stream, reason: "complete", usage: { input_tokens: 1, output_tokens: 1 }, duration_ms: 1 });
+          await iterating;
+          const last = events.at(-1);
+          assert.equal(last.text, frame.text);
+          assert.equal(last.index, frame.index);
+          assert.equal(stream.nextIndex, frame.index + 1);
+          if (frame.part === "reasoning") {
+            assert.deepEqual([stream.text, stream.reasoning, last.type], ["", frame.text, "reasoning"]);
+          } else if (frame.part === "tool_call") {
+            assert.equal(last.type, "tool_call_delta");
+            assert.equal(stream.calls.get(frame.call).arguments, frame.text);
+            assert.equal(stream.text, "");
+          } else {
+            assert.deepEqual([stream.text, last.type], [frame.text, "text"]);
+          }
+          return;
+        }
+        case "stream.tool_call": {
+          const { client, ws } = await connectedClient(Client);
+          const stream = await streamWith(client, ws(), frame.stream, { seq: frame.seq - 1 });
+          const seen = [];
+          stream.on("tool_call", (call) => seen.push(call));
+          ws().receive(frame);
+          assert.deepEqual(seen, [{ call: frame.call, name: frame.name, index: frame.index }]);
+          assert.deepEqual(stream.calls.get(frame.call), { id: frame.call, name: frame.name, arguments: "" });
           assert.equal(stream.nextIndex, frame.index + 1);
           return;
         }
@@ -142,6 +174,8 @@ describe("server-valid vectors are accepted", () => {
           assert.equal(stream.result.usage.estimated, frame.usage.estimated === true);
           assert.equal(stream.result.ttftMs, frame.ttft_ms ?? null);
           assert.equal(stream.result.durationMs, frame.duration_ms);
+          assert.deepEqual(stream.message, frame.message ?? null);
+          assert.deepEqual(stream.toolCalls, frame.message?.tool_calls ?? []);
           return;
         }
         case "stream.snapshot": {
@@ -153,6 +187,11 @@ describe("server-valid vectors are accepted", () => {
           assert.equal(adopted[0].id, frame.stream);
           assert.equal(adopted[0].text, frame.text);
           assert.equal(adopted[0].nextIndex, frame.index);
+          assert.equal(adopted[0].reasoning, frame.reasoning ?? "");
+          assert.deepEqual(
+            [...adopted[0].calls.values()],
+            (frame.calls ?? []).map((c) => ({ id: c.call, name: c.name, arguments: c.arguments })),
+          );
           return;
         }
         case "subscribed":
@@ -254,6 +293,8 @@ async function produce(message) {
           model: message.model,
           params: message.params,
           channel: message.channel,
+          tools: message.tools,
+          toolChoice: message.tool_choice,
         })
         .catch(() => {});
       return ws().sent.at(-1);
@@ -308,7 +349,7 @@ async function produce(message) {
 // is a forward-compatibility example the client has no reason to send).
 const KNOWN = {
   hello: ["type", "protocol", "session", "last_seq", "snapshot", "token", "agent", "id"],
-  generate: ["type", "id", "messages", "stream", "provider", "model", "params", "channel"],
+  generate: ["type", "id", "messages", "stream", "provider", "model", "params", "channel", "tools", "tool_choice"],
 };
 
 describe("client-valid vectors can be produced by the client", () => {
@@ -343,10 +384,12 @@ describe("client-invalid vectors", () => {
     assert.equal(ws().sent.filter((m) => m.id === raw.id).length, 0);
   });
 
-  test("every one names the error the server answers with", () => {
+  test("every one names the error the server answers with, a code the client knows", () => {
+    const known = new Set(Object.values(ERROR_CODES));
     for (const vector of clientInvalid) {
       assert.equal(typeof vector.raw, "string", vector.name);
       assert.equal(typeof vector.error?.code, "string", vector.name);
+      assert.ok(known.has(vector.error.code), `${vector.name}: ${vector.error.code} is in ERROR_CODES`);
     }
   });
 });
