@@ -158,16 +158,17 @@ async def test_reasoning_comes_first_and_ends_with_a_fake_signature() -> None:
     events = await rich(user("why is the sky blue"), reasoning={})  # effort: medium
     kinds = [type(e).__name__ for e in events]
     first_text = kinds.index("TextDelta")
-    assert kinds[1:first_text] == ["ReasoningDelta"] * 24 + ["ReasoningDone"]
+    assert kinds[1:first_text] == ["ReasoningDelta"] * 32 + ["ReasoningDone"]
     thought = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
     assert thought.startswith('The user asks "why is the sky blue". I can answer directly.')
     done = events[first_text - 1]
     assert done.signature.startswith("sim-") and len(done.signature) == 28 and done.redacted is None
     assert events == await rich(user("why is the sky blue"), reasoning={})  # deterministic
     # reasoning counts as output, the text keeps its length
-    assert events[-2] == UsageReport(output_tokens=24 + kinds.count("TextDelta"))
-    low = await rich(user("why is the sky blue"), reasoning={"effort": "low"})
-    assert len([e for e in low if isinstance(e, ReasoningDelta)]) == 12
+    assert events[-2] == UsageReport(output_tokens=32 + kinds.count("TextDelta"))
+    low = await rich(user("why is the sky blue"), reasoning={"effort": "minimal"})
+    thought = "".join(e.text for e in low if isinstance(e, ReasoningDelta))
+    assert thought == 'The user asks "why is the sky blue". I can answer directly.'  # kept whole
     short = await rich(user("why"), reasoning={"effort": "high", "budget_tokens": 5})
     assert len([e for e in short if isinstance(e, ReasoningDelta)]) == 5
 

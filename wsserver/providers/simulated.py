@@ -12,8 +12,9 @@ Rich generations (what a real model does, made predictable):
 
 * **Reasoning.** With ``params.reasoning`` it first streams reasoning tokens
   (``ReasoningDelta``): a sentence about the question and what it will do,
-  padded to 6, 12, 24 or 48 tokens for ``effort`` minimal, low, medium
-  (the default) or high, at most ``budget_tokens``. The block ends with
+  padded with filler words to 8, 16, 32 or 64 tokens for ``effort``
+  minimal, low, medium (the default) or high (a longer sentence is kept
+  whole), cut at ``budget_tokens``. The block ends with
   ``ReasoningDone`` carrying a *fake* signature, ``sim-`` and 24 hex digits
   of a hash of the reasoning text: it only shows where a real provider's
   signature goes, and nothing checks it.
@@ -89,7 +90,7 @@ _WORDS = (
 ).split()
 _TOKEN = re.compile(r"\s*[\w'’-]+|\s*[^\w\s]")
 #: Reasoning tokens by ``params.reasoning.effort``.
-REASONING_TOKENS = {"minimal": 6, "low": 12, "medium": 24, "high": 48}
+REASONING_TOKENS = {"minimal": 8, "low": 16, "medium": 32, "high": 64}
 #: Characters of argument JSON per ``ToolCallDelta``.
 ARGUMENT_FRAGMENT = 6
 _RESULT_CHARS = 120
@@ -251,8 +252,6 @@ def _fragments(text: str) -> list[str]:
 def _reasoning(messages: Sequence[ChatMessage], params: GenerateParams, calls: list[str]) -> tuple[list[str], str]:
     assert params.reasoning is not None
     wanted = REASONING_TOKENS[params.reasoning.effort or "medium"]
-    if params.reasoning.budget_tokens is not None:
-        wanted = min(wanted, params.reasoning.budget_tokens)
     last = messages[-1] if messages else None
     if last is not None and last.role == "tool":
         thought = "The tool answered; I will tell the user what it returned."
@@ -265,7 +264,8 @@ def _reasoning(messages: Sequence[ChatMessage], params: GenerateParams, calls: l
     filler = random.Random(_seed(messages) + b"reasoning")
     while len(tokens) < wanted:
         tokens.append(" " + filler.choice(_WORDS))
-    tokens = tokens[:wanted]
+    if params.reasoning.budget_tokens is not None:
+        tokens = tokens[: params.reasoning.budget_tokens]
     signature = "sim-" + hashlib.sha256("".join(tokens).encode()).hexdigest()[:24]
     return tokens, signature
 

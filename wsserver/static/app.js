@@ -1,20 +1,28 @@
 // The wsserver demo page: a chat with streaming, Stop, steering and usage,
-// and a channel panel with presence, messages and other agents' streams.
+// reasoning (shown collapsed as it streams), tool calls (name and arguments
+// as they stream) with a built-in demo tool round trip (tools.js: the page
+// runs the tools the model calls and continues the conversation with their
+// results), and a channel panel with presence, messages and other agents'
+// streams.
 // It uses the bundled client as is (no build step) and keeps its session,
 // last seq and transcript in sessionStorage, so a reload resumes the
 // session (`snapshot: true`) and picks running answers up where they are.
 //
 // Query parameters: agent, channel, provider, model, max_tokens,
-// tokens_per_s, reply_tokens (prefill the options), autojoin=1.
+// tokens_per_s, reply_tokens, reasoning (an effort: minimal, low, medium,
+// high), tools=0 (no demo tools) (prefill the options), autojoin=1.
 //
 // Hooks for tests: data-testid attributes, data-state on the status pill
 // (and data-connection on <html>), window.__wsserverClient and
 // window.__wsserverDemo.
 
 import { Client, WsServerError } from "/client/index.js";
+import { DEMO_TOOLS, runTool } from "/static/tools.js";
 
 const STORE_KEY = "wsserver-demo/v1";
 const FEED_LIMIT = 200;
+/** Tool round trips the page makes by itself after one message of yours. */
+const MAX_TOOL_STEPS = 4;
 const query = new URLSearchParams(location.search);
 const $ = (id) => document.querySelector(`[data-testid="${id}"]`);
 
@@ -23,7 +31,7 @@ const $ = (id) => document.querySelector(`[data-testid="${id}"]`);
 const stored = loadStore();
 /** The conversation sent with each generate. */
 let history = stored.history ?? [];
-/** Turns on screen: {role, text, stream, status, meta, steer, messages}. */
+/** Turns on screen: {role, text, reasoning, calls, stream, status, meta, steer, messages}. */
 let turns = [];
 /** The answer streaming now: {turn, stream}. */
 let current = null;
@@ -95,8 +103,9 @@ function saveNow() {
 }
 addEventListener("pagehide", saveNow);
 
-function serializeTurn({ role, text, stream, status, meta, steer, messages }) {
-  return { role, text, stream, status, meta, steer, messages };
+function serializeTurn({ role, text, reasoning, calls, stream, status, meta, steer, messages }) {
+  const saved = calls ? [...calls.values()].map(({ id, name, arguments: args, result }) => ({ id, name, arguments: args, result })) : undefined;
+  return { role, text, reasoning, calls: saved, stream, status, meta, steer, messages };
 }
 
 // ------------------------------------------------------------- formatting
@@ -144,8 +153,28 @@ function addTurn(turn) {
     label.textContent = "Steered";
     el.append(label);
   }
-  el.append(who, text);
+  el.append(who);
   if (turn.role === "assistant") {
+    // reasoning, collapsed, above the answer; the calls below it
+    const reasoning = document.createElement("details");
+    reasoning.className = "reasoning";
+    reasoning.dataset.testid = "reasoning";
+    reasoning.hidden = true;
+    const summary = document.createElement("summary");
+    summary.textContent = "Reasoning";
+    const body = document.createElement("div");
+    body.className = "reasoning-text";
+    reasoning.append(summary, body);
+    el.append(reasoning);
+    turn.reasoningEl = reasoning;
+    turn.reasoningTextEl = body;
+  }
+  el.append(text);
+  if (turn.role === "assistant") {
+    const calls = document.createElement("div");
+    calls.className = "calls";
+    el.append(calls);
+    turn.callsEl = calls;
     el.dataset.testid = "answer";
     const meta = document.createElement("footer");
     meta.className = "meta";
@@ -158,6 +187,16 @@ function addTurn(turn) {
   turn.el = el;
   turn.textEl = text;
   text.textContent = turn.text ?? "";
+  if (turn.role === "assistant") {
+    const saved = Array.isArray(turn.calls) ? turn.calls : [];
+    turn.calls = new Map();
+    if (turn.reasoning) addReasoning(turn, turn.reasoning, false);
+    for (const call of saved) {
+      openCall(turn, call.id, call.name);
+      addArguments(turn, call.id, call.arguments ?? "");
+      if (call.result != null) showResult(turn, call.id, call.result);
+    }
+  }
   transcript.append(el);
   turns.push(turn);
   renderTurn(turn);
@@ -197,6 +236,61 @@ function renderTurn(turn) {
   }
 }
 
+/** Reasoning text into the turn's collapsed block (its summary says when it streams). */
+function addReasoning(turn, text, save_ = true) {
+  if (!text) return;
+  if (save_) turn.reasoning = (turn.reasoning ?? "") + text;
+  turn.reasoningEl.hidden = false;
+  turn.reasoningTextEl.append(text);
+  if (save_) save();
+}
+
+function openCall(turn, id, name) {
+  if (turn.calls.has(id)) return turn.calls.get(id);
+  const el = document.createElement("div");
+  el.className = "call";
+  el.dataset.testid = "tool-call";
+  el.dataset.call = id;
+  const head = document.createElement("div");
+  head.className = "call-head";
+  const label = document.createElement("code");
+  label.className = "call-name";
+  label.dataset.testid = "tool-name";
+  label.textContent = name;
+  const state = document.createElement("span");
+  state.className = "call-state";
+  state.textContent = "calling…";
+  head.append(label, state);
+  const args = document.createElement("pre");
+  args.className = "call-args";
+  args.dataset.testid = "tool-args";
+  const result = document.createElement("pre");
+  result.className = "call-result";
+  result.dataset.testid = "tool-result";
+  result.hidden = true;
+  el.append(head, args, result);
+  growing(transcript, () => turn.callsEl.append(el));
+  const call = { id, name, arguments: "", result: null, el, argsEl: args, resultEl: result, stateEl: state };
+  turn.calls.set(id, call);
+  return call;
+}
+
+function addArguments(turn, id, text) {
+  const call = turn.calls.get(id) ?? openCall(turn, id, "?");
+  call.arguments += text;
+  growing(transcript, () => call.argsEl.append(text));
+}
+
+function showResult(turn, id, content) {
+  const call = turn.calls.get(id);
+  if (!call) return;
+  call.result = content;
+  call.stateEl.textContent = "result";
+  call.el.dataset.state = "done";
+  call.resultEl.hidden = false;
+  call.resultEl.textContent = content;
+}
+
 function addAssistantFor(stream, turn = null) {
   turn ??= addTurn({ role: "assistant", text: "", status: "streaming" });
   bind(turn, stream);
@@ -210,12 +304,30 @@ function bind(turn, stream) {
   turn.bound = true;
   turn.text = stream.text;
   turn.textEl.textContent = stream.text;
+  // what came before the page listened (a snapshot, or frames with the start)
+  turn.reasoning = "";
+  turn.reasoningTextEl.textContent = "";
+  addReasoning(turn, stream.reasoning);
+  for (const call of stream.calls.values()) {
+    openCall(turn, call.id, call.name);
+    const seen = turn.calls.get(call.id).arguments;
+    if (call.arguments.startsWith(seen)) addArguments(turn, call.id, call.arguments.slice(seen.length));
+  }
   renderTurn(turn);
   current = { turn, stream };
   updateComposer();
   stream.on("delta", ({ text }) => {
     turn.text += text;
     growing(transcript, () => turn.textEl.append(text));
+    save();
+  });
+  stream.on("reasoning", ({ text }) => growing(transcript, () => addReasoning(turn, text)));
+  stream.on("tool_call", ({ call, name }) => {
+    openCall(turn, call, name);
+    save();
+  });
+  stream.on("tool_call_delta", ({ call, text }) => {
+    addArguments(turn, call, text);
     save();
   });
   stream.finished.then(
@@ -229,8 +341,22 @@ function finish(turn, stream, result, error = null) {
   if (result) {
     turn.meta = metaOf(result);
     turn.status = result.reason;
-    // the conversation goes on with what was said, as the server sees it
-    if (result.text && result.reason !== "error") history.push({ role: "assistant", content: result.text });
+    // the conversation goes on with what was said, exactly as the server
+    // says it goes back (text, signed reasoning, tool calls)
+    const message = result.message ?? { role: "assistant", content: result.text };
+    if ((message.content?.length || message.tool_calls?.length) && result.reason !== "error") history.push(message);
+    for (const call of turn.calls.values()) {
+      if (!result.toolCalls.some((c) => c.id === call.id)) {
+        call.stateEl.textContent = "dropped"; // partial: not in the message
+        call.el.dataset.state = "dropped";
+      }
+    }
+    if (result.reason === "tool_calls" && result.toolCalls.length) {
+      growing(transcript, () => renderTurn(turn));
+      if (current?.turn === turn) current = null;
+      runCalls(turn, result.toolCalls);
+      return;
+    }
   } else {
     turn.status = "lost";
     turn.meta = { reason: "lost", label: "lost", error: error?.message ?? "the connection was lost" };
@@ -239,6 +365,27 @@ function finish(turn, stream, result, error = null) {
   if (current?.turn === turn) current = null;
   updateComposer();
   save();
+}
+
+/** Run the calls the model made, then continue the conversation with their results. */
+async function runCalls(turn, calls) {
+  const chat = chatNumber;
+  const next = addTurn({ role: "assistant", text: "", status: "pending" });
+  current = { turn: next, stream: null }; // the composer waits for the next step
+  updateComposer();
+  for (const call of calls) {
+    const content = await runTool(call);
+    if (chat !== chatNumber) return; // "New chat" meanwhile
+    history.push({ role: "tool", tool_call_id: call.id, content });
+    showResult(turn, call.id, content);
+  }
+  save();
+  toolSteps += 1;
+  if (toolSteps > MAX_TOOL_STEPS) {
+    failTurn(next, new Error(`stopped after ${MAX_TOOL_STEPS} tool round trips`));
+    return;
+  }
+  await generateInto(next);
 }
 
 // --------------------------------------------------------------- composer
@@ -259,7 +406,10 @@ function options() {
     const value = read(id);
     if (value !== "") params[key] = key === "tokens_per_s" ? Number(value) : Math.round(Number(value));
   }
+  const effort = $("opt-reasoning").value;
+  if (effort) params.reasoning = { effort };
   if (Object.keys(params).length) opts.params = params;
+  if ($("opt-tools").checked) opts.tools = DEMO_TOOLS.map((t) => ({ ...t }));
   if (channel && channelState.share) opts.channel = channel.name;
   return opts;
 }
@@ -285,10 +435,20 @@ async function submit() {
   else await ask(text);
 }
 
+/** Tool round trips since your last message. */
+let toolSteps = 0;
+/** Counts "New chat" clicks (a tool round trip under way belongs to the old chat). */
+let chatNumber = 0;
+
 async function ask(text) {
   history.push({ role: "user", content: text });
   addTurn({ role: "user", text });
-  const turn = addTurn({ role: "assistant", text: "", status: "pending" });
+  toolSteps = 0;
+  await generateInto(addTurn({ role: "assistant", text: "", status: "pending" }));
+}
+
+/** Generate the next answer of the conversation into `turn`. */
+async function generateInto(turn) {
   const messages = history.map((m) => ({ ...m }));
   const opts = options();
   turn.messages = messages;
@@ -307,6 +467,7 @@ async function ask(text) {
 async function steer(text) {
   const { stream } = current;
   addTurn({ role: "user", text, steer: true });
+  toolSteps = 0;
   const turn = addTurn({ role: "assistant", text: "", status: "pending" });
   current = { turn, stream: null };
   updateComposer();
@@ -348,6 +509,7 @@ $("stop").addEventListener("click", () => {
 $("new-chat").addEventListener("click", () => {
   current?.stream?.cancel().catch(() => {});
   current = null;
+  chatNumber += 1;
   history = [];
   for (const turn of turns) turn.el.remove();
   turns = [];
@@ -362,9 +524,11 @@ for (const [id, key] of [
   ["opt-max-tokens", "max_tokens"],
   ["opt-speed", "tokens_per_s"],
   ["opt-reply-tokens", "reply_tokens"],
+  ["opt-reasoning", "reasoning"],
 ]) {
   if (query.has(key)) $(id).value = query.get(key);
 }
+if (query.get("tools") === "0") $("opt-tools").checked = false;
 
 // ------------------------------------------------------------- connection
 

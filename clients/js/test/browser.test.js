@@ -1,8 +1,10 @@
 // The demo page in a real browser (headless Chromium through playwright-core)
 // against the real server: a prompt streams, Stop cancels, typing while an
 // answer streams steers it, a network loss mid-answer loses or doubles no
-// token, a reload resumes the running answer from a snapshot, and another
-// agent's channel traffic shows up. Saves screenshots to test/artifacts/.
+// token, a reload resumes the running answer from a snapshot, another
+// agent's channel traffic shows up, reasoning streams collapsed, and a demo
+// tool round trip runs (also across a reload mid-arguments). Saves
+// screenshots to test/artifacts/.
 //
 // The page reaches the server through a TCP proxy, so the test can cut the
 // connection the way a network does (both ends see it die).
@@ -276,6 +278,71 @@ describe("demo page in Chromium", { skip: missing && !CI ? missing : false }, ()
     await page.waitForSelector('[data-testid="feed-message"] >> text=Thanks, on it.');
     await page.fill('[data-testid="prompt"]', "What should we do next?");
     await page.screenshot({ path: path.join(ARTIFACTS, "demo.png") });
+    assert.deepEqual(problems, [], "no page errors");
+  });
+
+  test("reasoning streams collapsed; a demo tool round trip: the page runs the calls and continues", async () => {
+    await page.click('[data-testid="new-chat"]');
+    await setOptions(60, 150); // long enough to quote both results
+    await page.click(".options summary");
+    await page.selectOption('[data-testid="opt-reasoning"]', "low");
+    assert.equal(await page.isChecked('[data-testid="opt-tools"]'), true, "demo tools are on by default");
+    await page.click(".options summary");
+    await say("get_time UTC and get_weather Paris");
+    // the reasoning block shows up while the answer streams, collapsed
+    await page.waitForSelector('[data-testid="answer"] [data-testid="reasoning"]:not([hidden])', { timeout: 10_000 });
+    assert.equal(await answer(0).locator('[data-testid="reasoning"]').getAttribute("open"), null, "collapsed");
+    // two calls, name and arguments as they stream, then each one's result
+    await waitStatus(0, "tool_calls");
+    const calls = answer(0).locator('[data-testid="tool-call"]');
+    assert.equal(await calls.count(), 2);
+    assert.deepEqual(await calls.locator('[data-testid="tool-name"]').allTextContents(), ["get_time", "get_weather"]);
+    assert.deepEqual(JSON.parse(await calls.nth(1).locator('[data-testid="tool-args"]').textContent()), { city: "Paris" });
+    await page.waitForFunction(
+      () => [...document.querySelectorAll('[data-testid="tool-result"]')].filter((el) => !el.hidden).length === 2,
+      null,
+      { timeout: 10_000 },
+    );
+    const weather = JSON.parse(await calls.nth(1).locator('[data-testid="tool-result"]').textContent());
+    assert.equal(weather.city, "Paris");
+    // the next step answers with the results: it quotes them
+    await waitStatus(1, "complete");
+    const text = await answer(1).locator(".text").textContent();
+    assert.ok(text.startsWith(`get_time returned "{`), text);
+    assert.ok(text.includes(`get_weather returned "${JSON.stringify(weather).slice(0, 40)}`), text);
+    // the conversation as the server saw it: the signed assistant message, the two results
+    const history = await page.evaluate(() => window.__wsserverDemo.history);
+    assert.deepEqual(history.map((m) => m.role), ["user", "assistant", "tool", "tool", "assistant"]);
+    const [reasoning] = history[1].content;
+    assert.equal(reasoning.type, "reasoning");
+    assert.match(reasoning.signature, /^sim-/);
+    assert.deepEqual(history[1].tool_calls.map((c) => c.name), ["get_time", "get_weather"]);
+    assert.deepEqual(history.slice(2, 4).map((m) => m.tool_call_id), history[1].tool_calls.map((c) => c.id));
+    await answer(0).locator('[data-testid="reasoning"] summary').click();
+    assert.equal(await answer(0).locator('[data-testid="reasoning"]').getAttribute("open"), "");
+    await page.screenshot({ path: path.join(ARTIFACTS, "demo-tools.png") });
+    assert.deepEqual(problems, [], "no page errors");
+  });
+
+  test("a reload mid-arguments picks the call up from the snapshot", async () => {
+    await page.click('[data-testid="new-chat"]');
+    await setOptions(8, 20);
+    await page.click(".options summary");
+    await page.selectOption('[data-testid="opt-reasoning"]', "");
+    await page.click(".options summary");
+    await say("get_weather Reykjavik please");
+    await page.waitForFunction(
+      () => (document.querySelector('[data-testid="tool-args"]')?.textContent.length ?? 0) >= 6,
+      null,
+      { timeout: 10_000 },
+    );
+    await page.reload();
+    await waitState("resumed");
+    await waitStatus(0, "tool_calls");
+    const args = await answer(0).locator('[data-testid="tool-args"]').textContent();
+    assert.deepEqual(JSON.parse(args), { city: "Reykjavik" }, "no fragment lost or doubled across the reload");
+    await waitStatus(1, "complete");
+    assert.ok((await answer(1).locator(".text").textContent()).startsWith('get_weather returned "{'));
     assert.deepEqual(problems, [], "no page errors");
   });
 });
