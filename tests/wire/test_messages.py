@@ -178,3 +178,12 @@ def test_schema_is_up_to_date() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_every_error_code_is_in_the_spec_and_the_js_client() -> None:
+    """ErrorCode, PROTOCOL.md's code table and the JS client's ERROR_CODES agree."""
+    spec = (ROOT / "protocol" / "PROTOCOL.md").read_text()
+    constants = (ROOT / "clients" / "js" / "src" / "constants.js").read_text()
+    for code in ErrorCode:
+        assert f"`{code.value}`" in spec, f"{code.value} is not in PROTOCOL.md"
+        assert f'"{code.value}"' in constants, f"{code.value} is not in clients/js/src/constants.js"
