@@ -12,8 +12,22 @@ import orjson
 import pytest
 from websockets.asyncio.client import connect
 
-from tests.helpers import RawClient
+from tests.helpers import TEST_CONFIG, RawClient
 from wsserver.cluster.backplane import AdoptedSession
+from wsserver.config import ServerConfig
+from wsserver.providers import (
+    Finish,
+    GenerationRequest,
+    Provider,
+    Providers,
+    ReasoningDelta,
+    ReasoningDone,
+    SimulatedProvider,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallStart,
+)
+from wsserver.providers.base import ProviderEvent
 from wsserver.cluster.redis_util import decode_request, encode_request
 from wsserver.server import Server
 from wsserver.wire.messages import ChatMessage
@@ -247,3 +261,60 @@ def test_the_stored_request_of_a_running_stream_keeps_everything_rich() -> None:
         assert (lost.messages, lost.params, lost.tools, lost.tool_choice) == (
             stream.messages, stream.params, stream.tools, stream.tool_choice,
         )
+
+
+class ScriptedProvider(Provider):
+    """Plays back the events its model names (what an upstream mapping yields)."""
+
+    name = "scripted"
+    default_model = "ok"
+    SCRIPTS: dict[str, list[Any]] = {
+        "bad-arguments": [
+            ReasoningDelta("plan"), ReasoningDone(signature="sig"), TextDelta("Looking."),
+            ToolCallStart("call_1", "get_weather"), ToolCallDelta("call_1", '{"city": "Os'), Finish("tool_calls"),
+        ],
+        "redacted": [
+            ReasoningDone(redacted="opaque=="), ReasoningDelta("visible"), ReasoningDone(signature="sig-2"),
+            TextDelta("Done."), Finish("complete"),
+        ],
+        "bug": [ToolCallStart("c", "f"), ToolCallStart("c", "f"), Finish("tool_calls")],
+    }
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
+        for event in self.SCRIPTS[request.model]:
+            yield event
+
+
+@pytest.mark.parametrize(
+    ("model", "reason", "code", "message"),
+    [
+        (
+            "bad-arguments", "error", "provider_error",
+            {"role": "assistant", "content": [{"type": "reasoning", "text": "plan", "signature": "sig"}, {"type": "text", "text": "Looking."}]},
+        ),
+        (
+            "redacted", "complete", None,
+            {
+                "role": "assistant",
+                "content": [
+                    {"type": "reasoning", "text": "", "redacted": "opaque=="},
+                    {"type": "reasoning", "text": "visible", "signature": "sig-2"},
+                    {"type": "text", "text": "Done."},
+                ],
+            },
+        ),
+        ("bug", "error", "internal", {"role": "assistant", "content": ""}),
+    ],
+)
+async def test_what_an_upstream_yields_reaches_the_end_message(
+    model: str, reason: str, code: str | None, message: dict[str, Any]
+) -> None:
+    providers = Providers([SimulatedProvider(), ScriptedProvider()], default="simulated")
+    async with Server(ServerConfig(**TEST_CONFIG), providers=providers) as srv, raw(srv) as c:
+        await c.hello()
+        await c.send({"type": "generate", "provider": "scripted", "model": model, "messages": ASK, "tools": [WEATHER]})
+        end = (await c.recv_until(lambda f: f["type"] == "stream.end"))[-1]
+        assert (end["reason"], end.get("error", {}).get("code")) == (reason, code)
+        assert end["message"] == message
+        await c.send({"type": "ping", "id": "p"})  # the connection and the server carry on
+        assert (await c.recv())["type"] == "pong"
