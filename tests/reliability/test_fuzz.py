@@ -220,6 +220,8 @@ class SessionMachine(RuleBasedStateMachine):
         self.client_seq = 0  # last seq the client received
         self.client_acked = 0
         self.client_text: dict[str, str] = {}
+        self.client_reasoning: dict[str, str] = {}
+        self.client_calls: dict[str, dict[str, str]] = {}  # stream -> call -> arguments
         self.client_index: dict[str, int] = {}
         self.client_ended: set[str] = set()
         self.sent_ids: dict[str, int] = {}  # id -> times sent (sequenced replies expected)
@@ -230,6 +232,8 @@ class SessionMachine(RuleBasedStateMachine):
         self.ended_in_truth: set[str] = set()
         self.provider: dict[str, Any] = {}  # stream id -> Stream (as the runner holds it)
         self.provider_text: dict[str, str] = {}
+        self.provider_reasoning: dict[str, str] = {}
+        self.provider_calls: dict[str, dict[str, str]] = {}
 
     def _make_session(self) -> Session:
         self.generation += 1
@@ -258,7 +262,7 @@ class SessionMachine(RuleBasedStateMachine):
             if frame["type"] == "stream.end":
                 assert stream not in self.ended_in_truth, ("second stream.end", stream)
                 self.ended_in_truth.add(stream)
-            elif frame["type"] in ("stream.delta", "stream.start"):
+            elif frame["type"] in ("stream.delta", "stream.tool_call", "stream.start"):
                 assert stream not in self.ended_in_truth, ("frame after stream.end", frame)
 
     def _open_session(self, hello: Any) -> Opened:
@@ -319,16 +323,44 @@ class SessionMachine(RuleBasedStateMachine):
         if kind == "stream.start":
             assert sid not in self.client_text
             self.client_text[sid], self.client_index[sid] = "", 0
-        elif kind == "stream.delta":
+            self.client_reasoning[sid], self.client_calls[sid] = "", {}
+        elif kind in ("stream.delta", "stream.tool_call"):
             assert sid not in self.client_ended
-            assert frame["index"] == self.client_index[sid]
+            assert frame["index"] == self.client_index[sid]  # one index for every delta-like frame
             self.client_index[sid] += 1
-            self.client_text[sid] += frame["text"]
+            part = frame.get("part")
+            if kind == "stream.tool_call":
+                assert frame["call"] not in self.client_calls[sid]
+                self.client_calls[sid][frame["call"]] = ""
+            elif part is None:
+                self.client_text[sid] += frame["text"]
+            elif part == "reasoning":
+                self.client_reasoning[sid] += frame["text"]
+            else:
+                self.client_calls[sid][frame["call"]] += frame["text"]  # opened before
         elif kind == "stream.end":
             assert sid not in self.client_ended, ("second stream.end at the client", sid)
             self.client_ended.add(sid)
             # nothing lost or doubled, also what arrived while detached
             assert self.client_text[sid] == self.provider_text[sid], sid
+            assert self.client_reasoning[sid] == self.provider_reasoning[sid], sid
+            assert self.client_calls[sid] == self.provider_calls[sid], sid
+            self._check_message(frame)
+
+    def _check_message(self, end: dict[str, Any]) -> None:
+        """stream.end.message tells the answer the frames told."""
+        sid, message = end["stream"], end["message"]
+        content = message["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        assert "".join(p["text"] for p in parts if p["type"] == "text") == self.provider_text[sid]
+        assert self.provider_reasoning[sid].startswith("".join(p["text"] for p in parts if p["type"] == "reasoning"))
+        calls = message.get("tool_calls", [])
+        if end["reason"] == "tool_calls":
+            assert [c["id"] for c in calls] == list(self.provider_calls[sid])
+            for call in calls:
+                assert call["arguments"] == orjson.loads(self.provider_calls[sid][call["id"]] or "{}")
+        else:
+            assert calls == [], ("calls in the message of a stream ended", end["reason"])
 
     def _flush(self, deliver: int | None = None) -> None:
         """The writer: take every pending frame, send ``deliver`` of them (all)."""
@@ -342,6 +374,8 @@ class SessionMachine(RuleBasedStateMachine):
             if isinstance(action, StartGeneration):
                 self.provider[action.stream.id] = action.stream
                 self.provider_text[action.stream.id] = ""
+                self.provider_reasoning[action.stream.id] = ""
+                self.provider_calls[action.stream.id] = {}
             elif isinstance(action, StopGeneration):
                 stream = self.provider[action.stream_id]
                 # the runner's task is cancelled: its stream_end comes too late
@@ -422,6 +456,51 @@ class SessionMachine(RuleBasedStateMachine):
         self.session.stream_delta(stream, text, 1)  # after the end: ignored
         if running:
             self.provider_text[stream.id] += text
+
+    @rule(pick=st.integers(0, 7), text=TEXT)
+    def provider_reasoning_delta(self, pick: int, text: str) -> None:
+        stream = self._pick(pick)
+        if stream is None:
+            return
+        running = stream.state is StreamState.RUNNING
+        assert self.session is not None
+        self.session.stream_reasoning(stream, text, 1)
+        if running:
+            self.provider_reasoning[stream.id] += text
+
+    @rule(pick=st.integers(0, 7), signed=st.booleans())
+    def provider_reasoning_done(self, pick: int, signed: bool) -> None:
+        stream = self._pick(pick)
+        if stream is not None:
+            assert self.session is not None
+            self.session.stream_reasoning_done(stream, "sig" if signed else None, None if signed else "opaque")
+
+    @rule(pick=st.integers(0, 7))
+    def provider_tool_call(self, pick: int) -> None:
+        stream = self._pick(pick)
+        if stream is None:
+            return
+        running = stream.state is StreamState.RUNNING
+        call = f"c{len(self.provider_calls[stream.id])}"
+        assert self.session is not None
+        self.session.stream_tool_call(stream, call, "f")
+        if running:
+            self.provider_calls[stream.id][call] = ""
+
+    @rule(pick=st.integers(0, 7), which=st.integers(0, 3), text=st.sampled_from(["{", "}", '"a"', ":", "1", ",", '{"b":2}']))
+    def provider_arguments(self, pick: int, which: int, text: str) -> None:
+        stream = self._pick(pick)
+        if stream is None or stream.state is not StreamState.RUNNING or not self.provider_calls[stream.id]:
+            return
+        calls = list(self.provider_calls[stream.id])
+        call = calls[which % len(calls)]  # parallel calls: fragments of several interleave
+        assert self.session is not None
+        self.session.stream_tool_delta(stream, call, text)
+        self.provider_calls[stream.id][call] += text
+
+    def _pick(self, pick: int) -> Any:
+        streams = list(self.provider.values())
+        return streams[pick % len(streams)] if streams else None
 
     @rule(pick=st.integers(0, 7), fail=st.booleans())
     def provider_end(self, pick: int, fail: bool) -> None:
@@ -539,6 +618,7 @@ class SessionMachine(RuleBasedStateMachine):
             assert self.replies.get(request_id, 0) == times, (request_id, times, self.replies)
         for sid in self.client_ended:
             assert self.client_text[sid] == self.provider_text[sid]
+            assert self.client_calls[sid] == self.provider_calls[sid]
         note(f"seq={self.session.seq} streams={len(self.provider)} ended={len(self.client_ended)}")
 
 
