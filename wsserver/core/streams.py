@@ -131,24 +131,22 @@ class Stream:
 
     def add_reasoning(self, text: str) -> None:
         """Reasoning text: it continues the last block unless that one is finished."""
-        blocks = self.reasoning
-        if blocks is None:
-            blocks = self.reasoning = []
-        text_len = sum(map(len, self.parts))
-        if not blocks or self._finished(blocks[-1], text_len, last=True):
-            blocks.append(Reasoning([], text_len, len(self.calls or ())))
-        blocks[-1].parts.append(text)
+        self._block().parts.append(text)
 
     def end_reasoning(self, signature: str | None, redacted: str | None) -> None:
-        """The provider closed the reasoning block (or sent a redacted one)."""
+        """The provider closed the reasoning block (or sent a redacted one, a block of its own)."""
+        block = self._block(fresh=redacted is not None)
+        block.signature, block.redacted, block.done = signature, redacted, True
+
+    def _block(self, *, fresh: bool = False) -> Reasoning:
+        """The block reasoning goes to: the last one, unless it is finished (or ``fresh``)."""
         blocks = self.reasoning
         if blocks is None:
             blocks = self.reasoning = []
         text_len = sum(map(len, self.parts))
-        if redacted is not None or not blocks or self._finished(blocks[-1], text_len, last=True):
+        if fresh or not blocks or self._finished(blocks[-1], text_len, last=True):
             blocks.append(Reasoning([], text_len, len(self.calls or ())))
-        block = blocks[-1]
-        block.signature, block.redacted, block.done = signature, redacted, True
+        return blocks[-1]
 
     def _finished(self, block: Reasoning, text_len: int, *, last: bool) -> bool:
         return block.done or not last or text_len > block.at or len(self.calls or ()) > block.calls_at

@@ -131,6 +131,15 @@ function metaOf(result) {
 
 const transcript = $("transcript");
 
+/** A new element: `<tag class=className data-testid=testid>text</tag>`. */
+function element(tag, className, { testid, text } = {}) {
+  const el = document.createElement(tag);
+  if (className) el.className = className;
+  if (testid) el.dataset.testid = testid;
+  if (text != null) el.textContent = text;
+  return el;
+}
+
 /** Change `container` with `mutate()`, keeping it scrolled to the end if it was there. */
 function growing(container, mutate) {
   const atEnd = container.scrollHeight - container.scrollTop - container.clientHeight < 80;
@@ -156,23 +165,17 @@ function addTurn(turn) {
   el.append(who);
   if (turn.role === "assistant") {
     // reasoning, collapsed, above the answer; the calls below it
-    const reasoning = document.createElement("details");
-    reasoning.className = "reasoning";
-    reasoning.dataset.testid = "reasoning";
+    const reasoning = element("details", "reasoning", { testid: "reasoning" });
     reasoning.hidden = true;
-    const summary = document.createElement("summary");
-    summary.textContent = "Reasoning";
-    const body = document.createElement("div");
-    body.className = "reasoning-text";
-    reasoning.append(summary, body);
+    const body = element("div", "reasoning-text");
+    reasoning.append(element("summary", null, { text: "Reasoning" }), body);
     el.append(reasoning);
     turn.reasoningEl = reasoning;
     turn.reasoningTextEl = body;
   }
   el.append(text);
   if (turn.role === "assistant") {
-    const calls = document.createElement("div");
-    calls.className = "calls";
+    const calls = element("div", "calls");
     el.append(calls);
     turn.callsEl = calls;
     el.dataset.testid = "answer";
@@ -247,26 +250,13 @@ function addReasoning(turn, text, save_ = true) {
 
 function openCall(turn, id, name) {
   if (turn.calls.has(id)) return turn.calls.get(id);
-  const el = document.createElement("div");
-  el.className = "call";
-  el.dataset.testid = "tool-call";
+  const el = element("div", "call", { testid: "tool-call" });
   el.dataset.call = id;
-  const head = document.createElement("div");
-  head.className = "call-head";
-  const label = document.createElement("code");
-  label.className = "call-name";
-  label.dataset.testid = "tool-name";
-  label.textContent = name;
-  const state = document.createElement("span");
-  state.className = "call-state";
-  state.textContent = "calling…";
-  head.append(label, state);
-  const args = document.createElement("pre");
-  args.className = "call-args";
-  args.dataset.testid = "tool-args";
-  const result = document.createElement("pre");
-  result.className = "call-result";
-  result.dataset.testid = "tool-result";
+  const head = element("div", "call-head");
+  const state = element("span", "call-state", { text: "calling…" });
+  head.append(element("code", "call-name", { testid: "tool-name", text: name }), state);
+  const args = element("pre", "call-args", { testid: "tool-args" });
+  const result = element("pre", "call-result", { testid: "tool-result" });
   result.hidden = true;
   el.append(head, args, result);
   growing(transcript, () => turn.callsEl.append(el));
