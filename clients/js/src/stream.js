@@ -50,9 +50,9 @@ export class Stream extends Emitter {
     this.reasoning = "";
     /** Tool calls as far as they have streamed: call id -> {id, name, arguments (JSON text so far)}. */
     this.calls = new Map();
-    /** The index the next stream.delta must carry. */
+    /** The index the next delta-like frame (stream.delta, stream.tool_call) must carry. */
     this.nextIndex = 0;
-    /** Set once stream.end arrived: {stream, reason, usage, ttftMs, durationMs, text, error?}. */
+    /** Set once stream.end arrived: {stream, reason, usage, ttftMs, durationMs, text, reasoning, message, toolCalls, error?}. */
     this.result = null;
     /** The error that ended it (StreamFailedError, ConnectionLostError), if any. */
     this.failure = null;
