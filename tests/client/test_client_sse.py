@@ -6,6 +6,7 @@ import asyncio
 import random
 from typing import Any
 
+import orjson
 import pytest
 
 import wsserver
@@ -81,6 +82,36 @@ async def test_survives_dropped_streams_during_a_long_generation(server: Server)
         assert stream.result is not None and stream.result.reason == "complete"
         assert "".join(pieces) == expected("a long story", 3000)
         assert kills >= 3 and client.reconnects >= 3
+
+
+async def test_a_tool_stream_over_http_survives_dropped_streams_mid_arguments(server: Server) -> None:
+    """Reasoning, calls and argument fragments resume by Last-Event-ID like any frame."""
+    tools = [
+        {"name": f"tool_{i}", "parameters": {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}}
+        for i in range(40)
+    ]
+    prompt = " ".join(f"tool_{i} word{i}" for i in range(40))
+    async with asyncio.timeout(30), wsserver.connect(server.url, transport="sse", backoff=FAST, ack_every=20) as client:
+        stream = await client.generate(
+            [{"role": "user", "content": prompt}], tools=tools, params={"reasoning": {"effort": "high"}, "tokens_per_s": 300}
+        )
+        kills, events = 0, []
+        async for event in stream.events():
+            events.append(event)
+            # mid-arguments, once per connection (the next kill waits for the reconnect)
+            if event.kind == "tool_call_delta" and kills < 3 and client.reconnects == kills:
+                for conn in list(server.sse.connections.values()):
+                    conn.front.abort()
+                kills += 1
+        assert kills == 3 and client.reconnects >= 3
+        assert stream.result is not None and stream.result.reason == "tool_calls"
+        assert [(c.name, c.arguments) for c in stream.tool_calls] == [(f"tool_{i}", {"q": f"word{i}"}) for i in range(40)]
+        assert "".join(e.text for e in events if e.kind == "reasoning") == stream.message["content"][0]["text"]
+        fragments: dict[str, str] = {}
+        for e in events:
+            if e.kind == "tool_call_delta":
+                fragments[e.call] = fragments.get(e.call, "") + e.text
+        assert fragments == {c.id: orjson.dumps(c.arguments).decode() for c in stream.tool_calls}
 
 
 async def test_takeover_closes_4000_without_reconnecting(server: Server) -> None:
