@@ -75,7 +75,7 @@ class Connection:
     """The pump of one WebSocket connection."""
 
     __slots__ = (
-        "_carry", "_flush_on_close", "_send_scheduled", "_writer", "busy", "close_with", "drained", "identity", "ip",
+        "_carry", "_flush_on_close", "_unsent", "_send_scheduled", "_writer", "busy", "close_with", "drained", "identity", "ip",
         "live", "proto", "reserved", "server", "tunnel", "wake", "ws",
     )
 
@@ -94,6 +94,9 @@ class Connection:
         #: Frames taken for an inline write that the socket would not take
         #: without waiting: the writer sends them first (a resume's replay).
         self._carry: list[bytes] = []
+        #: Bytes of the frames taken from the protocol and not yet handed to
+        #: the transport (the carry, the writer's batch): they count as waiting.
+        self._unsent = 0
         self.ip = client_ip(ws)
         #: Who the handshake authenticated (None: the hello's token decides).
         self.identity = identity
@@ -224,6 +227,7 @@ class Connection:
         fanout = self.server.fanout
         if sent < len(frames):
             self._carry = frames[sent:]
+            self._unsent = sum(map(len, self._carry))
             self.busy = True  # nothing overtakes the carried frames (channel traffic waits too)
             self._wake_writer()
             frames = frames[:sent]
@@ -263,11 +267,14 @@ class Connection:
         frames = self.proto.data_to_send()
         if self._carry:
             frames, self._carry = self._carry + frames, []
+        self._unsent = sum(map(len, frames))
         try:
             await self.server.backplane.write_log(self.proto.session)  # before the client sees a seq
             for frame in frames:
+                self._unsent -= len(frame)
                 await send(frame, text=True)
         finally:
+            self._unsent = 0
             self.busy = False
             telemetry = self.server.telemetry
             telemetry.frames_out.inc(len(frames))
@@ -321,13 +328,16 @@ class Connection:
 
     def pending_bytes(self) -> int:
         """Output waiting for this client: the transport's write buffer, the
-        encoded frames queued in its session, and ~64 bytes per other frame."""
+        frames taken for it and not written yet, the encoded frames queued in
+        its session, and ~64 bytes per other frame. (A frame moving from the
+        writer to the transport does not change the sum: only new output and
+        the client's reading do.)"""
         transport = self.ws.transport
         buffered = transport.get_write_buffer_size() if transport is not None else 0
         session = self.proto.session
         queued = session.out.pending_raw_bytes if session is not None else 0
         relayed = self.tunnel.backlog if self.tunnel is not None else 0
-        return buffered + queued + relayed + 64 * self.proto.backlog
+        return buffered + self._unsent + queued + relayed + 64 * self.proto.backlog
 
     def lagging(self) -> bool:
         """Output may still back up here (the monitor keeps watching)."""

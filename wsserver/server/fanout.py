@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from websockets.asyncio.server import broadcast
 
@@ -31,6 +31,11 @@ if TYPE_CHECKING:
 __all__ = ["Fanout"]
 
 logger = logging.getLogger("wsserver.server")
+
+#: How often the slow-consumer watch looks.
+WATCH_S = 0.25
+#: A connection whose backlog (over the limit) has not gone down for this long is not reading.
+STALL_S = 2.0
 
 
 class Fanout:
@@ -105,20 +110,40 @@ class Fanout:
 
         Only lagging connections are looked at: output backs up only behind
         a busy writer or a paused socket, and both put the connection there.
+        A connection with more than ``slow_consumer_bytes`` waiting is a slow
+        consumer when that amount grew since the last look (output piles up
+        faster than it reads), or has not gone down for ``STALL_S`` (it does
+        not read). A client working through one big frame (a long answer's
+        ``stream.end`` carries the whole message) or a resume's replay is
+        left to read it.
         """
         server = self._server
         limit = server.config.slow_consumer_bytes
         lagging = self.lagging
+        #: per lagging connection: (bytes waiting at the last look, looks since they last went down)
+        waiting: dict[Any, tuple[int, int]] = {}
         while True:
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(WATCH_S)
+            looked: dict[Any, tuple[int, int]] = {}
             for conn in list(lagging):
-                if conn.pending_bytes() > limit and conn.close_with is None:
+                pending = conn.pending_bytes()
+                before, stalled = waiting.get(conn, (None, 0))
+                stalled = 0 if before is None or pending < before else stalled + 1
+                if (
+                    pending > limit
+                    and before is not None
+                    and (pending > before or stalled * WATCH_S >= STALL_S)
+                    and conn.close_with is None
+                ):
                     server.stats["slow_consumer_disconnects"] += 1
                     server.telemetry.slow_consumers.inc()
-                    logger.warning("closing a slow consumer (1013): %d bytes waiting", conn.pending_bytes())
+                    logger.warning("closing a slow consumer (1013): %d bytes waiting", pending)
                     conn.close_slow()
-                if not conn.lagging():
+                if conn.lagging():
+                    looked[conn] = (pending, stalled)
+                else:
                     lagging.discard(conn)
+            waiting = looked  # (closed connections are forgotten with the rest)
             server.backplane.sweep()
             server.sessions.prune_quotas()
             self.count_output()
