@@ -21,7 +21,7 @@ import json
 import socket
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
@@ -474,18 +474,22 @@ def text_of(events: Sequence[Any]) -> str:
     return "".join(e.text for e in events if isinstance(e, TextDelta))
 
 
-async def cancel_to_eof(upstream: FakeUpstream, provider: Any, request: Any) -> float:
+async def cancel_to_eof(
+    upstream: FakeUpstream, provider: Any, request: Any, at: Callable[[Any], bool] | None = None
+) -> float:
     """Stream ``request`` from ``provider``, cancel the consuming task at the
-    first text, and return the seconds until the upstream saw the hang-up."""
+    first event ``at`` accepts (default: the first text), and return the
+    seconds until the upstream saw the hang-up."""
     from wsserver.providers import TextDelta
 
     first = asyncio.Event()
+    at = at or (lambda e: isinstance(e, TextDelta))
 
     async def consume() -> None:
         stream = provider.stream(request)
         try:
             async for event in stream:
-                if isinstance(event, TextDelta):
+                if at(event):
                     first.set()
         finally:
             await stream.aclose()
