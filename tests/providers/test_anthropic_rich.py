@@ -47,7 +47,7 @@ def step_one(**kwargs: Any) -> list[Any]:
 async def test_thinking_redacted_text_and_parallel_tool_use(upstream: FakeUpstream, anthropic_provider: Any) -> None:
     upstream.script = [SSE(step_one())]
     async with anthropic_provider() as p:
-        events, failure = await collect(p, ask(reasoning={"budget_tokens": 2000}, tool_choice="required"))
+        events, failure = await collect(p, ask(reasoning={"budget_tokens": 2000}, tool_choice="auto"))
     assert failure is None
     paris, rome = json_fragments(PARIS, 4), json_fragments(ROME, 4)
     assert len(paris) >= 3 and len(rome) >= 3
@@ -70,7 +70,18 @@ async def test_thinking_redacted_text_and_parallel_tool_use(upstream: FakeUpstre
     assert body["thinking"] == {"type": "enabled", "budget_tokens": 2000}
     assert body["max_tokens"] == 4096 + 2000  # the default leaves room for the answer after the budget
     assert body["tools"] == [{"name": "get_weather", "description": "Weather of a city", "input_schema": WEATHER.parameters}]
-    assert body["tool_choice"] == {"type": "any"}
+    assert body["tool_choice"] == {"type": "auto"}
+
+
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [("auto", {"type": "auto"}), ("required", {"type": "any"}), ("none", {"type": "none"}), ({"name": "get_weather"}, {"type": "tool", "name": "get_weather"})],
+)
+async def test_tool_choice(upstream: FakeUpstream, anthropic_provider: Any, choice: Any, expected: dict[str, str]) -> None:
+    upstream.script = [SSE(anthropic_message([a_text("ok")]))]
+    async with anthropic_provider() as p:
+        await collect(p, ask(tool_choice=choice))
+    assert upstream.requests[0].body["tool_choice"] == expected
 
 
 async def test_follow_up_carries_thinking_signature_and_tool_results(upstream: FakeUpstream, anthropic_provider: Any) -> None:

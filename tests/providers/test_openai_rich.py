@@ -166,7 +166,8 @@ async def test_chat_reasoning_of_compatible_servers(upstream: FakeUpstream, open
     """vLLM/DeepSeek/llama.cpp stream ``reasoning_content``, Ollama/OpenRouter ``reasoning``."""
     upstream.script = [
         SSE(chat_deltas([{"reasoning_content": "Think"}, {"reasoning_content": "ing."}, {"content": "Done"}])),
-        SSE(chat_deltas([{"reasoning": "Hm."}, *chat_tool_calls([("call_1", "get_weather", ['{"city"', ':"Oslo"}'])])], finish="tool_calls")),
+        # a server in transition sends both fields with the same text: once
+        SSE(chat_deltas([{"reasoning": "Hm.", "reasoning_content": "Hm."}, *chat_tool_calls([("call_1", "get_weather", ['{"city"', ':"Oslo"}'])])], finish="tool_calls")),
     ]
     async with openai_provider() as p:
         first, _ = await collect(p, ask(reasoning={"effort": "high"}))
@@ -434,8 +435,10 @@ async def test_responses_request_params(upstream: FakeUpstream, openai_provider:
     assert first["text"] == {"format": {"type": "json_schema", "name": "count", "schema": schema}, "verbosity": "low"}
     assert first["reasoning"] == {"summary": "detailed"}  # merged over the mapping's {"summary": "auto"}
     assert first["truncation"] == "auto"
+    assert first["include"] == ["reasoning.encrypted_content"]
     assert second["text"] == {"format": {"type": "json_object"}}
-    assert "reasoning" not in second
+    # without params.reasoning: no summaries, and no encrypted content (models without reasoning refuse it)
+    assert "reasoning" not in second and "include" not in second
 
 
 async def test_responses_refusal_and_arguments_only_in_done(upstream: FakeUpstream, openai_provider: Any) -> None:

@@ -142,6 +142,15 @@ def _message(m: ChatMessage, label: str, images: bool) -> dict[str, Any]:
     return out
 
 
+def _reasoning_of(delta: Any) -> str | None:
+    """The reasoning text of a delta (servers in transition send both fields alike)."""
+    for field in _REASONING_FIELDS:
+        value = getattr(delta, field, None)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 @dataclass(slots=True)
 class _Call:
     id: str | None
@@ -164,10 +173,7 @@ class ChatReader(Reader):
                 continue
             delta = choice.delta
             if delta is not None:
-                for field in _REASONING_FIELDS:
-                    value = getattr(delta, field, None)
-                    if isinstance(value, str):
-                        out += self.reasoning(value)
+                out += self.reasoning(_reasoning_of(delta))
                 out += self.text(delta.content)
                 out += self.text(getattr(delta, "refusal", None))
                 for call in getattr(delta, "tool_calls", None) or ():

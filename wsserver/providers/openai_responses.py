@@ -19,13 +19,14 @@ streams; ``budget_tokens`` alone is refused: the API takes an effort).
 ``params.stop`` is refused: the API has no stop sequences.
 
 Reasoning round trip. With ``store: false`` a reasoning item can only go
-back with its ``encrypted_content``, so every request asks for it
-(``include: ["reasoning.encrypted_content"]``) and the reasoning part's
-``signature`` is ``responses:<item id>:<encrypted_content>``: opaque to the
-client, sent back as ``{"type": "reasoning", "id", "summary",
-"encrypted_content"}``. Reasoning parts without such a signature (from
-another provider, or an item without encrypted content) are not sent: the
-API could not use them.
+back with its ``encrypted_content``, so a request with ``params.reasoning``
+asks for it (``include: ["reasoning.encrypted_content"]``; not asked
+otherwise, since models without reasoning refuse it; ``provider_options``
+can ask for it anyway) and the reasoning part's ``signature`` is
+``responses:<item id>:<encrypted_content>``: opaque to the client, sent back
+as ``{"type": "reasoning", "id", "summary", "encrypted_content"}``.
+Reasoning parts without such a signature (from another provider, or an
+item without encrypted content) are not sent: the API could not use them.
 
 Stream. ``response.output_text.delta`` and ``response.refusal.delta`` are
 text; ``response.reasoning_summary_text.delta`` (summary parts separated by
@@ -70,7 +71,6 @@ def responses_body(request: GenerationRequest, *, label: str, images: bool) -> d
         "input": items,
         "stream": True,
         "store": False,
-        "include": ["reasoning.encrypted_content"],
     }
     if params.max_tokens is not None:
         body["max_output_tokens"] = params.max_tokens
@@ -107,6 +107,7 @@ def responses_body(request: GenerationRequest, *, label: str, images: bool) -> d
                 label, "reasoning.budget_tokens is not supported by the Responses API; give reasoning.effort"
             )
         body["reasoning"] = {**({"effort": reasoning.effort} if reasoning.effort else {}), "summary": "auto"}
+        body["include"] = ["reasoning.encrypted_content"]
     merge_options(body, params.provider_options)
     body["stream"] = True
     return body
