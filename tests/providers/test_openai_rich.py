@@ -216,6 +216,15 @@ async def test_chat_quirks_of_compatible_servers(upstream: FakeUpstream, openai_
     assert events[-1] == Finish("tool_calls")
 
 
+async def test_chat_call_id_used_twice_is_an_upstream_error(upstream: FakeUpstream, openai_provider: Any) -> None:
+    deltas = chat_tool_calls([("call_0", "get_weather", ['{"city":"A"}']), ("call_0", "get_weather", ['{"city":"B"}'])])
+    upstream.script = [SSE(chat_deltas(deltas, finish="tool_calls"))]
+    async with openai_provider() as p:
+        events, failure = await collect(p, ask())
+    assert events == [ToolCallStart("call_0", "get_weather"), ToolCallDelta("call_0", '{"city":"A"}')]
+    assert failure is not None and failure.message == "openai: upstream error (tool call id used twice)"
+
+
 async def test_chat_request_params(upstream: FakeUpstream, openai_provider: Any) -> None:
     schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"]}
     upstream.script = [SSE(chat_deltas([{"content": "{}"}])), SSE(chat_deltas([{"content": "{}"}]))]

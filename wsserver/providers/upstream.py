@@ -179,6 +179,8 @@ class Reader(abc.ABC):
         return [*self.close_reasoning(), ReasoningDone(redacted=data)]
 
     def call_start(self, call: str, name: str) -> list[ProviderEvent]:
+        if call in self._opened:  # the wire needs one id per call
+            raise InBandError("tool call id used twice", retryable=False)
         self._opened[call] = False
         return [*self.close_reasoning(), ToolCallStart(call, name)]
 
