@@ -333,8 +333,6 @@ class MessagesReader(Reader):
             if usage is not None and usage.output_tokens is not None:
                 return [UsageReport(output_tokens=usage.output_tokens)]
             return []
-        if kind == "message_stop":
-            self.done = True
         return []
 
     def _block_start(self, index: int, block: Any) -> list[ProviderEvent]:

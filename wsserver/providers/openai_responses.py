@@ -194,7 +194,6 @@ class ResponsesReader(Reader):
             return []
         if kind in ("response.completed", "response.incomplete"):
             response = event.response
-            self.done = True
             self.reason = "complete"
             if kind == "response.incomplete":
                 details = getattr(response, "incomplete_details", None)

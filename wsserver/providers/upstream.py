@@ -132,7 +132,6 @@ class Reader(abc.ABC):
 
     def __init__(self) -> None:
         self.reason: str | None = None  # "complete" / "length" / "tool_calls" once the upstream said
-        self.done = False  # the upstream sent its terminal event
         self._reasoning = False
         self._opened: dict[str, bool] = {}  # call id -> got argument text
 
