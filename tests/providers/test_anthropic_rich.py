@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.providers.fake_upstream import SSE, FakeUpstream, Reply, anthropic_error, cancel_to_eof, collect
+from tests.providers.fake_upstream import SSE, FakeUpstream, Reply, anthropic_error, calls_of, cancel_to_eof, collect
 from tests.providers.test_openai import CANCEL_CLOSE_BOUND_S
-from tests.providers.test_openai_rich import PARIS, PNG, ROME, WEATHER, ask, calls_of, follow_up
+from tests.providers.test_openai_rich import ANTHROPIC_CALLS, PARIS, PNG, ROME, WEATHER, ask, follow_up
 from tests.providers.vendor_streams import a_redacted, a_text, a_thinking, a_tool_use, anthropic_message, json_fragments
 from wsserver.providers import (
     Finish,
@@ -111,8 +111,7 @@ async def test_follow_up_carries_thinking_signature_and_tool_results(upstream: F
                 {"type": "thinking", "thinking": "Two cities.", "signature": SIGNATURE},
                 {"type": "redacted_thinking", "data": REDACTED},
                 {"type": "text", "text": "Checking."},
-                {"type": "tool_use", "id": "call_a", "name": "get_weather", "input": PARIS},
-                {"type": "tool_use", "id": "call_b", "name": "get_weather", "input": ROME},
+                *ANTHROPIC_CALLS,
             ],
         },
         {

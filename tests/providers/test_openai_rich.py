@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.providers.fake_upstream import SSE, FakeUpstream, Reply, cancel_to_eof, collect
+from tests.providers.fake_upstream import SSE, FakeUpstream, Reply, calls_of, cancel_to_eof, collect
 from tests.providers.test_openai import CANCEL_CLOSE_BOUND_S
 from tests.providers.vendor_streams import (
     chat_deltas,
@@ -40,6 +40,19 @@ WEATHER = Tool(
 )
 PARIS, ROME = {"city": "Paris"}, {"city": "Rome"}
 PNG = "data:image/png;base64,iVBORw0KGgo="
+#: The two calls of ``follow_up`` as each API takes them back.
+CHAT_CALLS = [
+    {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
+    {"id": "call_b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'}},
+]
+RESPONSES_CALLS = [
+    {"type": "function_call", "call_id": "call_a", "name": "get_weather", "arguments": '{"city":"Paris"}'},
+    {"type": "function_call", "call_id": "call_b", "name": "get_weather", "arguments": '{"city":"Rome"}'},
+]
+ANTHROPIC_CALLS = [
+    {"type": "tool_use", "id": "call_a", "name": "get_weather", "input": PARIS},
+    {"type": "tool_use", "id": "call_b", "name": "get_weather", "input": ROME},
+]
 
 
 def ask(messages: list[dict[str, Any]] | None = None, *, tools: bool = True, tool_choice: Any = None, **params: Any) -> GenerationRequest:
@@ -73,18 +86,6 @@ def follow_up(signature: str | None) -> list[dict[str, Any]]:
         {"role": "tool", "tool_call_id": "call_a", "content": "18°C, sunny"},
         {"role": "tool", "tool_call_id": "call_b", "content": [{"type": "text", "text": "21°C"}]},
     ]
-
-
-def calls_of(events: list[Any]) -> dict[str, tuple[str, str]]:
-    """call id -> (name, the concatenated arguments text)."""
-    out: dict[str, tuple[str, str]] = {}
-    for e in events:
-        if isinstance(e, ToolCallStart):
-            out[e.call] = (e.name, "")
-        elif isinstance(e, ToolCallDelta):
-            name, text = out[e.call]
-            out[e.call] = (name, text + e.text)
-    return out
 
 
 # ================================================================ Chat Completions
@@ -141,10 +142,7 @@ async def test_chat_follow_up_carries_tool_calls_and_results(upstream: FakeUpstr
             # reasoning is not sent back: Chat Completions has no field for it
             "role": "assistant",
             "content": "Checking.",
-            "tool_calls": [
-                {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
-                {"id": "call_b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'}},
-            ],
+            "tool_calls": CHAT_CALLS,
         },
         {"role": "tool", "tool_call_id": "call_a", "content": "18°C, sunny"},
         {"role": "tool", "tool_call_id": "call_b", "content": "21°C"},
@@ -407,8 +405,7 @@ async def test_responses_follow_up_carries_reasoning_calls_and_outputs(upstream:
         },
         {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "Two cities."}], "encrypted_content": "gAAAAB-encrypted=="},
         {"role": "assistant", "content": "Checking."},
-        {"type": "function_call", "call_id": "call_a", "name": "get_weather", "arguments": '{"city":"Paris"}'},
-        {"type": "function_call", "call_id": "call_b", "name": "get_weather", "arguments": '{"city":"Rome"}'},
+        *RESPONSES_CALLS,
         {"type": "function_call_output", "call_id": "call_a", "output": "18°C, sunny"},
         {"type": "function_call_output", "call_id": "call_b", "output": [{"type": "input_text", "text": "21°C"}]},
     ]

@@ -24,6 +24,7 @@ from websockets.asyncio.client import connect
 from tests.helpers import RawClient
 from tests.providers.fake_upstream import SSE, FakeUpstream
 from tests.providers.test_openai import CANCEL_CLOSE_BOUND_S
+from tests.providers.test_openai_rich import ANTHROPIC_CALLS, CHAT_CALLS, RESPONSES_CALLS
 from tests.providers.vendor_streams import (
     a_text,
     a_thinking,
@@ -191,10 +192,7 @@ async def test_two_step_tool_conversation(
             {
                 "role": "assistant",
                 "content": "Checking.",
-                "tool_calls": [
-                    {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
-                    {"id": "call_b", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'}},
-                ],
+                "tool_calls": CHAT_CALLS,
             },
             {"role": "tool", "tool_call_id": "call_a", "content": "18°C, sunny"},
             {"role": "tool", "tool_call_id": "call_b", "content": "21°C, clear"},
@@ -203,8 +201,7 @@ async def test_two_step_tool_conversation(
         assert body["input"][2:] == [
             {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "Two cities, two calls."}], "encrypted_content": ENCRYPTED},
             {"role": "assistant", "content": "Checking."},
-            {"type": "function_call", "call_id": "call_a", "name": "get_weather", "arguments": '{"city":"Paris"}'},
-            {"type": "function_call", "call_id": "call_b", "name": "get_weather", "arguments": '{"city":"Rome"}'},
+            *RESPONSES_CALLS,
             {"type": "function_call_output", "call_id": "call_a", "output": "18°C, sunny"},
             {"type": "function_call_output", "call_id": "call_b", "output": "21°C, clear"},
         ]
@@ -215,8 +212,7 @@ async def test_two_step_tool_conversation(
                 "content": [
                     {"type": "thinking", "thinking": "Two cities, two calls.", "signature": SIGNATURE},
                     {"type": "text", "text": "Checking."},
-                    {"type": "tool_use", "id": "call_a", "name": "get_weather", "input": PARIS},
-                    {"type": "tool_use", "id": "call_b", "name": "get_weather", "input": ROME},
+                    *ANTHROPIC_CALLS,
                 ],
             },
             {

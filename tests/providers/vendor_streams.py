@@ -37,12 +37,16 @@ __all__ = [
     "a_thinking",
     "a_tool_use",
     "anthropic_message",
+    "anthropic_start",
+    "chat_chunk",
     "chat_deltas",
     "chat_tool_calls",
     "json_fragments",
     "r_function_call",
     "r_message",
     "r_reasoning",
+    "response_object",
+    "responses_usage",
     "responses_stream",
 ]
 
@@ -56,34 +60,39 @@ def chat_deltas(
     *,
     finish: str | None = "stop",
     usage: tuple[int, int] | None = (5, 6),
+    done: bool = True,
 ) -> list[Event]:
     """A Chat Completions stream: a role chunk, one chunk per delta, the
-    finish chunk, the usage chunk and ``[DONE]``."""
-
-    def chunk(choices: list[Any], **extra: Any) -> Event:
-        return None, {
-            "id": "chatcmpl-1",
-            "object": "chat.completion.chunk",
-            "created": 1700000000,
-            "model": "m",
-            "system_fingerprint": "fp_1",
-            "choices": choices,
-            **extra,
-        }
+    finish chunk, the usage chunk and ``[DONE]`` (each but the deltas can be
+    left out, as a cut stream would)."""
 
     def choice(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
         return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
-    events = [chunk([choice({"role": "assistant", "content": None, "refusal": None})])]
-    events += [chunk([choice(d)]) for d in deltas]
+    events = [chat_chunk([choice({"role": "assistant", "content": None, "refusal": None})])]
+    events += [chat_chunk([choice(d)]) for d in deltas]
     if finish is not None:
-        events.append(chunk([choice({}, finish)]))
+        events.append(chat_chunk([choice({}, finish)]))
     if usage is not None:
         events.append(
-            chunk([], usage={"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)})
+            chat_chunk([], usage={"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)})
         )
-    events.append((None, "[DONE]"))
+    if done:
+        events.append((None, "[DONE]"))
     return events
+
+
+def chat_chunk(choices: list[Any], **extra: Any) -> Event:
+    """One ``chat.completion.chunk`` (the SDK's stream helper skips chunks without ``object``)."""
+    return None, {
+        "id": "chatcmpl-1",
+        "object": "chat.completion.chunk",
+        "created": 1700000000,
+        "model": "m",
+        "system_fingerprint": None,
+        "choices": choices,
+        **extra,
+    }
 
 
 def chat_tool_calls(calls: Sequence[tuple[str, str, Sequence[str]]], *, interleave: bool = False) -> list[dict[str, Any]]:
@@ -150,6 +159,32 @@ def a_tool_use(call_id: str, name: str, fragments: Sequence[str]) -> Block:
     ]
 
 
+def anthropic_start(input_tokens: int) -> Event:
+    """``message_start`` as the API sends it (``usage`` must be there: the SDK
+    writes ``output_tokens`` into it)."""
+    return (
+        "message_start",
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_1",
+                "type": "message",
+                "role": "assistant",
+                "content": [],
+                "model": "m",
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {
+                    "input_tokens": input_tokens,
+                    "output_tokens": 1,
+                    "cache_creation_input_tokens": 0,
+                    "cache_read_input_tokens": 0,
+                },
+            },
+        },
+    )
+
+
 def anthropic_message(
     blocks: Sequence[Block],
     *,
@@ -160,30 +195,7 @@ def anthropic_message(
 ) -> list[Event]:
     """A Messages stream of ``blocks``; ``cut_after_blocks``: stop sending
     after that many blocks (no message_delta: the stream was cut)."""
-    events: list[Event] = [
-        (
-            "message_start",
-            {
-                "type": "message_start",
-                "message": {
-                    "id": "msg_1",
-                    "type": "message",
-                    "role": "assistant",
-                    "content": [],
-                    "model": "m",
-                    "stop_reason": None,
-                    "stop_sequence": None,
-                    "usage": {
-                        "input_tokens": input_tokens,
-                        "output_tokens": 1,
-                        "cache_creation_input_tokens": 0,
-                        "cache_read_input_tokens": 0,
-                    },
-                },
-            },
-        ),
-        ("ping", {"type": "ping"}),
-    ]
+    events: list[Event] = [anthropic_start(input_tokens), ("ping", {"type": "ping"})]
     for i, block in enumerate(blocks):
         if cut_after_blocks is not None and i >= cut_after_blocks:
             return events
@@ -268,26 +280,38 @@ def r_function_call(item_id: str, call_id: str, name: str, fragments: Sequence[s
     return build
 
 
+def response_object(status: str, output: Sequence[Any] = (), **extra: Any) -> dict[str, Any]:
+    """The ``response`` object of ``response.created``/``.completed``/…"""
+    return {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 1700000000,
+        "model": "m",
+        "status": status,
+        "output": list(output),
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [],
+        **extra,
+    }
+
+
+def responses_usage(usage: tuple[int, int]) -> dict[str, Any]:
+    return {
+        "input_tokens": usage[0],
+        "output_tokens": usage[1],
+        "total_tokens": sum(usage),
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": 0},
+    }
+
+
 def responses_stream(items: Sequence[Item], *, usage: tuple[int, int] = (9, 4), cut_after_items: int | None = None) -> list[Event]:
     """A Responses API stream of ``items`` (``event:`` lines and sequence numbers included)."""
 
-    def response(status: str, output: list[Any], **extra: Any) -> dict[str, Any]:
-        return {
-            "id": "resp_1",
-            "object": "response",
-            "created_at": 1700000000,
-            "model": "m",
-            "status": status,
-            "output": output,
-            "parallel_tool_calls": True,
-            "tool_choice": "auto",
-            "tools": [],
-            **extra,
-        }
-
     datas: list[dict[str, Any]] = [
-        {"type": "response.created", "response": response("in_progress", [])},
-        {"type": "response.in_progress", "response": response("in_progress", [])},
+        {"type": "response.created", "response": response_object("in_progress")},
+        {"type": "response.in_progress", "response": response_object("in_progress")},
     ]
     output = []
     for o, item in enumerate(items):
@@ -297,14 +321,7 @@ def responses_stream(items: Sequence[Item], *, usage: tuple[int, int] = (9, 4), 
         datas += events
         output.append(final)
     else:
-        u = {
-            "input_tokens": usage[0],
-            "output_tokens": usage[1],
-            "total_tokens": sum(usage),
-            "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens_details": {"reasoning_tokens": 0},
-        }
-        datas.append({"type": "response.completed", "response": response("completed", output, usage=u)})
+        datas.append({"type": "response.completed", "response": response_object("completed", output, usage=responses_usage(usage))})
     return [(d["type"], {**d, "sequence_number": n}) for n, d in enumerate(datas)]
 
 

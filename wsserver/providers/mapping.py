@@ -18,7 +18,7 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..wire.messages import ChatMessage, ContentPart, ImagePart, TextPart
+from ..wire.messages import ChatMessage, ContentPart, GenerateParams, ImagePart, TextPart
 from .base import ProviderFailure
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "data_url",
     "merge_options",
     "parts_of",
+    "sampling",
     "sdk_arguments",
     "text_only",
     "unsupported",
@@ -79,6 +80,16 @@ def data_url(label: str, url: str) -> tuple[str, str]:
 def arguments_json(arguments: Mapping[str, Any]) -> str:
     """Parsed tool-call arguments as the JSON text OpenAI's APIs take back."""
     return json.dumps(arguments, ensure_ascii=False, separators=(",", ":"))
+
+
+def sampling(params: GenerateParams) -> dict[str, Any]:
+    """``temperature`` and ``top_p`` as the OpenAI APIs take them (when set)."""
+    out: dict[str, Any] = {}
+    if params.temperature is not None:
+        out["temperature"] = params.temperature
+    if params.top_p is not None:
+        out["top_p"] = params.top_p
+    return out
 
 
 def merge_options(body: dict[str, Any], options: Mapping[str, Any] | None) -> dict[str, Any]:

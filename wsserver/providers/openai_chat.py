@@ -39,7 +39,7 @@ from typing import Any
 
 from ..wire.messages import ChatMessage, ImagePart, JsonSchemaFormat, TextPart
 from .base import GenerationRequest, ProviderEvent, UsageReport
-from .mapping import arguments_json, merge_options, text_only, unsupported
+from .mapping import arguments_json, merge_options, sampling, text_only, unsupported
 from .upstream import InBandError, Reader
 
 __all__ = ["FINISH_REASONS", "ChatReader", "chat_body"]
@@ -68,10 +68,7 @@ def chat_body(request: GenerationRequest, *, label: str, max_tokens_param: str, 
         body[max_tokens_param] = params.max_tokens
     if params.stop:
         body["stop"] = params.stop
-    if params.temperature is not None:
-        body["temperature"] = params.temperature
-    if params.top_p is not None:
-        body["top_p"] = params.top_p
+    body.update(sampling(params))
     if request.tools:
         body["tools"] = [
             {

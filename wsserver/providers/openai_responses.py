@@ -49,7 +49,7 @@ from typing import Any
 
 from ..wire.messages import ChatMessage, ImagePart, JsonSchemaFormat, ReasoningPart, TextPart
 from .base import GenerationRequest, ProviderEvent, UsageReport
-from .mapping import RESPONSES_SIGNATURE, arguments_json, merge_options, parts_of, text_only, unsupported
+from .mapping import RESPONSES_SIGNATURE, arguments_json, merge_options, parts_of, sampling, text_only, unsupported
 from .upstream import InBandError, Reader
 
 __all__ = ["ResponsesReader", "responses_body"]
@@ -74,10 +74,7 @@ def responses_body(request: GenerationRequest, *, label: str, images: bool) -> d
     }
     if params.max_tokens is not None:
         body["max_output_tokens"] = params.max_tokens
-    if params.temperature is not None:
-        body["temperature"] = params.temperature
-    if params.top_p is not None:
-        body["top_p"] = params.top_p
+    body.update(sampling(params))
     if request.tools:
         body["tools"] = [
             {
