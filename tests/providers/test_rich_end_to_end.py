@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import connect
 
+import wsserver
+
 from tests.helpers import RawClient
 from tests.providers.fake_upstream import SSE, FakeUpstream
 from tests.providers.test_openai import CANCEL_CLOSE_BOUND_S
@@ -298,3 +300,27 @@ def is_argument_fragment(data: Any) -> bool:
             if call.get("function", {}).get("arguments"):
                 return True
     return False
+
+
+@pytest.mark.both_loops
+async def test_python_client_tool_loop_with_anthropic(
+    upstream: FakeUpstream, make_server: Callable[..., Server]
+) -> None:
+    """The loop an agent writes with the Python client: generate with tools,
+    run the calls, send ``stream.message`` and the results back."""
+    upstream.script = [SSE(step_one("anthropic")), SSE(step_two("anthropic"))]
+    async with make_server(**config(upstream, "anthropic")) as server, wsserver.connect(server.url) as client:
+        messages: list[dict[str, Any]] = list(QUESTION)
+        params = {"reasoning": {"budget_tokens": 2048}}
+        first = await client.generate(messages, provider="anthropic", model="m", tools=[WEATHER], params=params)
+        kinds = [event.kind async for event in first.events()]
+        assert (await first.wait()).reason == "tool_calls"
+        assert kinds[0] == "reasoning" and "text" in kinds and kinds.count("tool_call") == 2  # deltas may be merged
+        messages.append(first.message)  # type: ignore[arg-type]
+        for call in first.tool_calls:
+            messages.append({"role": "tool", "tool_call_id": call.id, "content": RESULTS[call.arguments["city"]]})
+        second = await client.generate(messages, provider="anthropic", model="m", tools=[WEATHER], params=params)
+        answer = "".join([text async for text in second])
+    assert answer == "".join(ANSWER)
+    thinking = upstream.requests[1].body["messages"][1]["content"][0]
+    assert thinking == {"type": "thinking", "thinking": "Two cities, two calls.", "signature": SIGNATURE}
