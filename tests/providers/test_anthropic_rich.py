@@ -90,6 +90,7 @@ async def test_follow_up_carries_thinking_signature_and_tool_results(upstream: F
     # the assistant message as stream.end.message gives it: thinking, the redacted block, text
     messages[2]["content"].insert(1, {"type": "reasoning", "redacted": REDACTED})
     messages[1]["content"].append({"type": "image", "url": PNG})
+    messages[4]["content"].append({"type": "image", "url": PNG})  # a tool result with an image
     messages.append({"role": "user", "content": "And tomorrow?"})
     async with anthropic_provider() as p:
         events, failure = await collect(p, ask(messages, tool_choice={"name": "get_weather"}, reasoning={"budget_tokens": 2000}))
@@ -118,7 +119,14 @@ async def test_follow_up_carries_thinking_signature_and_tool_results(upstream: F
             "role": "user",
             "content": [
                 {"type": "tool_result", "tool_use_id": "call_a", "content": "18°C, sunny"},
-                {"type": "tool_result", "tool_use_id": "call_b", "content": [{"type": "text", "text": "21°C"}]},
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "call_b",
+                    "content": [
+                        {"type": "text", "text": "21°C"},
+                        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}},
+                    ],
+                },
                 {"type": "text", "text": "And tomorrow?"},
             ],
         },

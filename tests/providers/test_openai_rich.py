@@ -389,6 +389,7 @@ async def test_responses_follow_up_carries_reasoning_calls_and_outputs(upstream:
     upstream.script = [SSE(responses_stream([r_message("msg_2", ["Paris 18°C, Rome 21°C."])]))]
     messages = follow_up("responses:rs_1:gAAAAB-encrypted==")
     messages[1]["content"].append({"type": "image", "url": PNG})
+    messages[4]["content"].append({"type": "image", "url": PNG})  # a tool result with an image
     async with openai_provider(api="responses") as p:
         events, failure = await collect(p, ask(messages, tool_choice={"name": "get_weather"}))
     assert failure is None and events[-1] == Finish("complete")
@@ -407,7 +408,11 @@ async def test_responses_follow_up_carries_reasoning_calls_and_outputs(upstream:
         {"role": "assistant", "content": "Checking."},
         *RESPONSES_CALLS,
         {"type": "function_call_output", "call_id": "call_a", "output": "18°C, sunny"},
-        {"type": "function_call_output", "call_id": "call_b", "output": [{"type": "input_text", "text": "21°C"}]},
+        {
+            "type": "function_call_output",
+            "call_id": "call_b",
+            "output": [{"type": "input_text", "text": "21°C"}, {"type": "input_image", "image_url": PNG, "detail": "auto"}],
+        },
     ]
     assert body["tool_choice"] == {"type": "function", "name": "get_weather"}
 

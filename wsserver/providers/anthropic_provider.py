@@ -37,7 +37,7 @@ object schema when there are no parameters); ``tool_choice`` ``auto`` →
 ``{"name"}`` → ``{"type": "tool", "name"}``. ``params.reasoning`` turns
 thinking on: ``{"type": "enabled", "budget_tokens"}`` with
 ``budget_tokens``, or, given only an ``effort``, a budget for it
-(:data:`EFFORT_BUDGETS`); a budget under 1024 (the API's minimum) or not
+(:data:`EFFORT_BUDGETS`; ``{}`` counts as ``medium``); a budget under 1024 (the API's minimum) or not
 below ``max_tokens`` is refused before sending. ``params.response_format``
 ``json_schema`` → ``output_config.format`` (``{"type": "json_schema",
 "schema"}``: the API's structured outputs, always strict, no name);
