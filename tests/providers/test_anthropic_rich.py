@@ -137,7 +137,7 @@ async def test_follow_up_carries_thinking_signature_and_tool_results(upstream: F
 async def test_reasoning_anthropic_cannot_verify_is_not_sent(upstream: FakeUpstream, anthropic_provider: Any) -> None:
     """Reasoning without a signature, or with the Responses API's, is left
     out; an assistant message left with nothing is left out too."""
-    upstream.script = [SSE(anthropic_message([a_text("ok")]))] * 2
+    upstream.script = [SSE(anthropic_message([a_text("ok")]))] * 3
     only_reasoning = [
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": [{"type": "reasoning", "text": "unsigned"}]},
@@ -145,10 +145,12 @@ async def test_reasoning_anthropic_cannot_verify_is_not_sent(upstream: FakeUpstr
     ]
     async with anthropic_provider() as p:
         await collect(p, ask(follow_up("responses:rs_1:gAAAA")))
+        await collect(p, ask(follow_up("sim-cc0141b29343544ee0f4402d")))  # the simulated provider's
         await collect(p, ask(only_reasoning))
-    first, second = (r.body for r in upstream.requests)
+    first, simulated, third = (r.body for r in upstream.requests)
     assert first["messages"][1]["content"][0] == {"type": "text", "text": "Checking."}
-    assert second["messages"] == [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]
+    assert simulated["messages"][1]["content"][0] == {"type": "text", "text": "Checking."}
+    assert third["messages"] == [{"role": "user", "content": "hi"}, {"role": "user", "content": "again"}]
 
 
 async def test_thinking_without_text_keeps_its_signature(upstream: FakeUpstream, anthropic_provider: Any) -> None:

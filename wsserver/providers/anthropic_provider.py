@@ -15,10 +15,11 @@ sent in order:
   ``name``, ``input``: the parsed arguments). A reasoning part goes back as
   the block it came from: ``thinking`` with its ``signature``, or
   ``redacted_thinking`` with its ``data`` (the part's ``redacted``). A
-  reasoning part without a signature (from another provider, or the
-  simulated one's without a real signature) cannot be verified by the API
-  and is not sent; an assistant message left with nothing is left out.
-  Images are refused (the API takes none from the assistant).
+  reasoning part without an Anthropic signature (none, the Responses API's
+  ``responses:…``, the simulated provider's fake ``sim-…``) cannot be
+  verified by the API and is not sent; an assistant message left with
+  nothing is left out. Images are refused (the API takes none from the
+  assistant).
 * ``tool``: a ``tool_result`` block (``tool_use_id``, ``content``: the text,
   or text and image blocks) in a user message; the results that follow one
   another share one user message, and a user message right after them
@@ -80,6 +81,7 @@ from ..wire.messages import ChatMessage, ImagePart, JsonSchemaFormat, ReasoningP
 from .base import GenerationRequest, ProviderEvent, ProviderFailure, UsageReport
 from .mapping import (
     RESPONSES_SIGNATURE,
+    SIMULATED_SIGNATURE,
     data_url,
     merge_options,
     parts_of,
@@ -275,7 +277,7 @@ class _Turns:
             elif isinstance(part, ReasoningPart):
                 if part.redacted is not None:
                     blocks.append({"type": "redacted_thinking", "data": part.redacted})
-                elif part.signature and not part.signature.startswith(RESPONSES_SIGNATURE):
+                elif part.signature and not part.signature.startswith((RESPONSES_SIGNATURE, SIMULATED_SIGNATURE)):
                     blocks.append({"type": "thinking", "thinking": part.text, "signature": part.signature})
         for call in m.tool_calls or ():
             blocks.append({"type": "tool_use", "id": call.id, "name": call.name, "input": call.arguments})

@@ -23,6 +23,7 @@ from .base import ProviderFailure
 
 __all__ = [
     "RESPONSES_SIGNATURE",
+    "SIMULATED_SIGNATURE",
     "arguments_json",
     "data_url",
     "merge_options",
@@ -37,6 +38,8 @@ __all__ = [
 #: Responses API: ``responses:<reasoning item id>:<encrypted_content>``.
 #: Anthropic signatures are base64 and never contain ``:``.
 RESPONSES_SIGNATURE = "responses:"
+#: Prefix of the simulated provider's fake signatures (no upstream can verify them).
+SIMULATED_SIGNATURE = "sim-"
 #: Keyword arguments of the SDK methods that are not part of the request body.
 _SDK_ONLY = frozenset({"extra_body", "extra_headers", "extra_query", "timeout"})
 
