@@ -85,6 +85,9 @@ class ServerConfig:
     openai_api: str = _opt(
         "chat", "openai provider: Chat Completions or Responses API", choices=("chat", "responses")
     )
+    openai_images: bool = _opt(
+        True, "openai provider: the model takes images (--no-openai-images: refuse them, text-only model)"
+    )
     anthropic_api_key: str | None = _opt(
         None, "Anthropic API key (else ANTHROPIC_API_KEY; prefer the environment)", secret=True
     )

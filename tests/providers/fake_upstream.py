@@ -21,13 +21,16 @@ import json
 import socket
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
 
+from tests.providers.vendor_streams import anthropic_start, chat_deltas, response_object, responses_usage
+
 __all__ = [
     "SSE",
+    "calls_of",
     "Drop",
     "FakeUpstream",
     "Recorded",
@@ -294,32 +297,7 @@ def chat_events(
 ) -> list[tuple[str | None, Any]]:
     """OpenAI Chat Completions chunks: role-only first chunk, content, finish,
     usage-only last chunk (``choices: []``), ``[DONE]``."""
-
-    def chunk(choices: list[Any], **extra: Any) -> tuple[None, Any]:
-        return None, {
-            "id": "chatcmpl-1",
-            "object": "chat.completion.chunk",
-            "created": 1700000000,
-            "model": "m",
-            "system_fingerprint": None,
-            "choices": choices,
-            **extra,
-        }
-
-    def choice(delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-
-    events = [chunk([choice({"role": "assistant", "content": ""})])]
-    events += [chunk([choice({"content": t})]) for t in texts]
-    if finish is not None:
-        events.append(chunk([choice({}, finish)]))
-    if usage is not None:
-        events.append(
-            chunk([], usage={"prompt_tokens": usage[0], "completion_tokens": usage[1], "total_tokens": sum(usage)})
-        )
-    if done:
-        events.append((None, "[DONE]"))
-    return events
+    return chat_deltas([{"content": t} for t in texts], finish=finish, usage=usage, done=done)
 
 
 def anthropic_events(
@@ -333,27 +311,7 @@ def anthropic_events(
 ) -> list[tuple[str | None, Any]]:
     """Anthropic Messages stream events (``event:`` lines included)."""
     events: list[tuple[str | None, Any]] = [
-        (
-            "message_start",
-            {
-                "type": "message_start",
-                "message": {
-                    "id": "msg_1",
-                    "type": "message",
-                    "role": "assistant",
-                    "content": [],
-                    "model": "m",
-                    "stop_reason": None,
-                    "stop_sequence": None,
-                    "usage": {
-                        "input_tokens": input_tokens,
-                        "output_tokens": 1,
-                        "cache_creation_input_tokens": 0,
-                        "cache_read_input_tokens": 0,
-                    },
-                },
-            },
-        ),
+        anthropic_start(input_tokens),
         (
             "content_block_start",
             {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
@@ -396,22 +354,8 @@ def responses_events(
 ) -> list[tuple[str | None, Any]]:
     """OpenAI Responses API stream events (data-only, each with a ``type``)."""
 
-    def response(status: str, **extra: Any) -> dict[str, Any]:
-        return {
-            "id": "resp_1",
-            "object": "response",
-            "created_at": 1700000000,
-            "model": "m",
-            "status": status,
-            "output": [],
-            "parallel_tool_calls": True,
-            "tool_choice": "auto",
-            "tools": [],
-            **extra,
-        }
-
     events: list[tuple[str | None, Any]] = [
-        (None, {"type": "response.created", "sequence_number": 0, "response": response("in_progress")})
+        (None, {"type": "response.created", "sequence_number": 0, "response": response_object("in_progress")})
     ]
     for i, t in enumerate(texts):
         events.append(
@@ -428,19 +372,13 @@ def responses_events(
                 },
             )
         )
-    u = {
-        "input_tokens": usage[0],
-        "output_tokens": usage[1],
-        "total_tokens": sum(usage),
-        "input_tokens_details": {"cached_tokens": 0},
-        "output_tokens_details": {"reasoning_tokens": 0},
-    }
+    u = responses_usage(usage)
     if incomplete is None:
-        final = {"type": "response.completed", "response": response("completed", usage=u)}
+        final = {"type": "response.completed", "response": response_object("completed", usage=u)}
     else:
         final = {
             "type": "response.incomplete",
-            "response": response("incomplete", usage=u, incomplete_details={"reason": incomplete}),
+            "response": response_object("incomplete", usage=u, incomplete_details={"reason": incomplete}),
         }
     final["sequence_number"] = len(texts) + 1
     events.append((None, final))
@@ -474,18 +412,36 @@ def text_of(events: Sequence[Any]) -> str:
     return "".join(e.text for e in events if isinstance(e, TextDelta))
 
 
-async def cancel_to_eof(upstream: FakeUpstream, provider: Any, request: Any) -> float:
+def calls_of(events: Sequence[Any]) -> dict[str, tuple[str, str]]:
+    """call id -> (tool name, its arguments' text joined)."""
+    from wsserver.providers import ToolCallDelta, ToolCallStart
+
+    out: dict[str, tuple[str, str]] = {}
+    for e in events:
+        if isinstance(e, ToolCallStart):
+            out[e.call] = (e.name, "")
+        elif isinstance(e, ToolCallDelta):
+            name, text = out[e.call]
+            out[e.call] = (name, text + e.text)
+    return out
+
+
+async def cancel_to_eof(
+    upstream: FakeUpstream, provider: Any, request: Any, at: Callable[[Any], bool] | None = None
+) -> float:
     """Stream ``request`` from ``provider``, cancel the consuming task at the
-    first text, and return the seconds until the upstream saw the hang-up."""
+    first event ``at`` accepts (default: the first text), and return the
+    seconds until the upstream saw the hang-up."""
     from wsserver.providers import TextDelta
 
     first = asyncio.Event()
+    at = at or (lambda e: isinstance(e, TextDelta))
 
     async def consume() -> None:
         stream = provider.stream(request)
         try:
             async for event in stream:
-                if isinstance(event, TextDelta):
+                if at(event):
                     first.set()
         finally:
             await stream.aclose()

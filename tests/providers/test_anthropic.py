@@ -5,7 +5,7 @@ in-band errors, retries, cancel, and end to end through a running wsserver."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -17,7 +17,6 @@ from wsserver.providers import (
     AnthropicProvider,
     Finish,
     GenerationRequest,
-    RetryPolicy,
     TextDelta,
     UsageReport,
 )
@@ -35,7 +34,6 @@ from tests.providers.fake_upstream import (
 )
 from tests.providers.test_openai import CANCEL_CLOSE_BOUND_S
 
-FAST_RETRY = RetryPolicy(retries=2, backoff_s=0.01, max_delay_s=0.5)
 CONVERSATION = [
     ChatMessage(role="system", content="Be brief."),
     ChatMessage(role="user", content="hi"),
@@ -50,25 +48,8 @@ def request(messages: list[ChatMessage] = CONVERSATION, **params: Any) -> Genera
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as up:
-        yield up
-
-
-@pytest.fixture
-def provider(upstream: FakeUpstream) -> Callable[..., Any]:
-    class _Ctx:
-        def __init__(self, **kwargs: Any) -> None:
-            kwargs.setdefault("retry", FAST_RETRY)
-            self.p = AnthropicProvider(api_key="test", base_url=upstream.url, **kwargs)
-
-        async def __aenter__(self) -> AnthropicProvider:
-            return self.p
-
-        async def __aexit__(self, *exc: object) -> None:
-            await self.p.aclose()
-
-    return _Ctx
+def provider(anthropic_provider: Callable[..., Any]) -> Callable[..., Any]:
+    return anthropic_provider
 
 
 async def test_stream_with_ping_usage_and_system(upstream: FakeUpstream, provider: Any) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -29,7 +29,6 @@ from tests.providers.fake_upstream import cancel_to_eof, SSE, Drop, FakeUpstream
 #: Cancel → upstream EOF bound. Typical on this box: 0.3-0.7 ms.
 CANCEL_CLOSE_BOUND_S = 0.1
 
-FAST_RETRY = RetryPolicy(retries=2, backoff_s=0.01, max_delay_s=0.5)
 CONVERSATION = [
     ChatMessage(role="system", content="Be brief."),
     ChatMessage(role="user", content="hi"),
@@ -41,27 +40,8 @@ def request(**params: Any) -> GenerationRequest:
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[FakeUpstream]:
-    async with FakeUpstream() as up:
-        yield up
-
-
-@pytest.fixture
-def provider(upstream: FakeUpstream) -> Callable[..., Any]:
-    """``async with provider(api="responses") as p`` bound to the fake upstream."""
-
-    class _Ctx:
-        def __init__(self, **kwargs: Any) -> None:
-            kwargs.setdefault("retry", FAST_RETRY)
-            self.p = OpenAIProvider(api_key="test", base_url=upstream.url + "/v1", **kwargs)
-
-        async def __aenter__(self) -> OpenAIProvider:
-            return self.p
-
-        async def __aexit__(self, *exc: object) -> None:
-            await self.p.aclose()
-
-    return _Ctx
+def provider(openai_provider: Callable[..., Any]) -> Callable[..., Any]:
+    return openai_provider
 
 
 # ------------------------------------------------------------ chat streaming

@@ -147,18 +147,21 @@ async def test_cli_flags_and_wsserver_env() -> None:
     add_arguments(parser)
     help_text = parser.format_help()
     for flag in ("--openai-api-key", "--openai-base-url", "--anthropic-api-key", "--anthropic-base-url",
-                 "--base-url", "--openai-api", "--provider-retries", "--anthropic-max-tokens"):
+                 "--base-url", "--openai-api", "--provider-retries", "--anthropic-max-tokens",
+                 "--no-openai-images"):
         assert flag in help_text
     args = parser.parse_args(
         ["--provider", "openai", "--model", "qwen", "--openai-base-url", "http://127.0.0.1:11434/v1",
-         "--provider-retries", "0"]
+         "--provider-retries", "0", "--no-openai-images"]
     )
     config = from_args(args, environ={"WSSERVER_ANTHROPIC_API_KEY": "ak-ws"})
     assert config.provider == "openai" and config.openai_base_url == "http://127.0.0.1:11434/v1"
     assert config.provider_retries == 0 and config.anthropic_api_key == "ak-ws"
+    assert config.openai_images is False and ServerConfig().openai_images is True
     providers = default_providers(config, environ={})
     try:
         assert providers.resolve(None, None) == ("openai", "qwen")
+        assert providers["openai"].images is False  # type: ignore[attr-defined]
         assert providers["anthropic"]._client.api_key == "ak-ws"  # type: ignore[attr-defined]
     finally:
         await providers.aclose()

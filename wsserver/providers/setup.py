@@ -60,6 +60,7 @@ class ProviderSettings:
     openai_base_url: str | None = None
     openai_model: str = "gpt-5-mini"
     openai_api: Literal["chat", "responses"] = "chat"
+    openai_images: bool = True
     anthropic_api_key: str | None = dataclasses.field(default=None, repr=False)
     anthropic_base_url: str | None = None
     anthropic_model: str = "claude-haiku-4-5"
@@ -113,6 +114,7 @@ def real_providers(
                     base_url=base,
                     default_model=default_model("openai", config.openai_model),
                     api=config.openai_api,
+                    images=config.openai_images,
                     timeout=config.provider_timeout,
                     retry=retry,
                 )

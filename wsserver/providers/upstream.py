@@ -1,7 +1,8 @@
 """What the HTTP providers (``openai``, ``anthropic``) share: the retry loop,
-closing the upstream response, and turning SDK errors into safe messages.
+closing the upstream response, reading a stream (:class:`Reader`), and
+turning SDK errors into safe messages.
 
-Retry policy (:class:`RetryPolicy`): a request is retried only while no text
+Retry policy (:class:`RetryPolicy`): a request is retried only while nothing
 has been produced: HTTP 408, 409, 429, 529 and other 5xx (the statuses the
 SDKs themselves would retry), connection failures, connect timeouts, a stream
 that ends without a finish reason, and in-band stream errors that say the
@@ -11,25 +12,29 @@ upstream is overloaded or failed (Anthropic ``event: error`` with
 A read timeout (the upstream went silent) is not retried. The delay is the upstream's
 ``retry-after-ms``/``retry-after`` when it sends one, else ``backoff_s``
 doubling each retry (with jitter), and never more than ``max_delay_s``. Once
-the first piece of text has been yielded nothing is retried: a retry would
-send the client the beginning of the answer twice. Other 4xx (400 bad model,
-401 bad key, 403, 404) are never retried.
+the first event of any kind has been yielded (text, reasoning, a reasoning
+block's end, a tool call or a piece of its arguments) nothing is retried: a
+retry would send the client the beginning of the answer twice. A usage
+report is not output (a later one overwrites it), so Anthropic's
+``message_start`` does not stop a retry. Other 4xx (400 bad model, 401 bad
+key, 403, 404) are never retried.
 
 The SDK clients run with ``max_retries=0`` so this is the only retry loop.
 Every failure leaves as :class:`~wsserver.providers.base.ProviderFailure`
 with a message that names the provider and the HTTP status or error type and
 is safe to show to the client: the upstream's own error text is passed on
 only for 400/404/409/413/422 answers (it describes the request, e.g. an
-unknown model), truncated and with anything that looks like a key, an
-organisation or a project id masked; 401, 403 and 429 texts are dropped (they
-can quote part of the key or name the organisation). The full upstream text
-is logged at WARNING on ``wsserver.providers``.
+unknown model, or a model that takes no images or no reasoning parameters),
+truncated and with anything that looks like a key, an organisation or a
+project id masked; 401, 403 and 429 texts are dropped (they can quote part
+of the key or name the organisation). The full upstream text is logged at
+WARNING on ``wsserver.providers``.
 
 The upstream response is always closed explicitly (``finally: await
-stream.close()``) when the generation ends, fails or is cancelled: leaving
-an SDK stream by ``break`` or by an exception does not close the HTTP
-response by itself, and an open response keeps the upstream generating (and
-billing).
+stream.close()``) when the generation ends, fails or is cancelled, whatever
+it was streaming (text, reasoning, tool-call arguments): leaving an SDK
+stream by ``break`` or by an exception does not close the HTTP response by
+itself, and an open response keeps the upstream generating (and billing).
 """
 
 from __future__ import annotations
@@ -41,13 +46,25 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from .base import GenerationRequest, Provider, ProviderEvent, ProviderFailure, TextDelta
+from .base import (
+    Finish,
+    GenerationRequest,
+    Provider,
+    ProviderEvent,
+    ProviderFailure,
+    ReasoningDelta,
+    ReasoningDone,
+    TextDelta,
+    ToolCallDelta,
+    ToolCallStart,
+    UsageReport,
+)
 
-__all__ = ["HTTPProvider", "InBandError", "RetryPolicy", "StreamState", "UpstreamError"]
+__all__ = ["HTTPProvider", "InBandError", "Reader", "RetryPolicy", "UpstreamError"]
 
 logger = logging.getLogger("wsserver.providers")
 
@@ -96,12 +113,88 @@ class UpstreamError:
     log_detail: str = ""
 
 
-@dataclass(slots=True)
-class StreamState:
-    """What one attempt has seen so far (filled in by ``convert``)."""
+class Reader(abc.ABC):
+    """One attempt's reading of an upstream stream: :meth:`events` turns
+    each SDK event into provider events, :meth:`finish` gives the events
+    after the upstream's last one. Subclasses (one per vendor API) call the
+    helpers below, which keep what every API needs: why the upstream
+    stopped, whether a reasoning block is open, and which tool calls were
+    opened and got argument text.
 
-    reason: str | None = None  # "complete" / "length" once the upstream said why it stopped
-    done: bool = False  # the upstream sent its terminal event
+    Rules shared by every API: empty pieces are not events; an open
+    reasoning block is closed (``ReasoningDone()``, no signature) when text
+    or a tool call follows it or the stream ends, for APIs that mark no end;
+    a tool call that got no argument text gets ``{}`` (a tool without
+    parameters); the stream ends ``tool_calls`` when the model opened calls
+    (some OpenAI-compatible servers say ``stop``), and a ``tool_calls``
+    finish without any call is ``complete``.
+    """
+
+    def __init__(self) -> None:
+        self.reason: str | None = None  # "complete" / "length" / "tool_calls" once the upstream said
+        self._reasoning = False
+        self._opened: dict[str, bool] = {}  # call id -> got argument text
+
+    @abc.abstractmethod
+    def events(self, event: Any) -> list[ProviderEvent]:
+        """Translate one SDK stream event."""
+
+    def finish(self) -> list[ProviderEvent]:
+        """Events after the stream ended; raise InBandError if it ended early."""
+        if self.reason is None:
+            raise InBandError("stream ended early", retryable=True)
+        out = self.close_reasoning()
+        for call in self._opened:
+            out += self.call_end(call)
+        reason = self.reason
+        if self._opened and reason == "complete":
+            reason = "tool_calls"
+        elif not self._opened and reason == "tool_calls":
+            reason = "complete"
+        out.append(Finish(reason))  # type: ignore[arg-type]
+        return out
+
+    # ----------------------------------------------------------- helpers
+
+    def text(self, text: str | None) -> list[ProviderEvent]:
+        if not text:
+            return []
+        return [*self.close_reasoning(), TextDelta(text)]
+
+    def reasoning(self, text: str | None) -> list[ProviderEvent]:
+        if not text:
+            return []
+        self._reasoning = True
+        return [ReasoningDelta(text)]
+
+    def close_reasoning(self, signature: str | None = None) -> list[ProviderEvent]:
+        """End the open reasoning block (with its signature, when it has one)."""
+        if not self._reasoning and not signature:
+            return []
+        self._reasoning = False
+        return [ReasoningDone(signature=signature or None)]
+
+    def redacted(self, data: str) -> list[ProviderEvent]:
+        return [*self.close_reasoning(), ReasoningDone(redacted=data)]
+
+    def call_start(self, call: str, name: str) -> list[ProviderEvent]:
+        if call in self._opened:  # the wire needs one id per call
+            raise InBandError("tool call id used twice", retryable=False)
+        self._opened[call] = False
+        return [*self.close_reasoning(), ToolCallStart(call, name)]
+
+    def call_delta(self, call: str, text: str | None) -> list[ProviderEvent]:
+        if not text:
+            return []
+        self._opened[call] = True
+        return [ToolCallDelta(call, text)]
+
+    def call_end(self, call: str, arguments: str | None = None) -> list[ProviderEvent]:
+        """A call is complete: send the arguments if none were streamed
+        (``arguments``, else ``{}``)."""
+        if self._opened.get(call, True):
+            return []
+        return self.call_delta(call, arguments or "{}")
 
 
 def parse_retry_after(headers: Any) -> float | None:
@@ -169,10 +262,11 @@ class HTTPProvider(Provider):
     """A provider that streams from an SDK client, with the shared retry loop.
 
     Subclasses create ``self._client`` (importing their SDK in ``__init__``,
-    never at module import), and implement :meth:`_open` (start one upstream
-    request, return the SDK's async stream) and :meth:`_convert` (one SDK
-    event to provider events; may raise :class:`InBandError`) and
-    :meth:`_finish` (the events after the upstream's last one).
+    never at module import), and implement :meth:`_open` (map the request,
+    start one upstream request, return the SDK's async stream; an input the
+    API cannot take raises ProviderFailure before anything is sent) and
+    :meth:`_reader` (what reads one attempt's events; it may raise
+    :class:`InBandError`).
     """
 
     #: How messages name the provider ("openai: rate limited (429)").
@@ -191,18 +285,14 @@ class HTTPProvider(Provider):
         """Send the request; return the SDK stream (has ``close()`` and ``__aiter__``)."""
 
     @abc.abstractmethod
-    def _convert(self, event: Any, state: StreamState) -> Iterable[ProviderEvent]:
-        """Translate one SDK stream event."""
-
-    @abc.abstractmethod
-    def _finish(self, state: StreamState) -> Iterable[ProviderEvent]:
-        """Events after the stream ended; raise InBandError if it ended early."""
+    def _reader(self) -> Reader:
+        """A fresh :class:`Reader` for one attempt's stream."""
 
     # ---------------------------------------------------------------- running
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[ProviderEvent]:
         attempt = 0
-        produced_text = False
+        produced = False  # an event other than usage was yielded: no more retries
         while True:
             error: UpstreamError
             try:
@@ -213,36 +303,33 @@ class HTTPProvider(Provider):
                 error = self._classify(exc, mid_stream=False)
             else:
                 try:
-                    state = StreamState()
+                    reader = self._reader()
                     async for sdk_event in upstream:
-                        for event in self._convert(sdk_event, state):
-                            if type(event) is TextDelta:
-                                if not event.text:
-                                    continue
-                                produced_text = True
+                        for event in reader.events(sdk_event):
+                            produced = produced or type(event) is not UsageReport
                             yield event
-                    for event in self._finish(state):
+                    for event in reader.finish():
                         yield event
                     return
                 except ProviderFailure:
                     raise
                 except Exception as exc:
-                    error = self._classify(exc, mid_stream=produced_text)
+                    error = self._classify(exc, mid_stream=produced)
                 finally:
                     # Explicit: leaving the SDK iterator does not close the response.
                     await self._close(upstream)
             tries = attempt + 1
-            if produced_text or not error.retryable or attempt >= self.retry.retries:
+            if produced or not error.retryable or attempt >= self.retry.retries:
                 logger.warning(
                     "%s: %s after %d attempt(s)%s: %s",
                     self.name,
-                    "stream failed" if produced_text else "request failed",
+                    "stream failed" if produced else "request failed",
                     tries,
-                    " (not retried: text already sent)" if produced_text and error.retryable else "",
+                    " (not retried: output already sent)" if produced and error.retryable else "",
                     error.log_detail or error.message,
                 )
                 message = error.message
-                if error.retryable and not produced_text and tries > 1:
+                if error.retryable and not produced and tries > 1:
                     message += f" after {tries} attempts"
                 raise ProviderFailure(message, code=error.code)
             delay = self.retry.delay(attempt, error.retry_after)
