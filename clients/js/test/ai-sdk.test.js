@@ -189,6 +189,31 @@ describe("end to end against the server", () => {
     assert.equal((await again.wait()).text, text, "the whole answer, once");
   });
 
+  test("reasoning and a tool call from the simulated provider, through readUIMessageStream", async () => {
+    const tools = [{
+      name: "get_weather",
+      description: "the weather in a city",
+      parameters: { type: "object", properties: { city: { type: "string" } }, required: ["city"] },
+    }];
+    const chat = transport({
+      params: { reasoning: { effort: "low" } },
+      prepareGenerate: (messages) => ({ messages, tools }),
+    });
+    const chunks = await collect(await chat.sendMessages({ chatId: "c-tools", messages: ask("get_weather in Paris please"),
+      trigger: "submit-message", messageId: undefined, abortSignal: undefined }));
+    assert.ok(chunks.some((c) => c.type === "reasoning-delta"), "reasoning streamed");
+    assert.ok(chunks.some((c) => c.type === "tool-input-delta"), "the arguments streamed");
+    assert.deepEqual(chunks.at(-1), { type: "finish", finishReason: "tool-calls" });
+    const message = await uiMessage(chunks);
+    const parts = message.parts.filter((p) => p.type !== "step-start");
+    assert.equal(parts[0].type, "reasoning");
+    assert.ok(parts[0].text.length > 0);
+    const tool = parts.find((p) => p.type === "tool-get_weather");
+    assert.equal(tool.state, "input-available");
+    assert.equal(typeof tool.input.city, "string");
+    assert.ok(tool.input.city.length > 0, JSON.stringify(tool.input));
+  });
+
   test("the same over the HTTP transport, with max_tokens: finish length", async () => {
     const chat = transport({ params: { reply_tokens: 40, max_tokens: 7 }, clientOptions: { transport: "sse" } });
     const message = await uiMessage(await chat.sendMessages({ chatId: "c2", messages: ask("short"),
