@@ -229,6 +229,27 @@ async def test_after_a_tool_result_it_quotes_it_and_calls_nothing() -> None:
     assert calls_of(events) == {} and events[-1] == Finish("complete")
 
 
+async def test_stages_call_one_step_after_another_then_answer() -> None:
+    """", then" separates stages: one per step of an agent run (what the agent-run tests use)."""
+    prompt = "get_weather in Oslo, then get_time in CET. Then get_weather Bergen"
+    conversation = user(prompt)
+    called = []
+    for step in range(3):
+        events = await rich(conversation, [WEATHER, TIME], "required")
+        ((call_id, (name, arguments)),) = calls_of(events).items()
+        called.append((name, orjson.loads(arguments).get("city") or orjson.loads(arguments).get("zone")))
+        assert events[-1] == Finish("tool_calls")
+        conversation = [
+            *conversation,
+            ChatMessage(role="assistant", content="", tool_calls=[ToolCall(id=call_id, name=name, arguments=orjson.loads(arguments))]),
+            ChatMessage(role="tool", tool_call_id=call_id, content=f"result {step}"),
+        ]
+    assert called == [("get_weather", "Oslo"), ("get_time", "CET"), ("get_weather", "Bergen")]
+    events = await rich(conversation, [WEATHER, TIME], "required")
+    assert calls_of(events) == {} and events[-1] == Finish("complete")
+    assert "".join(e.text for e in events if isinstance(e, TextDelta)).startswith('get_weather returned "result 2".')
+
+
 async def test_max_tokens_cuts_the_arguments() -> None:
     events = await rich(user("get_weather in Oslo"), [WEATHER], max_tokens=6)
     assert events[-1] == Finish("length")

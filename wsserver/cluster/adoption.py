@@ -7,7 +7,8 @@ node's sessions one script each (ownership moves only from the lost node);
 the others wait for it. An adopted session is rebuilt from its hash, its log
 and the requests of its running streams (:class:`AdoptedSession`), and the
 server runs it detached: its streams end with ``error node_lost`` after
-every frame the lost node had written, and its client resumes here.
+every frame the lost node had written (agent runs that waited for tool
+results or approvals go on waiting here), and its client resumes here.
 """
 
 from __future__ import annotations
@@ -146,6 +147,7 @@ class NodeWatch:
         bp.stats["adopted_sessions"] += 1
         bp.write_log_nowait(session)  # the node_lost ends
         await bp.take_direct_messages(sid)
+        await bp.take_results(sid)  # (agents' answers to its waiting runs that were not in its log yet)
 
 
 def _adopted(

@@ -10,7 +10,11 @@ calls at the few points where a node meets the others:
 * subscribe, publish and send are carried out by the backplane
   (:meth:`Backplane.call`), because channel offsets, history, presence and
   agent names may be shared; channel traffic for this node's subscribers is
-  pulled with :meth:`Backplane.take_deliveries`.
+  pulled with :meth:`Backplane.take_deliveries`;
+* an agent run's call for an agent is routed to the session holding that
+  name (:meth:`Backplane.route_call`), and that session's answer goes back
+  to the run (:meth:`Backplane.answer_call`, then
+  :meth:`ClusterEvents.call_result` on the run's node).
 
 Events go the other way through :class:`ClusterEvents`, the narrow, typed
 interface the server implements: the backplane never reaches into the
@@ -33,12 +37,15 @@ from ..core.channels import Delivery
 from ..core.limits import ChannelRules
 from ..wire.messages import ChatMessage, GenerateParams, Tool, ToolChoice
 
+#: How long a routed call's record is kept for its answer (beyond the call's own timeout).
+ROUTE_TTL_S = 3600.0
+
 if TYPE_CHECKING:
-    from ..core.actions import MessagingCall
+    from ..core.actions import AnswerCall, MessagingCall, RouteCall
     from ..core.session import Session
     from .tunnel import Tunnel, TunnelEnd
 
-__all__ = ["LOCAL", "AdoptedSession", "Backplane", "ClusterEvents", "LostStream", "Route"]
+__all__ = ["LOCAL", "ROUTE_TTL_S", "AdoptedSession", "Backplane", "ClusterEvents", "LostStream", "Route"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +78,14 @@ class LostStream:
     channel: str | None = None
     tools: tuple[Tool, ...] = ()
     tool_choice: ToolChoice | None = None
+    thread: str | None = None
+    #: ``running`` (a step ran), ``waiting`` (a run waited for tool results) or ``queued``.
+    state: str = "running"
+    queued_after: str | None = None
+    #: The index of its next delta-like frame (where a waiting run goes on).
+    next_index: int = 0
+    #: An agent run (:meth:`wsserver.core.runs.Run.state`).
+    run: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +139,9 @@ class ClusterEvents(Protocol):
 
     def deliveries_pending(self) -> None:
         """Channel traffic waits in :meth:`Backplane.take_deliveries` (a wake-up)."""
+
+    def call_result(self, session_id: str, stream_id: str, call_id: str, content: Any, sender: str) -> None:
+        """An agent answered a call that a run of this node's session ``session_id`` routed to it."""
 
 
 class Backplane(abc.ABC):
@@ -194,6 +212,19 @@ class Backplane(abc.ABC):
     def call(self, session: Session, call: MessagingCall) -> Awaitable[None] | None:
         """Carry out a session's messaging request; returns something to await
         when the answer is not there yet (the session hears it either way)."""
+
+    @abc.abstractmethod
+    async def route_call(self, session: Session, call: RouteCall) -> bool:
+        """Send a run's call to the session holding agent name ``call.agent``
+        (a ``tool_call`` frame in its log), once per ``call.route``; False
+        when no live session holds the name."""
+
+    @abc.abstractmethod
+    async def answer_call(self, session: Session, answer: AnswerCall) -> str:
+        """``session`` answers routed call ``answer.msg.call``: hand the result
+        to the run that made it. Returns ``ok``, ``same`` (answered before with
+        this content), ``different`` (answered before otherwise), ``unknown``
+        (no such routed call) or ``forbidden`` (it was routed to another session)."""
 
     @abc.abstractmethod
     def publish_nowait(self, channel: str, sender: str, data: bytes) -> None:

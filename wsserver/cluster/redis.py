@@ -18,7 +18,9 @@ Keys (``{sid}`` a session id, ``{c}`` a channel, ``{n}`` a node)::
     wss:s:{sid}:log           STREAM the replay log, entry id "{seq}-0", field f = frame
     wss:s:{sid}:run           SET  ids of the session's running streams
     wss:s:{sid}:req           HASH running stream id -> its request (for an adopting node)
-    wss:s:{sid}:dm            LIST direct messages not yet in the session's log
+    wss:s:{sid}:dm            LIST direct messages and routed calls not yet in the session's log
+    wss:s:{sid}:res           HASH "{stream} {call}" -> an agent's result for a run, until it is in the log
+    wss:call:{route}          HASH a call routed to an agent: requester stream call agent answered
     wss:claim:{sid}           a new session's agent claim, until it is registered
     wss:agent:{name}          STRING the session holding the agent name
     wss:c:{c}:e / :o / :h / :m  epoch, offset counter, history STREAM, members HASH
@@ -51,7 +53,7 @@ from ..wire.messages import Publish, Send, Subscribe
 from ..wire.names import valid_name
 from . import redis_scripts as lua
 from .adoption import NodeWatch
-from .backplane import LOCAL, Backplane, ClusterEvents, Route
+from .backplane import LOCAL, ROUTE_TTL_S, Backplane, ClusterEvents, Route
 from .redis_channels import RedisChannels
 from .redis_log import SessionLogs
 from .redis_pubsub import PubSub
@@ -60,7 +62,7 @@ from .redis_writes import Fill, WriteQueue
 from .tunnel import Tunnel
 
 if TYPE_CHECKING:
-    from ..core.actions import MessagingCall
+    from ..core.actions import AnswerCall, MessagingCall, RouteCall
     from ..core.session import Session
 
 __all__ = ["RedisBackplane"]
@@ -105,6 +107,8 @@ class RedisBackplane(Backplane):
             "claim_session": register(lua.CLAIM_SESSION),
             "end": register(lua.END),
             "alive": register(lua.ALIVE),
+            "route_call": register(lua.ROUTE_CALL),
+            "answer_call": register(lua.ANSWER_CALL),
         }
         #: What this node's server is told (set by :meth:`start`).
         self.events: ClusterEvents
@@ -401,7 +405,10 @@ class RedisBackplane(Backplane):
                 for dm in messages:
                     if dm["id"] not in seen:
                         seen.add(dm["id"])
-                        session.members.deliver_direct(dm["from"], dm["data"])
+                        if dm.get("kind") == "tool_call":
+                            session.members.deliver_tool_call(dm["from"], dm["call"], dm["name"], dm["arguments"])
+                        else:
+                            session.members.deliver_direct(dm["from"], dm["data"])
                 if not self._dm_draining.get(sid):
                     return
                 self._dm_draining[sid] = False
@@ -409,6 +416,56 @@ class RedisBackplane(Backplane):
             self.down(exc)
         finally:
             self._dm_draining.pop(sid, None)
+
+    # ---------------------------------------------------------- routed calls
+
+    async def route_call(self, session: Session, call: RouteCall) -> bool:
+        if not self.healthy:
+            raise ConnectionError("the Redis backplane is unreachable")
+        item = orjson.dumps(
+            {
+                "id": secrets.token_hex(8),
+                "kind": "tool_call",
+                "from": session.name,
+                "call": call.route,
+                "name": call.name,
+                "arguments": call.arguments,
+            }
+        )
+        keys = [f"wss:agent:{call.agent}", f"wss:call:{call.route}"]
+        args = [session.id, call.stream_id, call.call_id, item, int(ROUTE_TTL_S * 1000)]
+        try:
+            return bool(await self.scripts["route_call"](keys=keys, args=args))
+        except DOWN as exc:
+            self.down(exc)
+            raise
+
+    async def answer_call(self, session: Session, answer: AnswerCall) -> str:
+        if not self.healthy:
+            return "down"
+        result = orjson.dumps({"content": orjson.Fragment(answer.encoded), "from": session.name})
+        try:
+            verdict = await self.scripts["answer_call"](
+                keys=[f"wss:call:{answer.msg.call}"], args=[session.id, answer.encoded, result]
+            )
+        except DOWN as exc:
+            self.down(exc)
+            return "down"
+        return verdict.decode() if isinstance(verdict, bytes) else str(verdict)
+
+    async def take_results(self, sid: str) -> None:
+        """Hand a session's runs the results agents sent them (a result already
+        taken changes nothing: the run has it; they stay in Redis until the
+        frame carrying each is in the session's log)."""
+        try:
+            results = await self.redis.hgetall(f"{skey(sid)}:res")
+        except DOWN as exc:
+            self.down(exc)
+            return
+        for field, raw in sorted(results.items()):
+            stream_id, _, call_id = field.decode().partition(" ")
+            result = orjson.loads(raw)
+            self.events.call_result(sid, stream_id, call_id, result["content"], result.get("from"))
 
     # -------------------------------------------------------------- pub/sub
 

@@ -5,7 +5,10 @@ of frames is one script (the owner check, one ``XADD`` per frame, ``HSET``,
 ``XTRIM``), queued in the node's write queue. A ``stream.start`` also stores
 the stream's request (so a node that adopts the session can continue the
 conversation), a ``stream.end`` removes it, and a direct message in the log
-is trimmed off the session's DM queue.
+is trimmed off the session's DM queue. An agent run's waits, steps and tool
+results store the stream's request again, with the run so far, so a node
+that adopts the session goes on with a run that waits; an agent's result in
+the log is dropped from the session's hash of results.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ if TYPE_CHECKING:
     from .redis import RedisBackplane
 
 __all__ = ["SessionLogs"]
+
+#: Frames after which a stream's request is stored again (see APPEND's ops).
+_KEEPS_REQUEST = {"stream.start": "s", "stream.waiting": "s", "stream.step": "s", "stream.tool_result": "r"}
 
 
 class SessionLogs:
@@ -65,16 +71,18 @@ class SessionLogs:
         """Queue the append script for ``entries`` of ``session`` (the owner check included)."""
         bp = self._bp
         key = skey(session.id)
-        keys = [key, f"{key}:log", f"{key}:run", f"{key}:req", f"{key}:dm"]
+        keys = [key, f"{key}:log", f"{key}:run", f"{key}:req", f"{key}:dm", f"{key}:res"]
         args: list[Any] = [bp.node, session.acked, session.log_first]
         for seq, frame in entries:
             op, stream_id, request = "", "", b""
             kind = peek(frame)
-            if kind.type == "stream.start":
-                op, stream_id = "s", kind.stream or ""
+            if kind.type in _KEEPS_REQUEST:
+                op, stream_id = _KEEPS_REQUEST[kind.type], kind.stream or ""
                 stream = session.streams.get(stream_id)
-                if stream is not None:  # what an adopting node needs to continue it (interrupt)
+                if stream is not None:  # what an adopting node needs to continue it
                     request = encode_request(stream)
+                if op == "r":  # (the script drops "{stream} {call}" from the results waiting)
+                    op += kind.call or ""
             elif kind.type == "stream.end":
                 op, stream_id = "e", kind.stream or ""
             elif kind.direct:
@@ -120,6 +128,6 @@ class SessionLogs:
         bp = self._bp
         self._registering.pop(session.id, None)
         key = skey(session.id)
-        keys = [key, f"{key}:log", f"{key}:run", f"{key}:req", f"{key}:dm", f"wss:node:{bp.node}:sessions"]
+        keys = [key, f"{key}:log", f"{key}:run", f"{key}:req", f"{key}:dm", f"{key}:res", f"wss:node:{bp.node}:sessions"]
         script = bp.scripts["end"]
         bp.writes.later(session.id, lambda pipe: eval_in(pipe, script, keys, [bp.node, session.id]))

@@ -137,6 +137,8 @@ class PubSub:
         events = bp.events
         if op == "dm":
             bp.spawn(bp.take_direct_messages(msg["sid"]))
+        elif op == "result":
+            bp.spawn(bp.take_results(msg["sid"]))
         elif op == "open":
             end = TunnelEnd(bp, msg["tunnel"], msg["node"])
             events.tunnel_opened(end, msg["hello"], msg.get("token"), msg.get("ip", "?"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "ALIVE",
+    "ANSWER_CALL",
     "APPEND",
     "CHANNEL",
     "CLAIM_AGENT",
@@ -16,6 +17,7 @@ __all__ = [
     "END",
     "HEARTBEAT",
     "RELEASE_AGENT",
+    "ROUTE_CALL",
     "SEND",
 ]
 
@@ -122,8 +124,10 @@ return 1
 # A batch of one session's sequenced frames. Written only by the session's
 # owner (else 0: another node adopted it); frames at or below the stored seq
 # are skipped, so writing the memory log again after an outage is harmless.
-# 5 ARGV per frame: seq, frame, op ('s' stream.start, 'e' stream.end,
-# 'm' direct message), stream id, the stream's request (for 's').
+# 5 ARGV per frame: seq, frame, op ('s' stream.start or a run's wait or
+# step, 'r' + a call id: a run's tool result, 'e' stream.end, 'm' direct
+# message or routed call), stream id, the stream's request (for 's' and 'r').
+# After 'r', an agent's result waiting in KEYS[6] is in the log: it goes.
 APPEND = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 local last = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
@@ -134,9 +138,13 @@ for i = 4, #ARGV - 4, 5 do
     redis.call('XADD', KEYS[2], seq .. '-0', 'f', ARGV[i + 1])
     last = seq
     local op = ARGV[i + 2]
-    if op == 's' then
+    local kind = string.sub(op, 1, 1)
+    if kind == 's' or kind == 'r' then
       redis.call('SADD', KEYS[3], ARGV[i + 3])
       if ARGV[i + 4] ~= '' then redis.call('HSET', KEYS[4], ARGV[i + 3], ARGV[i + 4]) end
+    end
+    if kind == 'r' then
+      redis.call('HDEL', KEYS[6], ARGV[i + 3] .. ' ' .. string.sub(op, 2))
     elseif op == 'e' then
       redis.call('SREM', KEYS[3], ARGV[i + 3])
       redis.call('HDEL', KEYS[4], ARGV[i + 3])
@@ -153,9 +161,50 @@ return 1
 
 END = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
-redis.call('SREM', KEYS[6], ARGV[2])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('SREM', KEYS[7], ARGV[2])
 return 1
+"""
+
+# A run's call for an agent (KEYS[1] = wss:agent:{name}, KEYS[2] = wss:call:{route}):
+# recorded (whose run made it, the agent's session) and queued for the agent's
+# session like a direct message, once per route (a node that adopted the run
+# routes it again: 1, nothing sent twice). ARGV = requester sid, stream, call,
+# the queued item, the record's ttl (ms). 0: no live session holds the name.
+ROUTE_CALL = """
+local sid = redis.call('GET', KEYS[1])
+if not sid then return 0 end
+local owner = redis.call('HGET', 'wss:s:' .. sid, 'owner')
+if not owner then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
+redis.call('HSET', KEYS[2], 'requester', ARGV[1], 'stream', ARGV[2], 'call', ARGV[3], 'agent', sid)
+redis.call('PEXPIRE', KEYS[2], ARGV[5])
+redis.call('RPUSH', 'wss:s:' .. sid .. ':dm', ARGV[4])
+redis.call('PUBLISH', 'wss:n:' .. owner, '{"op":"dm","sid":' .. cjson.encode(sid) .. '}')
+return 1
+"""
+
+# A session answers a routed call (KEYS[1] = wss:call:{route}): only the
+# session it was routed to, once (the same content again is 'same'). The
+# result waits in the requesting session's hash of results (field "{stream}
+# {call}") until the frame carrying it is in that session's log; its owner is
+# told. ARGV = answering sid, the content (JSON), the result (JSON).
+ANSWER_CALL = """
+local rec = redis.call('HMGET', KEYS[1], 'requester', 'stream', 'call', 'agent', 'answered')
+if not rec[1] then return 'unknown' end
+if rec[4] ~= ARGV[1] then return 'forbidden' end
+if rec[5] then
+  if rec[5] == ARGV[2] then return 'same' end
+  return 'different'
+end
+redis.call('HSET', KEYS[1], 'answered', ARGV[2])
+local rkey = 'wss:s:' .. rec[1]
+redis.call('HSET', rkey .. ':res', rec[2] .. ' ' .. rec[3], ARGV[3])
+local owner = redis.call('HGET', rkey, 'owner')
+if owner then
+  redis.call('PUBLISH', 'wss:n:' .. owner, '{"op":"result","sid":' .. cjson.encode(rec[1]) .. '}')
+end
+return 'ok'
 """
 
 RELEASE_AGENT = """

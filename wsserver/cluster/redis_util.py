@@ -36,9 +36,11 @@ def eval_in(pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
 
 
 def encode_request(stream: Stream) -> bytes:
-    """What an adopting node needs to continue a running stream (an interrupt):
-    its provider and model, the rich messages, the params, the channel, the
-    tools and tool_choice (wire JSON, as a client would send them)."""
+    """What an adopting node needs to continue a running stream (an interrupt)
+    or a run waiting for tool results: its provider and model, the rich
+    messages, the params, the channel, the tools and tool_choice (wire JSON,
+    as a client would send them), its thread, and where it is: its state, the
+    next index, the run so far."""
     request: dict[str, Any] = {
         "provider": stream.provider,
         "model": stream.model,
@@ -51,6 +53,14 @@ def encode_request(stream: Stream) -> bytes:
     if stream.tool_choice is not None:
         choice = stream.tool_choice
         request["tool_choice"] = choice if isinstance(choice, str) else choice.model_dump(mode="json")
+    if stream.thread is not None:
+        request["thread"] = stream.thread
+    if stream.queued_after is not None:
+        request["queued_after"] = stream.queued_after
+    if stream.run is not None:
+        request["run"] = stream.run.state()
+    request["state"] = stream.state.name.lower()
+    request["next_index"] = stream.next_index
     return orjson.dumps(request)
 
 
@@ -67,6 +77,11 @@ def decode_request(raw: bytes | None) -> LostStream:
         channel=request.get("channel"),
         tools=tuple(Tool.model_validate(t) for t in request.get("tools", ())),
         tool_choice=choice if choice is None or isinstance(choice, str) else ToolChoiceName.model_validate(choice),
+        thread=request.get("thread"),
+        state=request.get("state", "running"),
+        queued_after=request.get("queued_after"),
+        next_index=int(request.get("next_index", 0)),
+        run=request.get("run"),
     )
 
 

@@ -9,13 +9,22 @@ to the backplane, close the connection).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
-    from ..wire.messages import Publish, Send, Subscribe, Unsubscribe
+    from ..wire.messages import Publish, Send, Subscribe, ToolResult, Unsubscribe
     from .streams import Stream
 
-__all__ = ["Action", "CloseConnection", "MessagingCall", "StartGeneration", "StopGeneration"]
+__all__ = [
+    "Action",
+    "AnswerCall",
+    "ArmTimer",
+    "CloseConnection",
+    "MessagingCall",
+    "RouteCall",
+    "StartGeneration",
+    "StopGeneration",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +34,44 @@ class StartGeneration:
 
 @dataclass(frozen=True, slots=True)
 class StopGeneration:
+    """Stop the stream's generation task (if one runs) and its calls' timers."""
+
     stream_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RouteCall:
+    """Send a run's call to the session holding agent name ``agent`` (a
+    ``tool_call`` frame there, ``call`` = ``route``); the transport reports
+    back with :meth:`Session.call_routed`."""
+
+    stream_id: str
+    call_id: str
+    route: str
+    agent: str
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ArmTimer:
+    """In ``seconds``, tell the session (:meth:`Session.call_timed_out`) unless the call has its result."""
+
+    stream_id: str
+    call_id: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerCall:
+    """This session answers a call routed to it: the backplane checks it was
+    routed here and not answered otherwise, hands the result to the run that
+    made the call, and reports with :meth:`Session.call_answered` (carried
+    out before the connection's next request, like a ``MessagingCall``)."""
+
+    msg: ToolResult
+    #: ``content`` as JSON, encoded once.
+    encoded: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,4 +98,4 @@ class CloseConnection:
     reason: str
 
 
-Action = StartGeneration | StopGeneration | MessagingCall
+Action = StartGeneration | StopGeneration | MessagingCall | RouteCall | ArmTimer | AnswerCall

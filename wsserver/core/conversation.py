@@ -18,7 +18,13 @@ the request, each with its own error code and the ``field`` it concerns:
 * ``unknown_tool_call``: a ``tool`` message whose ``tool_call_id`` matches no
   call of an earlier assistant message;
 * ``bad_image``: an image URL that is neither ``http(s)://host…`` nor a
-  ``data:image/…;base64,…`` URL with valid base64.
+  ``data:image/…;base64,…`` URL with valid base64;
+* agent runs: ``bad_name`` for a tool's ``agent`` that is not a name;
+  ``bad_message`` for ``agent``, ``approval`` or ``timeout_ms`` without
+  ``max_steps`` > 1 (they take effect in a run only), and for ``on_busy``
+  without ``thread``.
+
+:func:`check_content` checks a ``tool_result``'s content the same way.
 
 An image's size is bounded by the frame's (``max_size``, close 1009): there
 is no smaller bound per image.
@@ -32,8 +38,9 @@ from typing import Any
 
 from ..wire.errors import ErrorCode, ProtocolError
 from ..wire.messages import ChatMessage, Generate
+from ..wire.names import NAME_RULE, valid_name
 
-__all__ = ["check_generate", "check_image_url"]
+__all__ = ["check_content", "check_generate", "check_image_url"]
 
 _DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,", re.ASCII)
 _HTTP_URL = re.compile(r"https?://[^/\s?#]+(?:[/?#]\S*)?", re.ASCII | re.IGNORECASE)
@@ -41,7 +48,7 @@ _HTTP_URL = re.compile(r"https?://[^/\s?#]+(?:[/?#]\S*)?", re.ASCII | re.IGNOREC
 
 def check_generate(msg: Generate) -> ProtocolError | None:
     """The first problem of ``msg`` beyond its schema, or None."""
-    problem = _check_tools(msg) or _check_messages(msg.messages)
+    problem = _check_tools(msg) or _check_run(msg) or _check_messages(msg.messages)
     if problem is None:
         return None
     code, field, text = problem
@@ -67,6 +74,33 @@ def _check_tools(msg: Generate) -> tuple[ErrorCode, str, str] | None:
         return ErrorCode.UNKNOWN_TOOL, "tool_choice", "tool_choice 'required' but the request has no tools"
     if choice is not None and not isinstance(choice, str) and choice.name not in names:
         return ErrorCode.UNKNOWN_TOOL, "tool_choice.name", f"tool_choice names {choice.name!r}, which is not in tools"
+    return None
+
+
+def _check_run(msg: Generate) -> tuple[ErrorCode, str, str] | None:
+    run = msg.max_steps is not None and msg.max_steps > 1
+    for i, tool in enumerate(msg.tools or ()):
+        if tool.agent is not None and not valid_name(tool.agent):
+            return ErrorCode.BAD_NAME, f"tools.{i}.agent", f"an agent name {NAME_RULE}"
+        for key in ("agent", "approval", "timeout_ms"):
+            if not run and getattr(tool, key) not in (None, False):
+                return ErrorCode.BAD_MESSAGE, f"tools.{i}.{key}", f"{key!r} takes effect in an agent run only: set max_steps > 1"
+    if msg.on_busy is not None and msg.thread is None:
+        return ErrorCode.BAD_MESSAGE, "on_busy", "'on_busy' says what happens in a thread: give 'thread' too"
+    return None
+
+
+def check_content(content: Any) -> tuple[ErrorCode, str, str] | None:
+    """What is wrong with a tool result's content (a string or text and image parts), or None."""
+    if isinstance(content, str):
+        return None
+    for j, part in enumerate(content):
+        if part.type == "reasoning":
+            return ErrorCode.MISPLACED_CONTENT, f"content.{j}", "a reasoning part in a tool result"
+        if part.type == "image":
+            wrong = check_image_url(part.url)
+            if wrong is not None:
+                return ErrorCode.BAD_IMAGE, f"content.{j}.url", wrong
     return None
 
 

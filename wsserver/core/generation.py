@@ -14,7 +14,9 @@ Frames, in the order the events come:
 * a tool call opens: ``stream.tool_call {index, call, name}``, then its
   argument JSON in fragments: ``stream.delta {index, text, part:
   "tool_call", call}``;
-* the end: ``stream.end {reason, usage, …, message}``.
+* the end: ``stream.end {reason, usage, …, message}`` (of an agent run,
+  also ``messages`` and ``steps``; a step that waits for tool results is
+  :mod:`.runs`' business).
 
 ``index`` counts every delta-like frame of a stream (deltas of every part and
 ``stream.tool_call``); it is assigned when the frame is sequenced, after
@@ -28,11 +30,11 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from ..wire.errors import ErrorCode
-from ..wire.messages import ErrorInfo, StreamEnd
+from ..wire.messages import ErrorInfo, StreamEnd, ToolCall
 from .streams import Stream, StreamState
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from .limits import GenerationQuota
     from .messaging import Membership
@@ -151,8 +153,15 @@ class StreamEvents:
         not a JSON object end it with ``error provider_error`` instead (text
         and reasoning kept). Any other end drops the calls, which are partial.
         """
-        if stream.state is not StreamState.RUNNING:
+        if stream.state is StreamState.ENDED:
             return False
+        self.end(stream, *self.finish_calls(stream, reason, error))
+        return True
+
+    def finish_calls(
+        self, stream: Stream, reason: str, error: tuple[str, str] | None
+    ) -> tuple[str, tuple[str, str] | None, Sequence[ToolCall]]:
+        """The end's reason, error and the calls it keeps (see :meth:`stream_end`)."""
         calls: Any = ()
         if reason in NATURAL_ENDS and stream.calls:
             calls = stream.finished_calls(drop_broken=reason == "length")
@@ -160,19 +169,32 @@ class StreamEvents:
                 reason, error, calls = "error", (ErrorCode.PROVIDER_ERROR.value, calls), ()
             elif calls and reason == "complete":
                 reason = "tool_calls"
+        return reason, error, calls
+
+    def end(self, stream: Stream, reason: str, error: tuple[str, str] | None, calls: Sequence[ToolCall]) -> None:
+        """Send ``stream.end`` (of a run: with ``messages``, what it added, and
+        its usage summed); a stream queued behind it in its thread starts."""
+        run = stream.run
+        waited = run is not None and run.message is not None
         stream.state = StreamState.ENDED
         stream.reason = reason
         self.book.ended(stream)
         now = self.clock()
         usage = stream.usage()
+        message = run.message if waited else stream.message(calls)  # type: ignore[union-attr]
         payload: dict[str, Any] = {
             "stream": stream.id,
             "reason": reason,
             "usage": usage,
             "ttft_ms": _ms(stream.first_token_at - stream.started_at) if stream.first_token_at is not None else None,
             "duration_ms": _ms(now - stream.started_at),
-            "message": stream.message(calls),
+            "message": message,
         }
+        if run is not None:
+            added = run.messages(error[0] if error is not None else reason)
+            if not waited and (message.content or message.tool_calls):
+                added.append(message)
+            payload["messages"], payload["steps"] = added, run.step
         if error is not None:
             payload["error"] = ErrorInfo(code=error[0], message=error[1])
         self.out.push(stream, StreamEnd, payload)
@@ -182,7 +204,12 @@ class StreamEvents:
             self.observer.stream_ended(self.id, stream, usage, error)
         if stream.channel is not None:
             self._to_channel(stream, StreamEnd(seq=1, **payload))
-        return True
+        if stream.thread is not None:
+            self.thread_moved(stream)
+
+    if TYPE_CHECKING:
+
+        def thread_moved(self, ended: Stream) -> None: ...  # (AgentRuns)
 
 
 def _ms(seconds: float) -> float:

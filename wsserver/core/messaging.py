@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import orjson
 
 from ..wire.errors import ErrorCode
-from ..wire.messages import Message, Ok, Publish, Send, Subscribe, Subscribed, Unsubscribe
+from ..wire.messages import Message, Ok, Publish, Send, Subscribe, Subscribed, ToolCallRequest, Unsubscribe
 from ..wire.names import NAME_RULE, valid_name
 from .actions import MessagingCall
 from .limits import ChannelRules, MessagingLimits, TokenBucket
@@ -222,6 +222,10 @@ class Membership:
     def deliver_direct(self, sender: str, data: Any) -> None:
         """A direct message for this session: sequenced, so it is in the replay log."""
         self._out.push(None, Message, {"from_": sender, "data": data})
+
+    def deliver_tool_call(self, sender: str, call: str, name: str, arguments: dict[str, Any]) -> None:
+        """A run's call routed to this session's agent (``tool_call``): sequenced, like a direct message."""
+        self._out.push(None, ToolCallRequest, {"call": call, "name": name, "arguments": arguments, "from_": sender})
 
     # ------------------------------------------------------- channel traffic
 

@@ -19,6 +19,8 @@ The parts, each in its own module:
   of subscribe, unsubscribe, publish and send;
 * :class:`~wsserver.core.generation.StreamEvents` — the provider events of
   the streams, as frames (text, reasoning, tool calls, the end and its message);
+* :class:`~wsserver.core.runs.AgentRuns` — agent runs (steps, tool results,
+  approvals, calls routed to agents) and threads (``on_busy``);
 * this module — the request rules of generate, cancel, interrupt and ack,
   request ids (``duplicate_request``), rate limits of generations.
 
@@ -50,6 +52,7 @@ from ..wire.messages import (
     Usage,
 )
 from .actions import Action, StartGeneration, StopGeneration
+from .runs import AgentRuns, Run, continue_thread
 from .conversation import check_generate
 from .generation import StreamEvents
 from .limits import ChannelRules, GenerationQuota, MessagingLimits
@@ -76,7 +79,7 @@ class ProviderCatalog(Protocol):
         """Return ``(provider, model)`` or raise an exception whose str() is for the client."""
 
 
-class Session(StreamEvents):
+class Session(StreamEvents, AgentRuns):
     """The state of one session: its outbox, its streams and the ids it has answered.
 
     Args:
@@ -99,11 +102,14 @@ class Session(StreamEvents):
         "agent",
         "book",
         "clock",
+        "closing",
+        "deferred",
         "id",
         "identity",
         "max_streams",
         "members",
         "observer",
+        "on_actions",
         "out",
         "providers",
         "public_id",
@@ -160,6 +166,12 @@ class Session(StreamEvents):
             clock=clock,
         )
         self._answered: OrderedDict[str, str | None] = OrderedDict()
+        #: Actions of transitions the streams made by themselves (see :meth:`defer`),
+        #: and the transport's wake-up for them.
+        self.deferred: list[Action] = []
+        self.on_actions: Callable[[], Any] | None = None
+        #: Ending: no queued stream starts any more.
+        self.closing = False
 
     # ------------------------------------------------------------- views
 
@@ -230,6 +242,10 @@ class Session(StreamEvents):
             actions = members.publish(msg)  # type: ignore[arg-type]
         elif msg_type == "send":
             actions = members.send(msg)  # type: ignore[arg-type]
+        elif msg_type == "tool_result":
+            actions = self.tool_result(msg)  # type: ignore[arg-type]
+        elif msg_type == "approve":
+            self.approve(msg)  # type: ignore[arg-type]
         else:  # pragma: no cover - the protocol layer routes hello and ping
             raise AssertionError(f"unexpected message type {msg_type}")
         if request_id is not None:
@@ -254,6 +270,12 @@ class Session(StreamEvents):
         if problem is not None:
             self.reject(problem)
             return None, []
+        busy = self.book.in_thread(msg.thread) if msg.thread is not None else []
+        on_busy = (msg.on_busy or "parallel") if busy else "parallel"
+        if on_busy == "reject":
+            text = f"thread {msg.thread!r} is busy with stream {busy[-1].id!r}"
+            self.out.error(ErrorCode.BUSY, text, ref=ref, stream=busy[-1].id)
+            return None, []
         if not self._generation_allowed(ref):
             return None, []
         try:
@@ -261,21 +283,40 @@ class Session(StreamEvents):
         except Exception as exc:  # the catalog's message is meant for the client
             self.out.error(ErrorCode.PROVIDER_UNAVAILABLE, str(exc), ref=ref)
             return None, []
-        stream_id = self._claim_stream_id(msg.stream, ref)
+        stream_id = self._claim_stream_id(msg.stream, ref, freeing=len(busy) if on_busy == "interrupt" else 0)
         if stream_id is None:
             return None, []
+        actions: list[Action] = []
+        sent = tuple(msg.messages)
+        messages, steered_from, queued_after = sent, None, None
+        if on_busy == "interrupt":  # the newest stream that had started goes on with the new input
+            source = next((b for b in reversed(busy) if b.state is not StreamState.QUEUED), busy[-1])
+            for other in busy:
+                self.stream_end(other, "interrupted")
+                actions.append(StopGeneration(other.id))
+            messages, steered_from = continue_thread(source, sent), source.id
+        elif on_busy == "queue":
+            queued_after = busy[-1].id
         stream = self._start_stream(
             stream_id,
             ref=ref,
             provider=provider,
             model=model,
-            messages=tuple(msg.messages),
+            messages=messages,
             params=msg.params,
             channel=msg.channel,
             tools=tuple(msg.tools or ()),
             tool_choice=msg.tool_choice,
+            steered_from=steered_from,
+            thread=msg.thread,
+            on_busy=msg.on_busy,
+            queued_after=queued_after,
+            client_messages=sent,
+            run=Run(msg.max_steps) if msg.max_steps is not None and msg.max_steps > 1 else None,
         )
-        return stream_id, [StartGeneration(stream)]
+        if queued_after is None:
+            actions.append(StartGeneration(stream))
+        return stream_id, actions
 
     def _generation_allowed(self, ref: str | None) -> bool:
         if self.quota is None:
@@ -286,8 +327,9 @@ class Session(StreamEvents):
             return False
         return True
 
-    def _claim_stream_id(self, wanted: str | None, ref: str | None) -> str | None:
-        """The id for a new stream, or None after answering why there is none."""
+    def _claim_stream_id(self, wanted: str | None, ref: str | None, freeing: int = 0) -> str | None:
+        """The id for a new stream, or None after answering why there is none
+        (``freeing``: streams this request ends first)."""
         if wanted is not None and self.book.used(wanted):
             self.out.error(
                 ErrorCode.STREAM_EXISTS,
@@ -296,7 +338,7 @@ class Session(StreamEvents):
                 stream=wanted,
             )
             return None
-        if len(self.book.running) >= self.max_streams:
+        if len(self.book.running) - freeing >= self.max_streams:
             self.out.error(
                 ErrorCode.TOO_MANY_STREAMS,
                 f"at most {self.max_streams} streams may run at once in a session",
@@ -307,6 +349,8 @@ class Session(StreamEvents):
 
     def _start_stream(self, stream_id: str, **fields: Any) -> Stream:
         stream = Stream(id=stream_id, started_at=self.clock(), **fields)
+        if stream.queued_after is not None:
+            stream.state = StreamState.QUEUED
         self.book.add(stream)
         start = {
             "stream": stream_id,
@@ -314,6 +358,8 @@ class Session(StreamEvents):
             "provider": stream.provider,
             "model": stream.model,
             "steered_from": stream.steered_from,
+            "thread": stream.thread,
+            "queued_after": stream.queued_after,
         }
         self.out.push(stream, StreamStart, start)
         if self.observer is not None:
@@ -349,7 +395,7 @@ class Session(StreamEvents):
             )
             return None, []
         actions: list[Action] = []
-        if stream.state is StreamState.RUNNING:
+        if stream.state is not StreamState.ENDED:  # running, waiting for tool results, or queued
             self.stream_end(stream, "interrupted")
             actions.append(StopGeneration(stream.id))
         if msg.input is None:
@@ -372,6 +418,9 @@ class Session(StreamEvents):
             tools=stream.tools,
             tool_choice=stream.tool_choice,
             steered_from=stream.id,
+            thread=stream.thread,
+            client_messages=(*(stream.client_messages or stream.messages), ChatMessage(role="user", content=msg.input)),
+            run=Run(stream.run.max_steps) if stream.run is not None else None,
         )
         actions.append(StartGeneration(steered))
         return new_id, actions
@@ -390,12 +439,25 @@ class Session(StreamEvents):
         if msg.id is not None:
             out.push(None, Ok, {"ref": msg.id})
 
-    def close(self, reason: str = "cancelled", error: tuple[str, str] | None = None) -> list[Action]:
-        """End the session: every running stream is stopped with ``reason``."""
+    def close(
+        self, reason: str = "cancelled", error: tuple[str, str] | None = None, *, keep_waiting: bool = False
+    ) -> list[Action]:
+        """End the session: every stream is stopped with ``reason`` (queued
+        ones first, so none starts). ``keep_waiting``: runs that wait for tool
+        results and queued streams are left as they are (the session is
+        handed to another node, which goes on with them)."""
+        self.closing = True
         actions: list[Action] = []
-        for stream in list(self.book.running.values()):
-            self.stream_end(stream, reason, error)
+        streams = sorted(self.book.running.values(), key=lambda s: s.state is not StreamState.QUEUED)
+        for stream in streams:
+            if keep_waiting and stream.state in (StreamState.WAITING, StreamState.QUEUED):
+                continue
+            why = error
+            if why is not None and stream.state is StreamState.WAITING:
+                why = (why[0], f"{why[1]}, while the run waited for {stream.run.waits()}")  # type: ignore[union-attr]
+            self.stream_end(stream, reason, why)
             actions.append(StopGeneration(stream.id))
+        self.deferred.clear()  # (a queued stream that would start, a call to route: not any more)
         return actions
 
     # ---------------------------------------------------------------- resume

@@ -21,8 +21,11 @@ and a steer:
   as a JSON object. A stream stopped any other way (cancel, interrupt, an
   error) has partial calls only, and they are dropped from its message.
 
-Issue 16's agent runs build on this: a stream that ended with reason
-``tool_calls`` has exactly the calls of its ``message`` to answer.
+An agent run (``generate.max_steps`` > 1, :mod:`.runs`) is one stream over
+several model steps: the answer fields above are the current step's, the
+:class:`~wsserver.core.runs.Run` keeps what earlier steps added to the
+conversation (their assistant messages and the tool results), and a snapshot
+or a steer sees the whole run.
 """
 
 from __future__ import annotations
@@ -32,13 +35,14 @@ import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from pydantic import ValidationError
 
 from ..wire.messages import (
     ChatMessage,
+    OnBusy,
     GenerateParams,
     ReasoningPart,
     SnapshotCall,
@@ -49,7 +53,10 @@ from ..wire.messages import (
     Usage,
 )
 
-__all__ = ["RECENT_STREAMS", "Call", "Reasoning", "Stream", "StreamBook", "StreamState", "content_chars"]
+if TYPE_CHECKING:
+    from .runs import Run
+
+__all__ = ["RECENT_STREAMS", "Call", "Reasoning", "Stream", "StreamBook", "StreamState", "content_chars", "text_of"]
 
 #: Ended streams kept so that an interrupt racing the natural end still finds
 #: the conversation to continue.
@@ -57,8 +64,15 @@ RECENT_STREAMS = 64
 
 
 class StreamState(enum.IntEnum):
+    """``RUNNING``: a step is under way (a generation task runs it);
+    ``WAITING``: a run's step ended with tool calls that wait for results or
+    approvals (no task, no upstream); ``QUEUED``: it starts when the stream of
+    its thread it waits behind ends; ``ENDED``: its ``stream.end`` is sent."""
+
     RUNNING = 0
-    ENDED = 1
+    WAITING = 1
+    QUEUED = 2
+    ENDED = 3
 
 
 @dataclass(slots=True, eq=False)
@@ -110,6 +124,15 @@ class Stream:
     steered_from: str | None = None
     tools: tuple[Tool, ...] = ()
     tool_choice: ToolChoice | None = None
+    thread: str | None = None
+    on_busy: OnBusy | None = None
+    #: The stream of its thread it starts after (``on_busy: "queue"``).
+    queued_after: str | None = None
+    #: The messages as the client sent them (None: ``messages``): how a
+    #: later generate of the thread is matched to this conversation.
+    client_messages: tuple[ChatMessage, ...] | None = None
+    #: An agent run (``max_steps`` > 1): what its earlier steps added.
+    run: Run | None = None
     channel_index: int = 0  # index of the next delta-like frame published to the channel
     state: StreamState = StreamState.RUNNING
     reason: str | None = None
@@ -229,37 +252,100 @@ class Stream:
         return ChatMessage(role="assistant", content=content, tool_calls=list(calls) or None)
 
     def conversation(self) -> tuple[ChatMessage, ...]:
-        """The request's messages plus the answer so far (if any): what a
-        steered stream continues. Tool calls are left out (nobody answered them)."""
+        """The request's messages, what the run added, plus the answer so far
+        (if any): what a steered stream continues. The current step's tool
+        calls are left out (nobody answered them); the calls of a run that
+        waited have their results (or an error result saying the run ended)."""
+        done = (*self.messages, *self.run.messages(self.reason or "cancelled")) if self.run else self.messages
         answer = self.message()
         if not answer.content:  # an interrupt before the first token adds no empty message
-            return self.messages
-        return (*self.messages, answer)
+            return done
+        return (*done, answer)
 
     def snapshot(self) -> dict[str, Any]:
-        """The fields of this stream's ``stream.snapshot``: everything so far."""
-        fields: dict[str, Any] = {"stream": self.id, "text": self.text, "index": self.next_index}
-        fields["reasoning"] = self.reasoning_text
-        if self.calls:
-            fields["calls"] = [SnapshotCall(call=c.id, name=c.name, arguments=c.arguments) for c in self.calls.values()]
+        """The fields of this stream's ``stream.snapshot``: everything so far
+        (of a run: every step's text, reasoning and calls)."""
+        text, reasoning, calls = self.earlier()
+        fields: dict[str, Any] = {"stream": self.id, "index": self.next_index, "queued_after": None}
+        run = self.run
+        if run is not None:
+            fields["step"] = run.step
+            if self.state is StreamState.WAITING:
+                fields["waiting"] = run.waiting_calls()
+        if self.state is StreamState.QUEUED:
+            fields["queued_after"] = self.queued_after
+        mine = self.reasoning_text
+        fields["text"] = text + self.text
+        fields["reasoning"] = reasoning + (mine or "") if reasoning or mine else None
+        calls += (self.calls or {}).values()
+        if calls:
+            fields["calls"] = [SnapshotCall(call=c.id, name=c.name, arguments=c.arguments) for c in calls]
         return fields
 
+    def earlier(self) -> tuple[str, str, list[Call]]:
+        """What a run's earlier steps (and the step it waits on) said: their
+        text, their reasoning, their calls (all empty for a plain stream)."""
+        run = self.run
+        if run is None:
+            return "", "", []
+        said = [m for m in (*run.added, *((run.message,) if run.message else ())) if m.role == "assistant"]
+        calls = [Call(c.id, c.name, [orjson.dumps(c.arguments).decode()]) for m in said for c in m.tool_calls or ()]
+        return "".join(text_of(m) for m in said), "".join(text_of(m, "reasoning") for m in said), calls
+
     def usage(self) -> Usage:
-        """Token usage: the provider's figures, else estimated (``estimated: true``)."""
+        """Token usage (of the whole run, its steps summed): the provider's
+        figures, else estimated (``estimated: true``)."""
         estimated = False
         input_tokens = self.input_tokens
         if input_tokens is None:  # rough: ~4 characters a token
-            input_tokens = sum(content_chars(m) // 4 + 3 for m in self.messages)
+            input_tokens = sum(content_chars(m) // 4 + 3 for m in self.step_messages())
             estimated = True
         output_tokens = self.output_tokens
         if output_tokens is None:
             output_tokens = self.counted_tokens
             estimated = estimated or not self.exact_count
+        run = self.run
+        if run is not None:
+            input_tokens += run.input_tokens
+            output_tokens += run.output_tokens
+            estimated = estimated or run.estimated
         return Usage(input_tokens=input_tokens, output_tokens=output_tokens, estimated=estimated or None)
+
+    # ------------------------------------------------------------------ runs
+
+    def step_messages(self) -> tuple[ChatMessage, ...]:
+        """The conversation the current step answers: the request's messages
+        and what the run's earlier steps added."""
+        run = self.run
+        return self.messages if run is None or not run.added else (*self.messages, *run.added)
+
+    def end_step(self) -> None:
+        """A step of a run ended: its usage goes into the run's, its answer is
+        cleared for the next step (the run keeps its message)."""
+        run = self.run
+        assert run is not None
+        usage = self.usage()  # (the run's so far, this step included)
+        run.input_tokens, run.output_tokens = usage.input_tokens, usage.output_tokens
+        run.estimated = bool(usage.estimated)
+        self.input_tokens = self.output_tokens = 0
+        self.counted_tokens, self.exact_count = 0, True
+        self.parts, self.reasoning, self.calls = [], None, None
+
+    def start_step(self) -> None:
+        """The next step starts: its usage is the provider's to report."""
+        self.input_tokens = self.output_tokens = None
 
 
 #: What an image counts as in a rough estimate of input tokens, in characters.
 IMAGE_CHARS = 1000
+
+
+def text_of(message: ChatMessage, part: str = "text") -> str:
+    """The text of a message's ``text`` parts (or of its ``reasoning`` parts), joined."""
+    content = message.content
+    if isinstance(content, str):
+        return content if part == "text" else ""
+    return "".join(p.text for p in content if p.type == part)  # type: ignore[union-attr]
 
 
 def content_chars(message: ChatMessage) -> int:
@@ -313,6 +399,10 @@ class StreamBook:
         recent[stream.id] = stream
         if len(recent) > RECENT_STREAMS:
             recent.popitem(last=False)
+
+    def in_thread(self, thread: str) -> list[Stream]:
+        """The streams of ``thread`` not yet ended, oldest first."""
+        return [stream for stream in self.running.values() if stream.thread == thread]
 
     def find(self, stream_id: str) -> Stream | None:
         """A running stream, or a recently ended one."""

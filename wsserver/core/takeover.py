@@ -7,8 +7,9 @@ used stay used, and each stream that was running ends with an error, its
 partial answer kept for an ``interrupt`` to continue from.
 
 The partial answer is rebuilt from the stream's frames in the log (a
-``stream.snapshot`` there starts it afresh): its text, its reasoning and its
-tool calls. The reasoning's signatures are not on the wire before
+``stream.snapshot`` there starts it afresh, and so does an agent run's
+``stream.waiting`` or ``stream.step``: the answer is the current step's):
+its text, its reasoning and its tool calls. The reasoning's signatures are not on the wire before
 ``stream.end``, so the rebuilt reasoning has none; it counts as finished
 when text or a call came after it. The calls are partial (the stream never
 finished), so the ``stream.end`` that ends the lost stream carries none.
@@ -28,6 +29,8 @@ __all__ = ["end_lost", "restore_log"]
 
 #: The frames of a stream's answer: deltas of every part, tool calls, snapshots.
 _ANSWER = frozenset({"stream.delta", "stream.tool_call", "stream.snapshot"})
+#: An agent run's step boundaries: the answer so far is an earlier step's.
+_STEP = frozenset({"stream.waiting", "stream.step"})
 
 
 def restore_log(
@@ -49,6 +52,8 @@ def restore_log(
             session.book.mark_used(msg["stream"])
         elif kind in _ANSWER:
             answers.setdefault(msg["stream"], []).append(msg)
+        elif kind in _STEP:
+            answers[msg["stream"]] = []
     return answers
 
 
@@ -56,15 +61,18 @@ def end_lost(session: Session, stream: Stream, frames: list[dict[str, Any]], err
     """A stream that ran elsewhere and is gone with its node: it gets the
     answer its ``frames`` tell and ends with ``error`` (its usage estimated
     from the frames)."""
+    text, reasoning, calls = stream.earlier()  # (a run's snapshot has its earlier steps too)
+    done = {call.id for call in calls}
     for msg in frames:
         kind = msg["type"]
         if kind == "stream.snapshot":
-            stream.parts, stream.reasoning, stream.calls = [msg["text"]], None, None
-            if msg.get("reasoning"):
-                stream.reasoning = [Reasoning([msg["reasoning"]], 0, 0)]
+            stream.parts, stream.reasoning, stream.calls = [msg["text"].removeprefix(text)], None, None
+            if msg.get("reasoning", "").removeprefix(reasoning):
+                stream.reasoning = [Reasoning([msg["reasoning"].removeprefix(reasoning)], 0, 0)]
             for call in msg.get("calls", ()):
-                stream.open_call(call["call"], call["name"])
-                stream.add_arguments(call["call"], call["arguments"])
+                if call["call"] not in done:
+                    stream.open_call(call["call"], call["name"])
+                    stream.add_arguments(call["call"], call["arguments"])
             stream.counted_tokens = msg["index"]
             continue
         stream.counted_tokens += 1

@@ -32,10 +32,16 @@ Rich generations (what a real model does, made predictable):
   ``tool_choice``: ``none`` never calls; ``auto`` (the default) calls the
   named tools; ``required`` calls the named tools, or the first tool when
   none is named; ``{"name"}`` calls that tool (once), whatever is named.
-* **Tool results.** When the conversation ends with ``tool`` messages, it
-  answers with text that quotes each result (``get_weather returned
-  "…".``, a result cut at 120 characters) and never calls again, whatever
-  ``tool_choice`` says (so that a loop of steps ends).
+* **Steps.** A user message may name tools in stages separated by ", then"
+  (or "; then", ". Then": "get_weather in Oslo, then book_table in Oslo";
+  a plain "and then" does not separate stages): the first step
+  calls the first stage's tools; after their results the next step calls the
+  next stage's (arguments from that stage's words), and so on: one stage per
+  step of an agent run. Without "then" there is one stage.
+* **Tool results.** When the conversation ends with ``tool`` messages and no
+  stage is left, it answers with text that quotes each result
+  (``get_weather returned "…".``, a result cut at 120 characters) and never
+  calls again, whatever ``tool_choice`` says (so that a loop of steps ends).
 
 Parameters (``generate.params``, else the provider's defaults):
 ``max_tokens`` caps the answer text and the argument fragments (reason
@@ -163,11 +169,13 @@ def _plan(request: GenerationRequest) -> tuple[list[str], str | None, Iterator[s
     seed = _seed(messages).hex()
     calls: list[tuple[str, str, list[str]]] = []
     last = messages[-1] if messages else None
-    if last is not None and last.role == "tool":
+    prompt, answered = _stage(messages)
+    if last is not None and last.role == "tool" and prompt is None:
         text = _reply_tokens(messages, params.reply_tokens, _quote_results(messages))
     else:
-        prompt = text_of(last) if last is not None and last.role == "user" else ""
-        for i, tool in enumerate(_tools_to_call(prompt, request.tools, request.tool_choice)):
+        prompt = prompt or ""
+        choice = request.tool_choice if not answered else "auto"  # (a later stage calls only what it names)
+        for i, tool in enumerate(_tools_to_call(prompt, request.tools, choice)):
             arguments = orjson.dumps(_arguments(tool, prompt)).decode()
             calls.append((f"call_{seed[:12]}_{i}", tool.name, _fragments(arguments)))
         if calls:
@@ -180,6 +188,23 @@ def _plan(request: GenerationRequest) -> tuple[list[str], str | None, Iterator[s
     if params.reasoning is not None:
         reasoning, signature = _reasoning(messages, params, [name for _, name, _ in calls])
     return reasoning, signature, text, calls
+
+
+#: A stage ends at a comma, semicolon or full stop followed by "then".
+_THEN = re.compile(r"[,;.]\s*then\b", re.IGNORECASE)
+
+
+def _stage(messages: Sequence[ChatMessage]) -> tuple[str | None, int]:
+    """The stage of the latest user message this step acts on ("…, then …"),
+    None when every stage has been called; and how many were called."""
+    called = 0
+    for m in reversed(messages):
+        if m.role == "user":
+            stages = _THEN.split(text_of(m))
+            return (stages[called] if called < len(stages) else None), called
+        if m.role == "assistant" and m.tool_calls:
+            called += 1
+    return "", 0
 
 
 def _quote_results(messages: Sequence[ChatMessage]) -> str:

@@ -212,8 +212,8 @@ class Server:
             conn.send_soon()
         self.sse.shutdown(notice)
         deadline = loop.time() + timeout
-        while loop.time() < deadline and any(live.session.streams for live in self.sessions.values()):
-            await asyncio.sleep(0.05)
+        while loop.time() < deadline and any(live.tasks for live in self.sessions.values()):
+            await asyncio.sleep(0.05)  # (runs that wait for tool results need no time to finish)
         self._end_all()
         flushed = loop.time() + 1.0  # let the writers send those stream.end frames
         while loop.time() < flushed and any(c.proto.backlog or c.busy for c in self.connections):
@@ -369,6 +369,11 @@ class Server:
 
     def deliveries_pending(self) -> None:
         self.fanout.pending()
+
+    def call_result(self, session_id: str, stream_id: str, call_id: str, content: Any, sender: str) -> None:
+        live = self.sessions.get(session_id)
+        if live is not None:  # (ended meanwhile: the run is gone, the answer with it)
+            live.session.routed_result(stream_id, call_id, content, sender)
 
 
 async def _echo(ws: ServerConnection) -> None:

@@ -5,7 +5,9 @@
 the session; it never touches a socket. Cancelling the task (``cancel``,
 connection loss) raises ``CancelledError`` inside the provider, whose own
 ``finally`` closes the upstream; the session has usually ended the stream
-already, so late events are ignored there.
+already, so late events are ignored there. A step of an agent run that ends
+with tool calls leaves the stream waiting: the task ends, and a new one runs
+the next step when the results are in.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ logger = logging.getLogger("wsserver.streams")
 
 
 async def run_generation(session: Session, stream: Stream, provider: Provider) -> None:
+    """Run one step of ``stream`` (the whole of it unless it is an agent run)."""
     request = GenerationRequest(
-        messages=stream.messages,
+        messages=stream.step_messages(),
         model=stream.model,
         params=stream.params,
         tools=stream.tools,
@@ -74,4 +77,4 @@ async def run_generation(session: Session, stream: Stream, provider: Provider) -
         logger.exception("stream %s: provider %s failed", stream.id, provider.name)
         session.stream_end(stream, "error", (ErrorCode.INTERNAL.value, "internal error"))
     else:
-        session.stream_end(stream, reason)
+        session.step_end(stream, reason)  # ends it, or (an agent run) it waits for tool results

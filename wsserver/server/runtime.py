@@ -1,10 +1,13 @@
 """A session at run time: its generation tasks, its connection, its expiry.
 
 :class:`SessionRuntime` wraps one :class:`~wsserver.core.session.Session`
-(the pure core) with what takes time: a task per running generation, the
-connection attached to it (if any), and the ``session_ttl`` timer that runs
-while none is. :func:`carry_out` carries out the actions the core returns
-after one client message.
+(the pure core) with what takes time: a task per running generation (a
+step of an agent run), the timers of calls a run waits on, the connection
+attached to it (if any), and the ``session_ttl`` timer that runs while none
+is. :func:`carry_out` carries out the actions the core returns after one
+client message; the actions of transitions a stream makes by itself (a run's
+next step, a call to route, a queued stream that starts) are pulled from the
+core when its ``on_actions`` wake-up says so.
 """
 
 from __future__ import annotations
@@ -12,7 +15,18 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..core.actions import CloseConnection, MessagingCall, StartGeneration, StopGeneration
+import logging
+
+from ..core.actions import (
+    AnswerCall,
+    ArmTimer,
+    CloseConnection,
+    MessagingCall,
+    RouteCall,
+    StartGeneration,
+    StopGeneration,
+)
+from ..core.streams import StreamState
 from ..wire.errors import ErrorCode
 from .runner import run_generation
 
@@ -24,6 +38,8 @@ if TYPE_CHECKING:
     from .auth import Identity
 
 __all__ = ["Attachable", "SessionRuntime", "carry_out"]
+
+logger = logging.getLogger("wsserver.streams")
 
 
 class Attachable(Protocol):
@@ -49,16 +65,33 @@ class SessionRuntime:
     with ``error expired``, upstreams closed) and its memory is released.
     """
 
-    __slots__ = ("_drain_scheduled", "_expiry", "conn", "server", "session", "tasks")
+    __slots__ = ("_actions_scheduled", "_drain_scheduled", "_expiry", "conn", "server", "session", "tasks", "timers")
 
     def __init__(self, server: Server, session: Session) -> None:
         self.server = server
         self.session = session
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        #: Timers of calls a run waits on, by (stream, call).
+        self.timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self.conn: Attachable | None = None
         self._expiry: asyncio.TimerHandle | None = None
         self._drain_scheduled = False
+        self._actions_scheduled = False
         session.out.on_output = self.wake
+        session.on_actions = self.actions_pending
+        if session.deferred:  # (a session rebuilt here: its runs' calls to route and time)
+            self.actions_pending()
+
+    def actions_pending(self) -> None:
+        """The core deferred actions: carried out at the end of this loop turn."""
+        if not self._actions_scheduled:
+            self._actions_scheduled = True
+            asyncio.get_running_loop().call_soon(self._carry_out_deferred)
+
+    def _carry_out_deferred(self) -> None:
+        self._actions_scheduled = False
+        if self.session.on_actions is not None:  # (ended meanwhile: nothing more)
+            self.apply(self.session.take_actions())
 
     def wake(self) -> None:
         """Output is pending: the connection sends it, or (detached) the log takes it."""
@@ -109,14 +142,19 @@ class SessionRuntime:
         self, reason: str, error: tuple[str, str] | None = None, *, forget: bool = True, write: bool = True
     ) -> None:
         """Stop every stream and forget the session (``forget=False``: on a
-        shared backplane, leave it there for another node to adopt; ``write=False``:
-        and write nothing more there, it is another node's now)."""
+        shared backplane, leave it there for another node to adopt, with its
+        waiting runs and queued streams, which that node goes on with;
+        ``write=False``: and write nothing more there, it is another node's now)."""
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
         session = self.session
         self.server.sessions.remove(self)
-        self.apply(session.close(reason, error))
+        session.on_actions = None
+        self.apply(session.close(reason, error, keep_waiting=not forget and write))
+        for timer in self.timers.values():
+            timer.cancel()
+        self.timers.clear()
         backplane = self.server.backplane
         if forget:
             backplane.session_ended(session)
@@ -128,20 +166,54 @@ class SessionRuntime:
         session.out.on_output = None
 
     def apply(self, actions: list[Any]) -> None:
-        """Start and stop generation tasks."""
+        """Start and stop generation tasks, route calls to agents, arm timers."""
         for action in actions:
-            if type(action) is StartGeneration:
+            kind = type(action)
+            if kind is StartGeneration:
                 stream = action.stream
+                if stream.state is not StreamState.RUNNING:
+                    continue  # ended before its (next) step could start
                 task = asyncio.get_running_loop().create_task(
                     run_generation(self.session, stream, self.server.providers[stream.provider]),
                     name=f"stream:{stream.id}",
                 )
                 self.tasks[stream.id] = task
-                task.add_done_callback(lambda _t, sid=stream.id: self.tasks.pop(sid, None))
-            elif type(action) is StopGeneration:
+                task.add_done_callback(lambda t, sid=stream.id: self._task_done(sid, t))
+            elif kind is StopGeneration:
                 task = self.tasks.get(action.stream_id)
                 if task is not None:
                     task.cancel()
+                for key in [key for key in self.timers if key[0] == action.stream_id]:
+                    self.timers.pop(key).cancel()
+            elif kind is ArmTimer:
+                key = (action.stream_id, action.call_id)
+                old = self.timers.pop(key, None)
+                if old is not None:
+                    old.cancel()
+                self.timers[key] = asyncio.get_running_loop().call_later(action.seconds, self._timed_out, key)
+            elif kind is RouteCall:
+                self.server.spawn(self._route(action))
+
+    def _task_done(self, stream_id: str, task: asyncio.Task[None]) -> None:
+        if self.tasks.get(stream_id) is task:  # (a run's next step may have its own task already)
+            del self.tasks[stream_id]
+
+    def _timed_out(self, key: tuple[str, str]) -> None:
+        self.timers.pop(key, None)
+        self.session.call_timed_out(*key)
+
+    async def _route(self, action: RouteCall) -> None:
+        session = self.session
+        try:
+            delivered: bool | None = await self.server.backplane.route_call(session, action)
+        except Exception as exc:  # the model is told, and the run goes on
+            logger.warning("routing call %s of stream %s failed: %r", action.call_id, action.stream_id, exc)
+            delivered = None
+        session.call_routed(action.stream_id, action.call_id, delivered)
+        if not delivered:
+            timer = self.timers.pop((action.stream_id, action.call_id), None)
+            if timer is not None:
+                timer.cancel()
 
 
 async def carry_out(conn: Attachable, actions: list[Any]) -> CloseConnection | None:
@@ -156,6 +228,15 @@ async def carry_out(conn: Attachable, actions: list[Any]) -> CloseConnection | N
                 pending = conn.server.backplane.call(session, action)
                 if pending is not None:
                     await pending
+        elif type(action) is AnswerCall:
+            session = conn.proto.session
+            if session is not None:  # (awaited, likewise)
+                try:
+                    verdict = await conn.server.backplane.answer_call(session, action)
+                except Exception as exc:
+                    logger.warning("answering routed call %s failed: %r", action.msg.call, exc)
+                    verdict = "down"
+                session.call_answered(action.msg, verdict)
         elif conn.live is not None:
             conn.live.apply([action])
     return close

@@ -19,7 +19,8 @@ from ..cluster.backplane import AdoptedSession, Route
 from ..core.limits import ChannelRules, GenerationQuota, MessagingLimits, TokenBucket, TokenBudget
 from ..core.protocol import Opened
 from ..core.session import ANONYMOUS, Session
-from ..core.streams import Stream
+from ..core.runs import Run
+from ..core.streams import Stream, StreamState
 from ..core.takeover import end_lost, restore_log
 from ..wire.codec import encode
 from ..wire.errors import ErrorCode, ProtocolError
@@ -192,8 +193,11 @@ class Sessions(Mapping[str, SessionRuntime]):
         """Take over a session of a lost node from what the backplane kept.
 
         Its replay log and seq continue where the lost node's writes ended;
-        streams that ran there end with ``error node_lost``; the session is
-        detached until its client resumes (or it expires).
+        streams that ran there end with ``error node_lost``; agent runs that
+        waited for tool results or approvals go on waiting here (their calls
+        routed and timed again), and a queued stream waits behind its
+        predecessor if that one is still here (else it ends ``node_lost`` too);
+        the session is detached until its client resumes (or it expires).
         """
         session = self._new_session(
             adopted.id, adopted.identity, adopted.rules, adopted.agent, "ip:?", public_id=adopted.public_id
@@ -205,6 +209,7 @@ class Sessions(Mapping[str, SessionRuntime]):
         self._live[session.id] = live
         now = session.clock()
         lost = (ErrorCode.NODE_LOST.value, "the node running this stream was lost")
+        running: list[Stream] = []
         for stream_id, request in sorted(adopted.running.items()):
             stream = Stream(
                 id=stream_id,
@@ -217,8 +222,25 @@ class Sessions(Mapping[str, SessionRuntime]):
                 channel=request.channel,
                 tools=request.tools,
                 tool_choice=request.tool_choice,
+                thread=request.thread,
+                queued_after=request.queued_after,
+                run=Run.from_state(request.run) if request.run is not None else None,
             )
-            end_lost(session, stream, answers.get(stream_id, []), lost)
+            if request.state == "waiting" and stream.run is not None and stream.run.calls:
+                stream.state, stream.next_index = StreamState.WAITING, request.next_index
+                session.book.add(stream)
+                session.resume_waiting(stream)
+            elif request.state == "queued" and not answers.get(stream_id):
+                stream.state = StreamState.QUEUED
+                session.book.add(stream)
+            else:
+                running.append(stream)
+        for stream in running:  # (a stream queued behind one of them starts here)
+            end_lost(session, stream, answers.get(stream.id, []), lost)
+        for stream in list(session.streams.values()):  # queued behind a stream that is gone
+            if stream.state is StreamState.QUEUED and stream.queued_after not in session.streams:
+                session.book.running.pop(stream.id)
+                end_lost(session, stream, [], lost)
         live.start_detached()
         return session
 

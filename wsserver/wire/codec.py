@@ -153,21 +153,33 @@ class Peeked(NamedTuple):
     type: str
     #: ``stream`` of a ``stream.*`` frame, else None.
     stream: str | None
-    #: A direct ``message`` (it has a ``seq``; a channel one has an ``offset``).
+    #: Delivered to this session by the backplane: a direct ``message`` (it
+    #: has a ``seq``; a channel one has an ``offset``) or a routed ``tool_call``.
     direct: bool
+    #: ``call`` of a ``stream.tool_result``.
+    call: str | None = None
 
 
-_STREAM_TYPES = (b'{"type":"stream.start"', b'{"type":"stream.end"')
+#: Frames decoded for their stream id (rare: a few per stream).
+_STREAM_TYPES = (
+    b'{"type":"stream.start"',
+    b'{"type":"stream.end"',
+    b'{"type":"stream.waiting"',
+    b'{"type":"stream.tool_result"',
+    b'{"type":"stream.step"',
+)
+_DIRECT = (b'{"type":"message","seq":', b'{"type":"tool_call","seq":')
 
 
 def peek(frame: bytes) -> Peeked:
-    """What a frame built here is, read cheaply: only ``stream.start`` and
-    ``stream.end`` are decoded (for their stream id), and they are rare."""
+    """What a frame built here is, read cheaply: only the rare frames that
+    mark a stream's life (start, end, an agent run's waits, results and
+    steps) are decoded, for their stream id."""
     if frame.startswith(_STREAM_TYPES):
         msg: dict[str, Any] = orjson.loads(frame)
-        return Peeked(msg["type"], msg["stream"], False)
-    if frame.startswith(b'{"type":"message","seq":'):
-        return Peeked("message", None, True)
+        return Peeked(msg["type"], msg["stream"], False, msg.get("call"))
+    if frame.startswith(_DIRECT):
+        return Peeked("message" if frame[9] == ord("m") else "tool_call", None, True)
     end = frame.find(b'"', 9)
     return Peeked(frame[9:end].decode() if end > 9 else "", None, False)
 

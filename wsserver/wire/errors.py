@@ -67,6 +67,13 @@ class ErrorCode(enum.StrEnum):
     UNKNOWN_TOOL_CALL = "unknown_tool_call"
     MISPLACED_CONTENT = "misplaced_content"
     BAD_IMAGE = "bad_image"
+    # Agent runs: tool results, approvals, threads.
+    NOT_WAITING = "not_waiting"
+    UNKNOWN_CALL = "unknown_call"
+    CALL_ANSWERED = "call_answered"
+    CALL_FORBIDDEN = "call_forbidden"
+    APPROVAL_REQUIRED = "approval_required"
+    BUSY = "busy"
     # Later features (resume, channels, hardening); listed so the set is whole.
     RESUME_FAILED = "resume_failed"
     RATE_LIMITED = "rate_limited"

@@ -10,7 +10,6 @@ Encoding server frames is :mod:`wsserver.wire.codec`'s business.
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import (
@@ -24,57 +23,18 @@ from pydantic import (
     ValidationError,
 )
 
-from .errors import ErrorCode, ProtocolError
+from .decoding import protocol_error
 from .names import NAME_PATTERN
 
 __all__ = [
-    "PROTOCOL_VERSION",
-    "SUPPORTED_PROTOCOLS",
-    "SUBPROTOCOL",
-    "Ack",
-    "Cancel",
-    "ChatMessage",
-    "ClientMessage",
-    "ContentPart",
-    "Error",
-    "ErrorInfo",
-    "Generate",
-    "GenerateParams",
-    "Hello",
-    "ImagePart",
-    "Interrupt",
-    "JsonObjectFormat",
-    "JsonSchemaFormat",
-    "Message",
-    "Ok",
-    "Ping",
-    "Pong",
-    "Presence",
-    "Publish",
-    "ReasoningParams",
-    "ReasoningPart",
-    "ResponseFormat",
-    "Send",
-    "ServerMessage",
-    "Shutdown",
-    "SnapshotCall",
-    "StreamDelta",
-    "StreamEnd",
-    "StreamSnapshot",
-    "StreamStart",
-    "StreamToolCall",
-    "Subscribe",
-    "Subscribed",
-    "TextPart",
-    "Tool",
-    "ToolCall",
-    "ToolChoice",
-    "ToolChoiceName",
-    "Unsubscribe",
-    "Usage",
-    "Welcome",
-    "decode_client",
-    "decode_server",
+    "PROTOCOL_VERSION", "SUPPORTED_PROTOCOLS", "SUBPROTOCOL", "MAX_STEPS", "Ack", "Approve", "Cancel",
+    "ChatMessage", "ClientMessage", "ContentPart", "Error", "ErrorInfo", "Generate", "GenerateParams", "Hello",
+    "ImagePart", "Interrupt", "JsonObjectFormat", "JsonSchemaFormat", "Message", "Ok", "Ping", "Pong",
+    "Presence", "Publish", "ReasoningParams", "ReasoningPart", "ResponseFormat", "Send", "ServerMessage",
+    "Shutdown", "SnapshotCall", "StreamDelta", "StreamEnd", "StreamSnapshot", "StreamStart", "StreamStep",
+    "StreamToolCall", "StreamToolResult", "StreamWaiting", "Subscribe", "Subscribed", "TextPart", "Tool",
+    "ToolCall", "ToolCallRequest", "ToolChoice", "ToolChoiceName", "ToolResult", "Unsubscribe", "Usage",
+    "WaitingCall", "Welcome", "decode_client", "decode_server",
 ]
 
 PROTOCOL_VERSION = 1
@@ -91,6 +51,9 @@ StopReason = Literal["complete", "cancelled", "interrupted", "length", "tool_cal
 ToolName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 #: A tool call's id (the provider's, or the simulated provider's own).
 CallId = Annotated[str, StringConstraints(min_length=1, max_length=256)]
+#: Bounds of an agent run (``generate.max_steps``) and of a tool's ``timeout_ms``.
+MAX_STEPS = 64
+MAX_TOOL_TIMEOUT_MS = 86_400_000
 
 
 class _Strict(BaseModel):
@@ -167,11 +130,19 @@ class ChatMessage(_Strict):
 
 
 class Tool(_Strict):
-    """A tool the model may call; ``parameters`` is a JSON Schema of an object."""
+    """A tool the model may call; ``parameters`` is a JSON Schema of an object.
+
+    In an agent run (``generate.max_steps`` > 1): ``agent`` routes its calls
+    to the session holding that agent name, which answers them; ``approval``
+    makes each call wait for ``approve`` first; ``timeout_ms`` bounds the wait
+    for a result (for an agent's tool, 60 s unless given)."""
 
     name: ToolName
     description: str | None = Field(None, max_length=8192)
     parameters: dict[str, Any] | None = None
+    agent: str | None = Field(None, max_length=1024)  # checked: bad_name
+    approval: bool = False
+    timeout_ms: Annotated[int, Field(ge=1, le=MAX_TOOL_TIMEOUT_MS)] | None = None
 
 
 class ToolChoiceName(_Strict):
@@ -179,6 +150,10 @@ class ToolChoiceName(_Strict):
 
 
 ToolChoice = Literal["auto", "none", "required"] | ToolChoiceName
+#: What a generate does when a stream of its thread is still going.
+OnBusy = Literal["parallel", "queue", "interrupt", "reject"]
+#: What a call of a waiting run waits for.
+WaitFor = Literal["approval", "client", "agent"]
 
 
 class JsonSchemaFormat(_Strict):
@@ -229,6 +204,32 @@ class Generate(_Client):
     channel: str | None = Field(None, max_length=1024)  # checked: bad_name
     tools: list[Tool] | None = Field(None, max_length=128)
     tool_choice: ToolChoice | None = None
+    #: An agent run: up to this many model steps, tool calls answered in between (1: a plain stream).
+    max_steps: Annotated[int, Field(ge=1, le=MAX_STEPS)] | None = None
+    #: The thread this stream belongs to, and what happens when one of it is still going.
+    thread: Name | None = None
+    on_busy: OnBusy | None = None
+
+
+class ToolResult(_Client):
+    """The result of a tool call: of a call of this session's own stream
+    (``stream`` and the call's id), or of a call routed to this session's
+    agent (a ``tool_call`` frame: its ``call`` alone)."""
+
+    type: Literal["tool_result"]
+    stream: Name | None = None
+    call: CallId
+    content: str | list[ContentPart]
+
+
+class Approve(_Client):
+    """Approve (or deny) a call of a run that waits for it; a denial goes to the model as the result."""
+
+    type: Literal["approve"]
+    stream: Name
+    call: CallId
+    approved: bool
+    reason: str | None = Field(None, max_length=4096)
 
 
 class Cancel(_Client):
@@ -282,7 +283,7 @@ class Send(_Client):
 
 
 ClientMessage = Annotated[
-    Union[Hello, Generate, Cancel, Interrupt, Ack, Ping, Subscribe, Unsubscribe, Publish, Send],
+    Union[Hello, Generate, Cancel, Interrupt, Ack, Ping, Subscribe, Unsubscribe, Publish, Send, ToolResult, Approve],
     Field(discriminator="type"),
 ]
 
@@ -320,6 +321,9 @@ class StreamStart(_Server):
     provider: str
     model: str
     steered_from: str | None = None
+    thread: str | None = None
+    #: Queued (``on_busy: "queue"``): it starts when this stream of its thread ends.
+    queued_after: str | None = None
 
 
 class StreamDelta(_Server):
@@ -357,6 +361,68 @@ class StreamEnd(_Server):
     duration_ms: float
     #: The assistant message as it goes back into ``messages``.
     message: ChatMessage | None = None
+    #: An agent run: everything it added to the conversation, and its steps.
+    messages: list[ChatMessage] | None = None
+    steps: PositiveInt | None = None
+
+
+class WaitingCall(_Server):
+    """A call a waiting run waits on: for ``approve`` (``approval``), for the
+    session's client (``client``: send ``tool_result``), or for ``agent``."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+    wait: WaitFor
+    agent: str | None = None
+
+
+class StreamWaiting(_Server):
+    """A step of a run ended with tool calls: what the run waits for now (the
+    calls that have no result yet), and the step's assistant message."""
+
+    type: Literal["stream.waiting"] = "stream.waiting"
+    seq: Seq
+    stream: str
+    step: PositiveInt
+    calls: list[WaitingCall]
+    message: ChatMessage
+
+
+class StreamToolResult(_Server):
+    """A call of a waiting run got its result. ``error``: the server made it
+    (``denied``, ``unknown_agent``, ``timeout``, ``backplane_unavailable``);
+    ``from``: the agent that answered."""
+
+    type: Literal["stream.tool_result"] = "stream.tool_result"
+    seq: Seq
+    stream: str
+    call: str
+    name: str
+    content: str | list[ContentPart]
+    error: str | None = None
+    from_: str | None = Field(None, alias="from")
+
+
+class StreamStep(_Server):
+    """Every call has its result: the run's next step (2, 3, …) starts."""
+
+    type: Literal["stream.step"] = "stream.step"
+    seq: Seq
+    stream: str
+    step: PositiveInt
+
+
+class ToolCallRequest(_Server):
+    """A call routed to this session's agent (a tool with ``agent``): answer it
+    with ``tool_result {call, content}``."""
+
+    type: Literal["tool_call"] = "tool_call"
+    seq: Seq
+    call: str
+    name: str
+    arguments: dict[str, Any]
+    from_: str = Field(alias="from")
 
 
 class SnapshotCall(_Server):
@@ -375,6 +441,10 @@ class StreamSnapshot(_Server):
     index: NonNegativeInt
     reasoning: str | None = None
     calls: list[SnapshotCall] | None = None
+    #: An agent run: its step, and the calls it waits on (while it waits).
+    step: PositiveInt | None = None
+    waiting: list[WaitingCall] | None = None
+    queued_after: str | None = None
 
 
 class Message(_Server):
@@ -447,6 +517,10 @@ ServerMessage = Annotated[
         StreamToolCall,
         StreamEnd,
         StreamSnapshot,
+        StreamWaiting,
+        StreamToolResult,
+        StreamStep,
+        ToolCallRequest,
         Message,
         Subscribed,
         Presence,
@@ -479,112 +553,7 @@ def decode_client(data: str | bytes) -> Any:
     try:
         return CLIENT_ADAPTER.validate_json(data)
     except ValidationError as exc:
-        raise _protocol_error(data, exc) from None
-
-
-def _protocol_error(data: str | bytes, exc: ValidationError) -> ProtocolError:
-    errors = exc.errors(include_url=False)
-    # Of the alternatives of a union (content: a string or a list of parts),
-    # the one that got furthest into the input says what is wrong.
-    err = max(errors, key=lambda e: len(e["loc"]))
-    kind = err["type"]
-    if kind == "json_invalid":
-        return ProtocolError(ErrorCode.BAD_JSON, f"not valid JSON: {err['msg'][14:]}")
-    if kind == "string_unicode":  # a str with lone surrogates (never from the wire: UTF-8)
-        return ProtocolError(ErrorCode.BAD_JSON, "not valid JSON: the text is not valid Unicode")
-    # Valid JSON from here on, but possibly beyond what orjson reads (integers
-    # over 64 bits, NaN, Infinity), so the rare error path uses the stdlib.
-    obj = json.loads(data)
-    if not isinstance(obj, dict):
-        return ProtocolError(
-            ErrorCode.BAD_MESSAGE,
-            f"a message must be a JSON object, got {_json_kind(obj)}",
-            field="",
-        )
-    ref = obj.get("id") if isinstance(obj.get("id"), str) and len(obj["id"]) <= 64 else None
-    msg_type = obj.get("type")
-    if kind == "union_tag_not_found" and len(err["loc"]) == 0:
-        return ProtocolError(
-            ErrorCode.BAD_MESSAGE, "field 'type' is required", field="type", ref=ref
-        )
-    if kind == "union_tag_invalid" and len(err["loc"]) == 0:
-        if not isinstance(msg_type, str):
-            return ProtocolError(
-                ErrorCode.BAD_MESSAGE,
-                f"field 'type' must be a string, got {_json_kind(msg_type)}",
-                field="type",
-                ref=ref,
-            )
-        shown = msg_type if len(msg_type) <= 40 else msg_type[:40] + "…"
-        return ProtocolError(
-            ErrorCode.UNKNOWN_TYPE,
-            f"unknown message type {shown!r}; expected one of {', '.join(sorted(CLIENT_TYPES))}",
-            ref=ref,
-        )
-    path = _field_path(obj, err["loc"][1:])  # drop the union tags
-    if kind in ("union_tag_invalid", "union_tag_not_found"):  # a part's (or a format's) type
-        path.append(err["ctx"]["discriminator"].strip("'"))
-        kind = "missing" if kind == "union_tag_not_found" else "literal_error"
-        err = {**err, "msg": f"Input should be one of {err['ctx'].get('expected_tags', '?')}"}
-    field = ".".join(str(p) for p in path)
-    alternatives = [e for e in errors if _field_path(obj, e["loc"][1:]) == path]
-    if kind == "missing":
-        text = f"field {field!r} is required"
-    elif len(alternatives) > 1 and len(err["loc"]) - 1 > len(path):  # e.g. a string or a list of parts
-        text = f"field {field!r}: not of any accepted type, got {_json_kind(_lookup(obj, path))}"
-    else:
-        got = _lookup(obj, path)
-        text = f"field {field!r}: {err['msg'][0].lower()}{err['msg'][1:]}, got {_json_kind(got)}"
-    return ProtocolError(ErrorCode.BAD_MESSAGE, text, field=field, ref=ref)
-
-
-def _field_path(obj: Any, loc: tuple[Any, ...]) -> list[Any]:
-    """The fields and indexes of a pydantic error location in the input
-    ``obj``, without the labels pydantic adds for a union's branches (``str``,
-    ``list[...]``, a model's name) or a discriminated union's tag (the value
-    of ``type``): a part followed by more parts must exist in the input."""
-    path: list[Any] = []
-    for i, part in enumerate(loc):
-        if i + 1 < len(loc):
-            if isinstance(obj, dict):
-                if part not in obj or part == obj.get("type"):
-                    continue
-            elif isinstance(obj, list):
-                if not isinstance(part, int) or not -len(obj) <= part < len(obj):
-                    continue
-            else:
-                continue
-        elif isinstance(part, str) and (part in ("str", "int", "float", "bool", "list", "dict") or "[" in part):
-            continue
-        path.append(part)
-        try:
-            obj = obj[part]
-        except (KeyError, IndexError, TypeError):
-            obj = None
-    return path
-
-
-def _lookup(obj: Any, loc: list[Any]) -> Any:
-    for part in loc:
-        try:
-            obj = obj[part]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return obj
-
-
-def _json_kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    return "an object"
+        raise protocol_error(data, exc, CLIENT_TYPES) from None
 
 
 def decode_server(data: str | bytes) -> Any:

@@ -19,6 +19,8 @@ export const CLIENT_MESSAGES = Object.freeze({
   UNSUBSCRIBE: "unsubscribe",
   PUBLISH: "publish",
   SEND: "send",
+  TOOL_RESULT: "tool_result",
+  APPROVE: "approve",
 });
 
 /** Message `type`s, server to client. */
@@ -29,6 +31,10 @@ export const SERVER_MESSAGES = Object.freeze({
   STREAM_TOOL_CALL: "stream.tool_call",
   STREAM_END: "stream.end",
   STREAM_SNAPSHOT: "stream.snapshot",
+  STREAM_WAITING: "stream.waiting",
+  STREAM_TOOL_RESULT: "stream.tool_result",
+  STREAM_STEP: "stream.step",
+  TOOL_CALL: "tool_call",
   MESSAGE: "message",
   SUBSCRIBED: "subscribed",
   PRESENCE: "presence",
@@ -99,6 +105,13 @@ export const ERROR_CODES = Object.freeze({
   UNKNOWN_TOOL_CALL: "unknown_tool_call",
   MISPLACED_CONTENT: "misplaced_content",
   BAD_IMAGE: "bad_image",
+  // agent runs: tool results, approvals, threads
+  NOT_WAITING: "not_waiting",
+  UNKNOWN_CALL: "unknown_call",
+  CALL_ANSWERED: "call_answered",
+  CALL_FORBIDDEN: "call_forbidden",
+  APPROVAL_REQUIRED: "approval_required",
+  BUSY: "busy",
   RESUME_FAILED: "resume_failed",
   RATE_LIMITED: "rate_limited",
   UNAUTHORIZED: "unauthorized",
@@ -133,6 +146,21 @@ export const END_REASONS = Object.freeze({
   INTERRUPTED: "interrupted",
   TOOL_CALLS: "tool_calls",
   ERROR: "error",
+});
+
+/** What a call of a waiting run waits for (`stream.waiting.calls[].wait`). */
+export const WAITS = Object.freeze({
+  APPROVAL: "approval",
+  CLIENT: "client",
+  AGENT: "agent",
+});
+
+/** `generate.on_busy`: what a generate does when a stream of its thread has not ended. */
+export const ON_BUSY = Object.freeze({
+  PARALLEL: "parallel",
+  QUEUE: "queue",
+  INTERRUPT: "interrupt",
+  REJECT: "reject",
 });
 
 /** `stream.delta.part` values (absent: answer text). */
