@@ -53,8 +53,9 @@ from ..wire.messages import Publish, Send, Subscribe
 from ..wire.names import valid_name
 from . import redis_scripts as lua
 from .adoption import NodeWatch
-from .backplane import LOCAL, ROUTE_TTL_S, Backplane, ClusterEvents, Route
+from .backplane import LOCAL, Backplane, ClusterEvents, Route
 from .redis_channels import RedisChannels
+from .redis_calls import RoutedCalls
 from .redis_log import SessionLogs
 from .redis_pubsub import PubSub
 from .redis_util import DOWN, eval_in, redacted, skey, suppress_down
@@ -117,6 +118,7 @@ class RedisBackplane(Backplane):
         self.watch = NodeWatch(self, node_timeout)
         self.logs = SessionLogs(self)
         self.pubsub = PubSub(self)
+        self.calls = RoutedCalls(self)
         #: This node's sessions by agent name (uniqueness across nodes is Redis's).
         self._agents: dict[str, Session] = {}
         #: Direct messages handed to a session and not yet trimmed off its queue, by id.
@@ -420,52 +422,13 @@ class RedisBackplane(Backplane):
     # ---------------------------------------------------------- routed calls
 
     async def route_call(self, session: Session, call: RouteCall) -> bool:
-        if not self.healthy:
-            raise ConnectionError("the Redis backplane is unreachable")
-        item = orjson.dumps(
-            {
-                "id": secrets.token_hex(8),
-                "kind": "tool_call",
-                "from": session.name,
-                "call": call.route,
-                "name": call.name,
-                "arguments": call.arguments,
-            }
-        )
-        keys = [f"wss:agent:{call.agent}", f"wss:call:{call.route}"]
-        args = [session.id, call.stream_id, call.call_id, item, int(ROUTE_TTL_S * 1000)]
-        try:
-            return bool(await self.scripts["route_call"](keys=keys, args=args))
-        except DOWN as exc:
-            self.down(exc)
-            raise
+        return await self.calls.route(session, call)
 
     async def answer_call(self, session: Session, answer: AnswerCall) -> str:
-        if not self.healthy:
-            return "down"
-        result = orjson.dumps({"content": orjson.Fragment(answer.encoded), "from": session.name})
-        try:
-            verdict = await self.scripts["answer_call"](
-                keys=[f"wss:call:{answer.msg.call}"], args=[session.id, answer.encoded, result]
-            )
-        except DOWN as exc:
-            self.down(exc)
-            return "down"
-        return verdict.decode() if isinstance(verdict, bytes) else str(verdict)
+        return await self.calls.answer(session, answer)
 
     async def take_results(self, sid: str) -> None:
-        """Hand a session's runs the results agents sent them (a result already
-        taken changes nothing: the run has it; they stay in Redis until the
-        frame carrying each is in the session's log)."""
-        try:
-            results = await self.redis.hgetall(f"{skey(sid)}:res")
-        except DOWN as exc:
-            self.down(exc)
-            return
-        for field, raw in sorted(results.items()):
-            stream_id, _, call_id = field.decode().partition(" ")
-            result = orjson.loads(raw)
-            self.events.call_result(sid, stream_id, call_id, result["content"], result.get("from"))
+        await self.calls.take_results(sid)
 
     # -------------------------------------------------------------- pub/sub
 

@@ -175,13 +175,13 @@ class StreamEvents:
         """Send ``stream.end`` (of a run: with ``messages``, what it added, and
         its usage summed); a stream queued behind it in its thread starts."""
         run = stream.run
-        waited = run is not None and run.message is not None
+        waited = run is not None and run.message is not None  # it ended while it waited
         stream.state = StreamState.ENDED
         stream.reason = reason
         self.book.ended(stream)
         now = self.clock()
         usage = stream.usage()
-        message = run.message if waited else stream.message(calls)  # type: ignore[union-attr]
+        message = run.message if run is not None and run.message is not None else stream.message(calls)
         payload: dict[str, Any] = {
             "stream": stream.id,
             "reason": reason,

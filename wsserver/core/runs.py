@@ -250,7 +250,8 @@ class AgentRuns:
 
     def take_actions(self) -> list[Action]:
         """The deferred actions, in order (and none left)."""
-        actions, self.deferred = self.deferred, []
+        actions = list(self.deferred)
+        self.deferred.clear()
         return actions
 
     # --------------------------------------------------------------- steps
@@ -269,11 +270,11 @@ class AgentRuns:
         stream.end_step()
         tools = {tool.name: tool for tool in stream.tools}
         run.calls = {}
-        for call in calls:
-            tool = tools.get(call.name)  # (a tool the request does not have: the client answers)
+        for made in calls:
+            tool = tools.get(made.name)  # (a tool the request does not have: the client answers)
             wait = "approval" if tool is not None and tool.approval else "agent" if tool is not None and tool.agent else "client"
-            run.calls[call.id] = RunCall(
-                call.id, call.name, call.arguments, wait, tool.agent if tool else None, tool.timeout_ms if tool else None
+            run.calls[made.id] = RunCall(
+                made.id, made.name, made.arguments, wait, tool.agent if tool else None, tool.timeout_ms if tool else None
             )
         stream.state = StreamState.WAITING
         self._push_waiting(stream)
@@ -284,7 +285,7 @@ class AgentRuns:
     def _push_waiting(self, stream: Stream) -> None:
         run = stream.run
         assert run is not None and run.message is not None
-        fields = {"stream": stream.id, "step": run.step, "calls": run.waiting_calls(), "message": run.message}
+        fields: dict[str, Any] = {"stream": stream.id, "step": run.step, "calls": run.waiting_calls(), "message": run.message}
         self.out.push(stream, StreamWaiting, fields)
         if stream.channel is not None:
             self._to_channel(stream, StreamWaiting(seq=1, **fields))
@@ -305,7 +306,7 @@ class AgentRuns:
     ) -> None:
         """``call`` has its result; when every call has one, the next step starts."""
         call.content, call.error, call.sender = content_json(content), error, sender
-        fields = {
+        fields: dict[str, Any] = {
             "stream": stream.id,
             "call": call.id,
             "name": call.name,

@@ -407,19 +407,20 @@ class Session(StreamEvents, AgentRuns):
         new_id = self._claim_stream_id(msg.new_stream, msg.id)
         if new_id is None:
             return None, actions
+        words = ChatMessage(role="user", content=msg.input)  # type: ignore[call-arg]
         steered = self._start_stream(
             new_id,
             ref=msg.id,
             provider=stream.provider,
             model=stream.model,
-            messages=(*stream.conversation(), ChatMessage(role="user", content=msg.input)),
+            messages=(*stream.conversation(), words),
             params=stream.params,
             channel=stream.channel,
             tools=stream.tools,
             tool_choice=stream.tool_choice,
             steered_from=stream.id,
             thread=stream.thread,
-            client_messages=(*(stream.client_messages or stream.messages), ChatMessage(role="user", content=msg.input)),
+            client_messages=(*(stream.client_messages or stream.messages), words),
             run=Run(stream.run.max_steps) if stream.run is not None else None,
         )
         actions.append(StartGeneration(steered))
