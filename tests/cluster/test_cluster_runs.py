@@ -141,3 +141,28 @@ async def test_an_agent_result_waiting_in_redis_reaches_the_adopting_node(redis_
         check_exactly_once(me.frames)
         await me.close()
         await librarian.close()
+
+
+async def test_a_node_shut_down_hands_a_waiting_run_over(redis_server: Any) -> None:
+    """A graceful stop (SIGTERM) ends running streams with shutdown but hands a
+    waiting run over as it is: the adopting node goes on with it."""
+    async with nodes(redis_server.url, 2, node_timeout=0.5) as (a, b):
+        me = Session()
+        await me.open(a)
+        await me.send(RUN)
+        first = await me.until(waiting_for("client"))
+        await me.send({"type": "generate", "id": "other", "stream": "other", "messages": RUN["messages"],
+                       "params": {"tokens_per_s": 50, "reply_tokens": 1000}})
+        await me.until(of_type("stream.delta", stream="other"))
+        await a.close()
+        await me.drop()
+        await me.open(await adopted(me.session, b))
+        end = await me.until(of_type("stream.end", stream="other"))
+        assert end["error"]["code"] == "shutdown"
+        await me.send({"type": "tool_result", "id": "t1", "stream": "run", "call": first["calls"][0]["id"], "content": "4 C"})
+        second = await me.until(waiting_for("approval"))
+        await me.send({"type": "approve", "id": "a1", "stream": "run", "call": second["calls"][0]["id"], "approved": False})
+        end = await me.until(of_type("stream.end", stream="run"))
+        assert end["reason"] == "complete" and end["steps"] == 3
+        check_exactly_once(me.frames)
+        await me.close()

@@ -11,6 +11,7 @@ from ..wire.errors import ConnectionLost, RateLimited, ServerError, StreamFailed
 from .channels import Subscription
 from .client import Client, connect
 from .streams import ClientStream
+from .tools import Tools
 from .types import (
     Backoff,
     ChannelMessage,
@@ -20,7 +21,9 @@ from .types import (
     StreamEvent,
     StreamResult,
     ToolCall,
+    ToolCallRequest,
     Usage,
+    WaitingCall,
 )
 
 __all__ = [
@@ -39,6 +42,9 @@ __all__ = [
     "StreamResult",
     "Subscription",
     "ToolCall",
+    "ToolCallRequest",
+    "Tools",
     "Usage",
+    "WaitingCall",
     "connect",
 ]

@@ -13,6 +13,13 @@ well (:class:`~wsserver.client.types.StreamEvent`); once ended,
 ``stream.message`` is the assistant message to send back and
 ``stream.tool_calls`` the calls to answer with ``tool`` messages.
 
+Agent runs (``generate(..., max_steps=5)``) answer tool calls in the same
+stream: handlers registered with ``client.tools.register(name, fn)`` answer
+them by themselves (and the calls other agents' runs route to this client's
+agent); ``await stream.wait_for_tools()`` returns what still needs the
+caller (approvals, results of unregistered tools), answered with
+``stream.tool_result(call, content)`` and ``stream.approve(call, ok)``.
+
 One reader task per connection dispatches frames: replies go to the request
 that carries the matching ``id`` (``ref``), stream frames to their stream.
 Every request sent by this client carries an ``id``, so each has exactly one
@@ -55,11 +62,15 @@ from ..wire.messages import PROTOCOL_VERSION, SUBPROTOCOL
 from .channels import Subscription
 from .sse import SseSocket, sse_connect
 from .streams import ClientStream
+from .tools import Tools, content_of
 from .types import Backoff, DirectMessage
 
 __all__ = ["Client", "connect"]
 
 logger = logging.getLogger("wsserver.client")
+
+#: Frames of a running stream that its handle takes (``ClientStream._frame``).
+_STREAM_FRAMES = frozenset({"stream.delta", "stream.tool_call", "stream.waiting", "stream.tool_result", "stream.step"})
 
 #: Close codes after which reconnecting would be pointless or harmful.
 NO_RECONNECT = frozenset(
@@ -117,6 +128,8 @@ class Client:
         self._subscriptions: dict[str, Subscription] = {}
         #: Direct messages (``send``) to this client's agent, in order.
         self.inbox: asyncio.Queue[DirectMessage] = asyncio.Queue()
+        #: Tool handlers (agent runs' calls, and calls routed to this client's agent).
+        self.tools = Tools(self)
         self._streams: dict[str, ClientStream] = {}
         self._supervisor: asyncio.Task[None] | None = None
         self._acks: set[asyncio.Task[None]] = set()  # acks being sent (kept referenced)
@@ -331,6 +344,9 @@ class Client:
         channel: str | None = None,
         tools: Iterable[Mapping[str, Any]] | None = None,
         tool_choice: str | Mapping[str, Any] | None = None,
+        max_steps: int | None = None,
+        thread: str | None = None,
+        on_busy: str | None = None,
     ) -> ClientStream:
         """Start a generation; returns once the server accepted it (``stream.start``).
 
@@ -340,12 +356,17 @@ class Client:
         let the model call tools: the stream then ends with reason
         ``tool_calls``, ``stream.tool_calls`` lists them, and the next
         generate carries ``stream.message`` and one ``{"role": "tool",
-        "tool_call_id", "content"}`` message per call.
+        "tool_call_id", "content"}`` message per call. With ``max_steps`` > 1
+        the stream is an agent run that does that loop itself (tools may
+        then have ``agent``, ``approval``, ``timeout_ms``). ``thread`` and
+        ``on_busy`` (``"parallel"``, ``"queue"``, ``"interrupt"``,
+        ``"reject"``) say what happens while a stream of the thread is going.
         """
         msg: dict[str, Any] = {"type": "generate", "messages": list(messages)}
         if tools is not None:
             msg["tools"] = [dict(t) for t in tools]
-        options = {"stream": stream, "provider": provider, "model": model, "channel": channel, "tool_choice": tool_choice}
+        options = dict(stream=stream, provider=provider, model=model, channel=channel, tool_choice=tool_choice)
+        options.update(max_steps=max_steps, thread=thread, on_busy=on_busy)
         msg.update({k: v for k, v in options.items() if v is not None})
         if params is not None:
             msg["params"] = dict(params)
@@ -372,6 +393,17 @@ class Client:
     async def send(self, to: str, data: Any) -> None:
         """Send ``data`` straight to the agent named ``to``."""
         await self.request({"type": "send", "to": to, "data": data})
+
+    async def tool_result(self, call: str, content: Any, *, stream: str | None = None) -> None:
+        """Send the result of a call: of this session's run ``stream``, or
+        (no ``stream``) of a call routed to this client's agent. ``content``: a
+        string, a list of parts, or anything else (sent as JSON text)."""
+        if not isinstance(content, (str, list)):
+            content = content_of(content)
+        message: dict[str, Any] = {"type": "tool_result", "call": call, "content": content}
+        if stream is not None:
+            message["stream"] = stream
+        await self.request(message)
 
     async def ping(self) -> float:
         """Round trip of an application-level ping, in seconds."""
@@ -424,15 +456,13 @@ class Client:
             sub = self._subscriptions.get(frame.get("channel", ""))
             if sub is not None:
                 sub._subscribed(frame)
-        if kind == "stream.delta":
+        if kind in _STREAM_FRAMES:  # deltas, tool calls, an agent run's waits, results, steps
             handle = self._streams.get(frame["stream"])
             if handle is not None:
-                handle._delta(frame)
+                handle._frame(kind, frame)
             return
-        if kind == "stream.tool_call":
-            handle = self._streams.get(frame["stream"])
-            if handle is not None:
-                handle._tool_call(frame)
+        if kind == "tool_call":  # a call routed to this client's agent
+            self.tools.routed(frame)
             return
         if kind == "stream.start":
             handle = self._by_ref.get(frame.get("ref") or "")

@@ -1,5 +1,6 @@
 """A generation as the Python client sees it: an async iterator of its text,
-and of all its events (reasoning, tool calls)."""
+and of all its events (reasoning, tool calls, an agent run's waits, results
+and steps)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..wire.errors import ServerError, StreamFailed
-from .types import PendingCall, StreamEvent, StreamResult, ToolCall, Usage
+from .types import PendingCall, StreamEvent, StreamResult, ToolCall, Usage, WaitingCall
 
 if TYPE_CHECKING:
     from .client import Client
@@ -26,6 +27,13 @@ class ClientStream:
     back into ``messages`` and ``tool_calls`` its calls. Iteration ends
     normally for every reason but ``error``, which raises
     :class:`StreamFailed`.
+
+    An agent run (``generate(max_steps=…)``) is one stream over its steps:
+    the text iterator goes on across them; ``waiting`` holds the calls the
+    run waits on; :meth:`wait_for_tools` returns when some need this client
+    (an approval, a result no registered handler gives), and
+    :meth:`tool_result` and :meth:`approve` answer them; ``messages`` (once
+    ended) is everything the run added to the conversation.
     """
 
     def __init__(self, client: Client, ref: str) -> None:
@@ -38,6 +46,10 @@ class ClientStream:
         self.result: StreamResult | None = None
         #: Tool calls as far as they have streamed, by call id, in order.
         self.calls: dict[str, PendingCall] = {}
+        #: An agent run: the step it is at, and the calls it waits on (by id).
+        self.step = 1
+        self.waiting: dict[str, WaitingCall] = {}
+        self._acted: set[str] = set()  # calls this client answered or decided
         self._parts: list[str] = []
         self._reasoning: list[str] = []
         self._events: list[StreamEvent] = []
@@ -60,6 +72,11 @@ class ClientStream:
     def message(self) -> dict[str, Any] | None:
         """The assistant message as it goes back into ``messages`` (once ended)."""
         return self.result.message if self.result is not None else None
+
+    @property
+    def messages(self) -> list[dict[str, Any]] | None:
+        """What an agent run added to the conversation (once ended)."""
+        return self.result.messages if self.result is not None else None
 
     @property
     def tool_calls(self) -> list[ToolCall]:
@@ -109,6 +126,36 @@ class ClientStream:
         assert self.result is not None
         return self.result
 
+    async def wait_for_tools(self) -> list[WaitingCall]:
+        """Wait until the run waits on calls that need this client (an
+        approval, or a result that no registered handler gives and that it
+        has not sent), and return every call the run waits on; ``[]`` once
+        the stream has ended (it raises, as iteration does, if it failed)."""
+        while True:
+            pending = list(self.waiting.values())
+            if any(c.id not in self._acted and self._needs_me(c) for c in pending):
+                return pending
+            if not await self._next():
+                return []
+
+    def _needs_me(self, call: WaitingCall) -> bool:
+        return call.wait == "approval" or (call.wait == "client" and not self._client.tools.handles(call.name))
+
+    async def tool_result(self, call: str, content: Any) -> None:
+        """Send the result of ``call`` (a string, a list of parts, or anything JSON)."""
+        assert self.id is not None
+        self._acted.add(call)
+        await self._client.tool_result(call, content, stream=self.id)
+
+    async def approve(self, call: str, approved: bool = True, reason: str | None = None) -> None:
+        """Approve (or deny, with ``reason`` for the model) a call that waits for an approval."""
+        assert self.id is not None
+        self._acted.add(call)
+        message: dict[str, Any] = {"type": "approve", "stream": self.id, "call": call, "approved": approved}
+        if reason is not None:
+            message["reason"] = reason
+        await self._client.request(message)
+
     async def cancel(self) -> None:
         """Stop the generation. Returns once the stream has ended (a no-op if it had)."""
         if self.result is not None or self.id is None:
@@ -155,6 +202,18 @@ class ClientStream:
         if wake is not None and not wake.done():
             wake.set_result(None)
 
+    def _frame(self, kind: str, frame: Mapping[str, Any]) -> None:
+        if kind == "stream.delta":
+            self._delta(frame)
+        elif kind == "stream.tool_call":
+            self._tool_call(frame)
+        elif kind == "stream.waiting":
+            self._wait(frame["calls"], frame["step"])
+        elif kind == "stream.tool_result":
+            self._tool_result(frame)
+        else:
+            self._step(frame)
+
     def _delta(self, frame: Mapping[str, Any]) -> None:
         part = frame.get("part")
         if part is None:
@@ -166,6 +225,31 @@ class ClientStream:
 
     def _tool_call(self, frame: Mapping[str, Any]) -> None:
         self._add(StreamEvent("tool_call", call=frame["call"], name=frame.get("name")))
+
+    def _wait(self, calls: list[Mapping[str, Any]], step: int | None) -> None:
+        """The run waits on ``calls`` (those that have a result are not among them)."""
+        if step is not None:
+            self.step = step
+        self.waiting = {
+            c["id"]: WaitingCall(c["id"], c["name"], c.get("arguments") or {}, c["wait"], c.get("agent")) for c in calls
+        }
+        for call in self.waiting.values():  # a registered handler answers what waits for the client
+            if call.wait == "client" and self._client.tools.answer(self.id, call.id, call.name, call.arguments):
+                self._acted.add(call.id)
+        self.events_added(StreamEvent("waiting", data=list(self.waiting.values())))
+
+    def _tool_result(self, frame: Mapping[str, Any]) -> None:
+        self.waiting.pop(frame["call"], None)
+        event = StreamEvent("tool_result", frame.get("error") or "", frame["call"], frame.get("name"), frame.get("content"))
+        self.events_added(event)
+
+    def _step(self, frame: Mapping[str, Any]) -> None:
+        self.step, self.waiting = frame["step"], {}
+        self.events_added(StreamEvent("step", data=frame["step"]))
+
+    def events_added(self, event: StreamEvent) -> None:
+        self._events.append(event)
+        self._notify()
 
     def _snapshot(self, frame: Mapping[str, Any]) -> None:
         # The server's answer so far: deliver only what this handle has not seen.
@@ -179,6 +263,8 @@ class ClientStream:
             arguments = call["arguments"]
             if arguments.startswith(seen) and len(arguments) > len(seen):
                 self._add(StreamEvent("tool_call_delta", arguments[len(seen) :], call["call"]))
+        if frame.get("step") is not None:  # an agent run: where it is, what it waits on
+            self._wait(frame.get("waiting") or [], frame["step"])
 
     def _end(self, frame: Mapping[str, Any]) -> None:
         usage = frame.get("usage") or {}
@@ -197,7 +283,10 @@ class ClientStream:
             error_message=error.get("message"),
             message=frame.get("message"),
             reasoning=self.reasoning,
+            messages=frame.get("messages"),
+            steps=frame.get("steps"),
         )
+        self.waiting = {}
         if frame["reason"] == "error":
             self._failure = StreamFailed(
                 error.get("code", "internal"), error.get("message", ""), self.result

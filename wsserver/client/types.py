@@ -15,7 +15,9 @@ __all__ = [
     "StreamEvent",
     "StreamResult",
     "ToolCall",
+    "ToolCallRequest",
     "Usage",
+    "WaitingCall",
 ]
 
 
@@ -41,6 +43,9 @@ class StreamResult:
     message: dict[str, Any] | None = None
     #: The reasoning text received (all blocks).
     reasoning: str = ""
+    #: An agent run: everything it added to the conversation, and its steps.
+    messages: list[dict[str, Any]] | None = None
+    steps: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,13 +54,18 @@ class StreamEvent:
 
     ``kind`` is ``"text"`` (answer text), ``"reasoning"`` (reasoning text),
     ``"tool_call"`` (a call opens: ``call``, ``name``) or ``"tool_call_delta"``
-    (a fragment of ``call``'s argument JSON in ``text``).
+    (a fragment of ``call``'s argument JSON in ``text``); in an agent run also
+    ``"waiting"`` (``data``: the :class:`WaitingCall` list the run waits on),
+    ``"tool_result"`` (``call``, ``name``, ``data``: the content; ``text``:
+    the error code of a result the server made, else empty) and ``"step"``
+    (``data``: the step that starts).
     """
 
-    kind: Literal["text", "reasoning", "tool_call", "tool_call_delta"]
+    kind: Literal["text", "reasoning", "tool_call", "tool_call_delta", "waiting", "tool_result", "step"]
     text: str = ""
     call: str | None = None
     name: str | None = None
+    data: Any = None
 
 
 @dataclass(slots=True)
@@ -74,6 +84,31 @@ class ToolCall:
     id: str
     name: str
     arguments: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class WaitingCall:
+    """A call an agent run waits on (``stream.waiting``): ``wait`` is
+    ``"approval"`` (send :meth:`ClientStream.approve`), ``"client"`` (send
+    :meth:`ClientStream.tool_result`) or ``"agent"`` (the agent ``agent`` answers)."""
+
+    id: str
+    name: str
+    arguments: dict[str, Any]
+    wait: str
+    agent: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallRequest:
+    """A call routed to this client's agent (a ``tool_call`` frame): answer it
+    with :meth:`Client.tool_result` (``call``), or let a handler registered
+    with ``client.tools.register`` do it."""
+
+    call: str
+    name: str
+    arguments: dict[str, Any]
+    sender: str
 
 
 @dataclass(frozen=True, slots=True)
