@@ -33,7 +33,21 @@ export declare function toWireMessages(messages: UIMessage[]): Record<string, un
 
 /** One stream's frames -> UI message chunks. */
 export declare class FrameMapper {
-  constructor(options?: { messageId?: string });
+  constructor(options?: {
+    messageId?: string;
+    /** Whether a call an agent run waits on needs the page (default: approvals and the client's results). */
+    needsPage?: (call: { id: string; name: string; wait: "approval" | "client" | "agent"; agent?: string }) => boolean;
+  });
   readonly done: boolean;
+  /** The last push ended the response for the page to answer the run (the run goes on after). */
+  readonly paused: boolean;
+  /** An agent run that waits: call id -> what it waits for. */
+  readonly waiting: Map<string, "approval" | "client" | "agent">;
   push(frame: Record<string, unknown>): UIMessageChunk[];
 }
+
+/** What the last UI message answers of a run that waits: `tool_result` and `approve` requests (without `stream`). */
+export declare function answersFor(
+  messages: UIMessage[],
+  waiting: Map<string, string>,
+): ({ type: "tool_result"; call: string; content: string } | { type: "approve"; call: string; approved: boolean; reason?: string })[];

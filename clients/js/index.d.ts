@@ -6,11 +6,13 @@ export declare const SUBPROTOCOL: "wsserver.v1";
 export declare const CLIENT_MESSAGES: Readonly<{
   HELLO: "hello"; GENERATE: "generate"; CANCEL: "cancel"; INTERRUPT: "interrupt"; ACK: "ack";
   PING: "ping"; SUBSCRIBE: "subscribe"; UNSUBSCRIBE: "unsubscribe"; PUBLISH: "publish"; SEND: "send";
+  TOOL_RESULT: "tool_result"; APPROVE: "approve";
 }>;
 export declare const SERVER_MESSAGES: Readonly<{
   WELCOME: "welcome"; STREAM_START: "stream.start"; STREAM_DELTA: "stream.delta"; STREAM_TOOL_CALL: "stream.tool_call";
   STREAM_END: "stream.end";
-  STREAM_SNAPSHOT: "stream.snapshot"; MESSAGE: "message"; SUBSCRIBED: "subscribed"; PRESENCE: "presence";
+  STREAM_SNAPSHOT: "stream.snapshot"; STREAM_WAITING: "stream.waiting"; STREAM_TOOL_RESULT: "stream.tool_result";
+  STREAM_STEP: "stream.step"; TOOL_CALL: "tool_call"; MESSAGE: "message"; SUBSCRIBED: "subscribed"; PRESENCE: "presence";
   OK: "ok"; PONG: "pong"; ERROR: "error"; SHUTDOWN: "shutdown";
 }>;
 export declare const CLOSE_CODES: Readonly<{
@@ -27,6 +29,7 @@ export type ErrorCode =
   | "unsupported_protocol" | "not_implemented" | "duplicate_request" | "too_many_streams"
   | "stream_exists" | "unknown_stream" | "provider_unavailable"
   | "bad_tool_schema" | "duplicate_tool" | "unknown_tool" | "unknown_tool_call" | "misplaced_content" | "bad_image"
+  | "not_waiting" | "unknown_call" | "call_answered" | "call_forbidden" | "approval_required" | "busy"
   | "resume_failed" | "rate_limited"
   | "unauthorized" | "forbidden" | "bad_name" | "agent_name_taken" | "unknown_agent"
   | "too_many_subscriptions" | "message_too_large" | "backplane_unavailable"
@@ -41,6 +44,12 @@ export declare const END_REASONS: Readonly<{
 }>;
 /** `stream.delta.part` values (absent: answer text). */
 export declare const DELTA_PARTS: Readonly<{ REASONING: "reasoning"; TOOL_CALL: "tool_call" }>;
+/** What a call of a waiting run waits for. */
+export type Wait = "approval" | "client" | "agent";
+export declare const WAITS: Readonly<{ APPROVAL: "approval"; CLIENT: "client"; AGENT: "agent" }>;
+/** `generate.on_busy`: what a generate does while a stream of its thread has not ended. */
+export type OnBusy = "parallel" | "queue" | "interrupt" | "reject";
+export declare const ON_BUSY: Readonly<{ PARALLEL: "parallel"; QUEUE: "queue"; INTERRUPT: "interrupt"; REJECT: "reject" }>;
 
 export type ConnectionState = "connecting" | "open" | "reconnecting" | "resumed" | "closed";
 export declare const STATES: Readonly<{
@@ -124,6 +133,12 @@ export interface Tool {
   name: string;
   description?: string;
   parameters?: Record<string, unknown>;
+  /** Agent runs only: route its calls to the session holding this agent name. */
+  agent?: string;
+  /** Agent runs only: each call waits for `stream.approve()` first. */
+  approval?: boolean;
+  /** Agent runs only: how long a call waits for its result (default for an agent's tool: 60 s). */
+  timeout_ms?: number;
 }
 export type ToolChoice = "auto" | "none" | "required" | { name: string };
 /** Any frame the server sends (unknown fields are kept as they are). */
@@ -228,6 +243,10 @@ export interface StreamResult {
   message: ChatMessage | null;
   /** Its tool calls (reason tool_calls). */
   toolCalls: ToolCall[];
+  /** An agent run: everything it added to the conversation (null for a plain stream). */
+  messages: ChatMessage[] | null;
+  /** An agent run: its steps. */
+  steps: number | null;
   error?: { code: string; message: string };
 }
 export interface Delta {
@@ -253,18 +272,47 @@ export interface PendingCall {
   /** The arguments' JSON text so far. */
   arguments: string;
 }
+/** A call an agent run waits on (stream.waiting). */
+export interface WaitingCall {
+  id: string;
+  name: string;
+  arguments: Record<string, unknown>;
+  /** approval: call stream.approve(); client: stream.toolResult(); agent: the agent `agent` answers. */
+  wait: Wait;
+  agent: string | null;
+}
+export interface Waiting {
+  calls: WaitingCall[];
+  step: number;
+}
+/** A call of a run got its result (stream.tool_result). */
+export interface ToolResultEvent {
+  call: string;
+  name: string;
+  content: string | ContentPart[];
+  /** Set when the server made the result: denied, unknown_agent, timeout, backplane_unavailable. */
+  error: string | null;
+  /** The agent that answered. */
+  from: string | null;
+}
 /** One event of `stream.events()`, in the order they came. */
 export type StreamEvent =
   | ({ type: "text" } & Delta)
   | ({ type: "reasoning" } & Delta)
   | ({ type: "tool_call" } & ToolCallOpened)
-  | ({ type: "tool_call_delta" } & ToolCallFragment);
+  | ({ type: "tool_call_delta" } & ToolCallFragment)
+  | ({ type: "waiting" } & Waiting)
+  | ({ type: "tool_result" } & ToolResultEvent)
+  | { type: "step"; step: number };
 export type StreamEvents = {
   start: [frame: ServerFrame];
   delta: [delta: Delta];
   reasoning: [delta: Delta];
   tool_call: [call: ToolCallOpened];
   tool_call_delta: [fragment: ToolCallFragment];
+  waiting: [waiting: Waiting];
+  tool_result: [result: ToolResultEvent];
+  step: [step: { step: number }];
   snapshot: [snapshot: { text: string; index: number; reasoning: string; calls: PendingCall[] }];
   end: [result: StreamResult];
   steered: [stream: Stream];
@@ -293,6 +341,21 @@ export declare class Stream extends Emitter<StreamEvents> implements AsyncIterab
   readonly message: ChatMessage | null;
   /** The calls the model made, arguments parsed ([] until ended). */
   readonly toolCalls: ToolCall[];
+  /** An agent run: what it added to the conversation (null until ended). */
+  readonly messages: ChatMessage[] | null;
+  /** An agent run: the step it is at. */
+  readonly step: number;
+  /** An agent run: the calls it waits on, by id. */
+  readonly waiting: Map<string, WaitingCall>;
+  readonly thread: string | null;
+  /** Queued (onBusy "queue"): the stream of its thread it starts after. */
+  readonly queuedAfter: string | null;
+  /** Resolves when the run waits on calls that need this client (an approval, a result no handler gives), with every call it waits on; [] once ended. */
+  waitForTools(): Promise<WaitingCall[]>;
+  /** Send the result of a call of this run (a string, parts, or anything JSON). */
+  toolResult(call: string, content: unknown, options?: { timeoutMs?: number }): Promise<void>;
+  /** Approve (or deny, with a reason for the model) a call that waits for an approval. */
+  approve(call: string, approved?: boolean, options?: { reason?: string; timeoutMs?: number }): Promise<void>;
   readonly failure: StreamFailedError | ConnectionLostError | null;
   readonly done: boolean;
   /** Resolves with the result; rejects with StreamFailedError or ConnectionLostError. */
@@ -488,6 +551,12 @@ export interface GenerateOptions {
   /** Tools the model may call. */
   tools?: Tool[];
   toolChoice?: ToolChoice;
+  /** An agent run of up to this many model steps (default 1: a plain stream). */
+  maxSteps?: number;
+  /** The thread this stream belongs to. */
+  thread?: string;
+  /** With thread: what happens while a stream of it has not ended (default "parallel"). */
+  onBusy?: OnBusy;
   /** The request id (default: generated). */
   id?: string;
   timeoutMs?: number;
@@ -538,6 +607,8 @@ export type ClientEvents = {
   stream: [stream: Stream];
   /** A direct message. */
   message: [message: DirectMessage];
+  /** A call routed to this client's agent that no registered handler answers: answer with toolResult(call, …). */
+  tool_call: [request: ToolCallRequest];
   /** Every frame after the welcome, duplicates excluded. */
   frame: [frame: ServerFrame];
   /** An error that answers no request of this client. */
@@ -545,6 +616,25 @@ export type ClientEvents = {
   /** With transport "auto": the transport the next connection attempt uses. */
   transport: [transport: "websocket" | "sse"];
 };
+
+/** A call another session's run routed to this client's agent. */
+export interface ToolCallRequest {
+  call: string;
+  name: string;
+  arguments: Record<string, unknown>;
+  /** The requesting session's agent name (or public id). */
+  from: string;
+}
+/** A tool handler: the call's arguments in, its result (or a promise of it) out. */
+export type ToolHandler = (args: Record<string, unknown>) => unknown;
+/** Tool handlers: they answer a run's calls that wait for the client, and calls routed to the client's agent, once each. */
+export declare class Tools {
+  register(name: string, handler: ToolHandler): ToolHandler;
+  unregister(name: string): void;
+  handles(name: string): boolean;
+}
+/** A result as tool_result content: a string or parts as they are, anything else as JSON text. */
+export declare function contentOf(result: unknown): string | ContentPart[];
 
 export declare class Client extends Emitter<ClientEvents> {
   constructor(url: string, options?: ClientOptions);
@@ -565,6 +655,8 @@ export declare class Client extends Emitter<ClientEvents> {
   readonly stats: { reconnects: number; resent: number; duplicateFrames: number; duplicateRequests: number };
   readonly streams: Stream[];
   readonly channels: Map<string, Channel>;
+  /** Tool handlers (agent runs). */
+  readonly tools: Tools;
   /** Resolves at the first welcome; rejects if the client closes before one. */
   connect(): Promise<Client>;
   /** Close for good; resolves once the socket has closed. */
@@ -583,6 +675,8 @@ export declare class Client extends Emitter<ClientEvents> {
   /** A direct message to an agent. */
   send(to: string, data: unknown, options?: { timeoutMs?: number }): Promise<void>;
   onMessage(listener: (message: DirectMessage) => void): () => void;
+  /** The result of a call: of this session's run (`stream`), or of a call routed to this client's agent. */
+  toolResult(call: string, content: unknown, options?: { stream?: string; timeoutMs?: number }): Promise<void>;
   /** Send a frame as is (tests and tools). */
   sendRaw(data: string | object): void;
 }

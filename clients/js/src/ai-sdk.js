@@ -19,6 +19,20 @@
 //   chat's stream just continues; reconnectToStream (useChat's
 //   resumeStream(), e.g. after a component remounts) gives a running
 //   stream again from its beginning (resumeStreamIsReplay), then live.
+// * Agent runs (`prepareGenerate` returning `{maxSteps, tools}`): a run's
+//   steps are the UI message's steps (`stream.step` -> finish-step,
+//   start-step); a wait gives each call's complete input
+//   (tool-input-available, so useChat's onToolCall runs client-side tools)
+//   and, for a call that needs an approval, a tool-approval-request
+//   (approvalId = the call's id); each result is tool-output-available,
+//   tool-output-error, or tool-output-denied. A wait that needs the page (an
+//   approval, or a result no handler of the client's `tools` gives) ends the
+//   response (finish, "tool-calls") as useChat expects; when useChat sends
+//   again (addToolOutput or addToolApprovalResponse, with
+//   sendAutomaticallyWhen), the transport answers the run (`tool_result`,
+//   `approve`) instead of starting a new generation, and the same stream
+//   goes on in the same UI message. Calls answered elsewhere (by other
+//   agents, by the client's handlers) keep the response open.
 //
 // It needs no import of the `ai` package: the chunks are plain objects of
 // its UIMessageChunk shapes (tested against the real package's readers).
@@ -80,7 +94,10 @@ export function toWireMessages(uiMessages) {
     }
     out.push(wire);
     for (const part of calls) {
-      if (part.state === "output-available" || part.state === "output-error") {
+      if (part.state === "output-denied") {
+        const reason = part.approval?.reason;
+        out.push({ role: "tool", tool_call_id: part.toolCallId, content: denial(reason) });
+      } else if (part.state === "output-available" || part.state === "output-error") {
         const content = part.state === "output-error" ? `error: ${part.errorText}` : part.output;
         out.push({
           role: "tool",
@@ -93,19 +110,38 @@ export function toWireMessages(uiMessages) {
   return out;
 }
 
+/** The content a denied call's result has (as the server makes it, PROTOCOL.md 4.4). */
+function denial(reason) {
+  const result = { error: "denied", message: "the user denied this call" };
+  if (reason != null) result.reason = reason;
+  return JSON.stringify(result);
+}
+
 /**
  * One stream's frames -> UI message chunks. `push(frame)` returns the chunks
  * the frame makes; `done` is true after the frame that ends the message.
  */
 export class FrameMapper {
-  constructor({ messageId } = {}) {
+  /**
+   * @param {{messageId?: string, needsPage?: (call: {id, name, wait, agent}) => boolean}} [options]
+   *   needsPage: whether a waiting call needs the page (default: approvals and the client's results)
+   */
+  constructor({ messageId, needsPage } = {}) {
     this.messageId = messageId;
+    this.needsPage = needsPage ?? ((call) => call.wait === "approval" || call.wait === "client");
     this.done = false;
+    /** The last push ended the response for the page to answer the run (it goes on after). */
+    this.paused = false;
     this._open = null; // {kind: "text" | "reasoning", id}
     this._blocks = 0;
     this._started = false;
     /** toolCallId -> {toolName, text} */
     this._calls = new Map();
+    /** Calls whose complete input was given (tool-input-available), and approvals asked. */
+    this._inputs = new Set();
+    this._asked = new Set();
+    /** An agent run that waits: call id -> what it waits for ("approval", "client", "agent"). */
+    this.waiting = new Map();
   }
 
   _start(frame, out) {
@@ -133,6 +169,7 @@ export class FrameMapper {
 
   push(frame) {
     const out = [];
+    this.paused = false;
     if (this.done) return out;
     switch (frame.type) {
       case "stream.start":
@@ -164,6 +201,22 @@ export class FrameMapper {
         out.push({ type: "tool-input-start", toolCallId: frame.call, toolName: frame.name });
         break;
       }
+      case "stream.waiting":
+        this._start(frame, out);
+        this._wait(frame, out);
+        break;
+      case "stream.tool_result":
+        this._start(frame, out);
+        this.waiting.delete(frame.call);
+        out.push(toolOutput(frame));
+        break;
+      case "stream.step":
+        this._start(frame, out);
+        this._close(out);
+        this.waiting.clear();
+        this._calls.clear();
+        out.push({ type: "finish-step" }, { type: "start-step" });
+        break;
       case "stream.end":
         this._start(frame, out);
         this._end(frame, out);
@@ -174,10 +227,37 @@ export class FrameMapper {
     return out;
   }
 
+  /** A run waits: each call's complete input, an approval request where one is needed. */
+  _wait(frame, out) {
+    this._close(out);
+    for (const call of frame.message?.tool_calls ?? []) {
+      if (this._inputs.has(call.id)) continue;
+      this._inputs.add(call.id);
+      if (!this._calls.has(call.id)) out.push({ type: "tool-input-start", toolCallId: call.id, toolName: call.name });
+      out.push({ type: "tool-input-available", toolCallId: call.id, toolName: call.name, input: call.arguments ?? {} });
+    }
+    this.waiting = new Map((frame.calls ?? []).map((call) => [call.id, call.wait]));
+    let ask = false;
+    for (const call of frame.calls ?? []) {
+      if (this.needsPage(call) && !this._asked.has(call.id)) {
+        this._asked.add(call.id);
+        ask = true;
+        if (call.wait === "approval") out.push({ type: "tool-approval-request", approvalId: call.id, toolCallId: call.id });
+      }
+    }
+    if (ask) {
+      // the page answers (addToolOutput, addToolApprovalResponse): this response ends, the run goes on after
+      out.push({ type: "finish-step" }, { type: "finish", finishReason: "tool-calls" });
+      this.paused = true;
+    }
+  }
+
   _end(frame, out) {
     this._close(out);
+    this.waiting.clear();
     const finished = new Map((frame.message?.tool_calls ?? []).map((call) => [call.id, call]));
     for (const [toolCallId, call] of this._calls) {
+      if (this._inputs.has(toolCallId)) continue; // given when the run waited
       const done = finished.get(toolCallId);
       if (done) {
         out.push({ type: "tool-input-available", toolCallId, toolName: call.toolName, input: done.arguments ?? {} });
@@ -210,6 +290,46 @@ export class FrameMapper {
     }
     this.done = true;
   }
+}
+
+/** stream.tool_result -> its UI chunk. */
+function toolOutput(frame) {
+  const toolCallId = frame.call;
+  if (frame.error === "denied") return { type: "tool-output-denied", toolCallId };
+  if (frame.error) {
+    let message = "";
+    try {
+      message = JSON.parse(frame.content).message ?? "";
+    } catch {
+      message = String(frame.content);
+    }
+    return { type: "tool-output-error", toolCallId, errorText: `${frame.error}: ${message}` };
+  }
+  return { type: "tool-output-available", toolCallId, output: frame.content };
+}
+
+/**
+ * What the last UI message answers of a run that waits: tool outputs for
+ * calls that wait for the client, approval responses for calls that wait
+ * for one. [] when it answers nothing (a new message).
+ */
+export function answersFor(uiMessages, waiting) {
+  const last = uiMessages?.at(-1);
+  if (!last || last.role !== "assistant" || !waiting?.size) return [];
+  const out = [];
+  for (const part of last.parts ?? []) {
+    if (!isToolPart(part)) continue;
+    const wait = waiting.get(part.toolCallId);
+    if (wait === "client" && (part.state === "output-available" || part.state === "output-error")) {
+      const content = part.state === "output-error" ? JSON.stringify({ error: "tool_failed", message: part.errorText }) : part.output;
+      out.push({ type: "tool_result", call: part.toolCallId, content: typeof content === "string" ? content : JSON.stringify(content ?? null) });
+    } else if (wait === "approval" && part.state === "approval-responded" && part.approval) {
+      const answer = { type: "approve", call: part.toolCallId, approved: Boolean(part.approval.approved) };
+      if (part.approval.reason != null) answer.reason = part.approval.reason;
+      out.push(answer);
+    }
+  }
+  return out;
 }
 
 let counter = 0;
@@ -250,6 +370,14 @@ export class WsServerChatTransport {
 
   async sendMessages({ chatId, messages, abortSignal, body } = {}) {
     const client = await this._connected();
+    const waiting = this._chats.get(chatId);
+    const answers = waiting && !waiting.done ? answersFor(messages, waiting.mapper.waiting) : [];
+    if (answers.length) {
+      // the run waits for these: answer it, and the same stream goes on (from where the last response ended)
+      const from = waiting.pausedAt;
+      for (const answer of answers) await client.request({ ...answer, stream: waiting.streamId });
+      return waiting.reader(() => client.request({ type: "cancel", stream: waiting.streamId }).catch(() => {}), from);
+    }
     const streamId = `ai-${randomTag()}-${++counter}`;
     const request = {
       stream: streamId,
@@ -275,23 +403,31 @@ export class WsServerChatTransport {
 
   async reconnectToStream({ chatId } = {}) {
     const chat = this._chats.get(chatId);
-    if (!chat || chat.done) return null;
+    if (!chat || chat.done || chat.pausedAt !== null) return null; // (paused: the page has to answer the run)
     return chat.reader(null);
   }
 
   /** Follow `streamId`'s frames for `chatId`, keeping every chunk for a replay. */
   _track(chatId, streamId) {
     this._chats.get(chatId)?.stop();
-    const mapper = new FrameMapper({ messageId: streamId });
     const client = this.client;
+    const needsPage = (call) => call.wait === "approval" || (call.wait === "client" && !client.tools.handles(call.name));
+    const mapper = new FrameMapper({ messageId: streamId, needsPage });
     const chat = {
       streamId,
+      mapper,
       chunks: [],
       listeners: new Set(),
       done: false,
-      add: (chunks, end) => {
+      /** Where the response the page answers ended (null: not paused). */
+      pausedAt: null,
+      add: (chunks, end, paused = false) => {
         chat.chunks.push(...chunks);
-        for (const listener of chat.listeners) listener(chunks, end);
+        for (const listener of chat.listeners) listener(chunks, end || paused);
+        if (paused) {
+          chat.listeners.clear();
+          chat.pausedAt = chat.chunks.length;
+        }
         if (end) chat.stop();
       },
       stop: () => {
@@ -299,11 +435,12 @@ export class WsServerChatTransport {
         client.off("frame", onFrame);
         if (this._chats.get(chatId) === chat) this._chats.delete(chatId);
       },
-      reader: (onCancel) => {
+      reader: (onCancel, from = 0) => {
         let listener;
+        chat.pausedAt = null;
         return new ReadableStream({
           start(controller) {
-            for (const chunk of chat.chunks) controller.enqueue(chunk);
+            for (const chunk of chat.chunks.slice(from)) controller.enqueue(chunk);
             if (chat.done) return controller.close();
             listener = (chunks, end) => {
               for (const chunk of chunks) controller.enqueue(chunk);
@@ -324,7 +461,7 @@ export class WsServerChatTransport {
     const onFrame = (frame) => {
       if (frame.stream !== streamId) return;
       const chunks = mapper.push(frame);
-      if (chunks.length) chat.add(chunks, mapper.done);
+      if (chunks.length) chat.add(chunks, mapper.done, mapper.paused);
     };
     client.on("frame", onFrame);
     this._chats.set(chatId, chat);

@@ -13,6 +13,7 @@ export { Channel, RemoteStream } from "./channel.js";
 export { Push } from "./push.js";
 export { Timer, fullJitter, defaultClock } from "./timer.js";
 export { Emitter } from "./emitter.js";
+export { Tools, contentOf } from "./tools.js";
 export {
   WsServerError,
   RateLimitedError,
@@ -31,6 +32,8 @@ export {
   ERROR_CODES,
   END_REASONS,
   DELTA_PARTS,
+  WAITS,
+  ON_BUSY,
   STATES,
   DEFAULTS,
 } from "./constants.js";

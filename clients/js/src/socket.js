@@ -49,6 +49,7 @@ import { Push } from "./push.js";
 import { SseSocket } from "./sse.js";
 import { Stream } from "./stream.js";
 import { Timer, defaultClock, fullJitter } from "./timer.js";
+import { Tools, contentOf } from "./tools.js";
 
 const noop = () => {};
 
@@ -117,6 +118,8 @@ export class Client extends Emitter {
         random: this._random,
       });
     this.agent = options.agent ?? null;
+    /** Tool handlers: agent runs' calls, and calls routed to this client's agent (src/tools.js). */
+    this.tools = new Tools(this);
     this._token = options.token ?? null;
     this._helloExtra = { ...(options.hello ?? {}) };
     this._idPrefix = options.idPrefix ?? randomPrefix();
@@ -646,17 +649,24 @@ export class Client extends Emitter {
    * ("auto" | "none" | "required" | {name}), the model may call tools: the
    * stream ends with reason `tool_calls`; send `stream.message` and one
    * {role: "tool", tool_call_id, content} per call in the next generate.
+   * With `maxSteps` > 1 the stream is an agent run that does that loop
+   * itself (tools may then have `agent`, `approval`, `timeout_ms`: see
+   * Stream.waitForTools and client.tools). `thread` and `onBusy`
+   * ("parallel" | "queue" | "interrupt" | "reject") say what happens while a
+   * stream of the thread is going.
    * @param {string|Array<object>} messages a string is one user message
-   * @param {object} [options] {stream, provider, model, params, channel, tools, toolChoice, id, timeoutMs, signal}
+   * @param {object} [options] {stream, provider, model, params, channel, tools, toolChoice, maxSteps, thread, onBusy, id, timeoutMs, signal}
    */
   async generate(messages, options = {}) {
     const list = typeof messages === "string" ? [{ role: "user", content: messages }] : [...messages];
     const message = { type: "generate", messages: list };
-    for (const key of ["stream", "provider", "model", "channel"]) {
+    for (const key of ["stream", "provider", "model", "channel", "thread"]) {
       if (options[key] != null) message[key] = options[key];
     }
     if (options.tools != null) message.tools = [...options.tools];
     if (options.toolChoice != null) message.tool_choice = options.toolChoice;
+    if (options.maxSteps != null) message.max_steps = options.maxSteps;
+    if (options.onBusy != null) message.on_busy = options.onBusy;
     if (options.params != null) message.params = { ...options.params };
     if (options.id != null) message.id = options.id;
     const stream = await this._startStream(message, options);
@@ -699,6 +709,17 @@ export class Client extends Emitter {
   /** A direct message to the agent named `to`; resolves once the server accepted it. */
   async send(to, data, { timeoutMs } = {}) {
     await this._push({ type: "send", to, data }, { timeoutMs }).reply;
+  }
+
+  /**
+   * Send the result of a call: of this session's run `options.stream`, or
+   * (no stream) of a call routed to this client's agent (a "tool_call"
+   * event). `content`: a string, a list of parts, or anything else (sent as JSON).
+   */
+  async toolResult(call, content, options = {}) {
+    const message = { type: "tool_result", call, content: contentOf(content) };
+    if (options.stream != null) message.stream = options.stream;
+    await this._push(message, { timeoutMs: options.timeoutMs }).reply;
   }
 
   /** Call `listener({from, data, seq})` for every direct message; returns a function that stops it. */
@@ -802,6 +823,18 @@ export class Client extends Emitter {
         break;
       case SERVER_MESSAGES.STREAM_TOOL_CALL:
         this._streams.get(frame.stream)?._toolCall(frame);
+        break;
+      case SERVER_MESSAGES.STREAM_WAITING:
+        this._streams.get(frame.stream)?._wait(frame.calls, frame.step);
+        break;
+      case SERVER_MESSAGES.STREAM_TOOL_RESULT:
+        this._streams.get(frame.stream)?._toolResult(frame);
+        break;
+      case SERVER_MESSAGES.STREAM_STEP:
+        this._streams.get(frame.stream)?._step(frame);
+        break;
+      case SERVER_MESSAGES.TOOL_CALL:
+        this.tools._routed(frame);
         break;
       case SERVER_MESSAGES.STREAM_SNAPSHOT:
         this._onSnapshot(frame);

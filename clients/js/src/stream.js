@@ -18,12 +18,23 @@
 // {type: "text"|"reasoning", text, index}, {type: "tool_call", call, name,
 // index}, {type: "tool_call_delta", call, text, index}.
 //
+// Agent runs (generate with maxSteps > 1): one stream over the run's steps;
+// text, reasoning and calls accumulate across them. `stream.waiting` (Map:
+// call id -> {id, name, arguments, wait, agent}) holds the calls the run
+// waits on; `await stream.waitForTools()` resolves when some need this
+// client (an approval, a result no registered handler gives), answered with
+// `stream.toolResult(call, content)` and `stream.approve(call, approved)`.
+// events() also yields {type: "waiting", calls, step}, {type: "tool_result",
+// call, name, content, error, from} and {type: "step", step}; `result.messages`
+// is everything the run added to the conversation.
+//
 // Events: "start" (the stream.start frame), "delta" ({text, index}: answer
 // text), "reasoning" ({text, index}), "tool_call" ({call, name, index}),
-// "tool_call_delta" ({call, text, index}), "snapshot" ({text, index,
-// reasoning, calls}: everything so far, after a snapshot resume), "end"
-// (result), "steered" (the new Stream, after interrupt with input), "error"
-// (StreamFailedError or ConnectionLostError).
+// "tool_call_delta" ({call, text, index}), "waiting" ({calls, step}),
+// "tool_result" ({call, name, content, error, from}), "step" ({step}),
+// "snapshot" ({text, index, reasoning, calls}: everything so far, after a
+// snapshot resume), "end" (result), "steered" (the new Stream, after
+// interrupt with input), "error" (StreamFailedError or ConnectionLostError).
 
 import { DELTA_PARTS, END_REASONS, ERROR_CODES } from "./constants.js";
 import { Emitter } from "./emitter.js";
@@ -52,6 +63,13 @@ export class Stream extends Emitter {
     this.calls = new Map();
     /** The index the next delta-like frame (stream.delta, stream.tool_call) must carry. */
     this.nextIndex = 0;
+    /** An agent run: the step it is at, and the calls it waits on (call id -> {id, name, arguments, wait, agent}). */
+    this.step = 1;
+    this.waiting = new Map();
+    this._acted = new Set(); // calls this client answered or decided
+    /** The stream of its thread it was queued behind (stream.start queued_after). */
+    this.queuedAfter = null;
+    this.thread = null;
     /** Set once stream.end arrived: {stream, reason, usage, ttftMs, durationMs, text, reasoning, message, toolCalls, error?}. */
     this.result = null;
     /** The error that ended it (StreamFailedError, ConnectionLostError), if any. */
@@ -84,6 +102,53 @@ export class Stream extends Emitter {
   /** The calls the model made, arguments parsed ([] until ended; reason `tool_calls`). */
   get toolCalls() {
     return this.result?.toolCalls ?? [];
+  }
+
+  /** What an agent run added to the conversation (null until ended; a plain stream: null). */
+  get messages() {
+    return this.result?.messages ?? null;
+  }
+
+  /**
+   * Resolves when the run waits on calls that need this client (an approval,
+   * or a result no registered handler gives and this client has not sent),
+   * with every call the run waits on; with [] once the stream has ended
+   * (rejects, as iteration does, if it failed).
+   */
+  async waitForTools() {
+    for (;;) {
+      if (this.failure !== null) throw this.failure;
+      if (this.result !== null) return [];
+      const pending = [...this.waiting.values()];
+      if (pending.some((call) => !this._acted.has(call.id) && this._needsMe(call))) return pending;
+      await this._changed();
+    }
+  }
+
+  _needsMe(call) {
+    return call.wait === "approval" || (call.wait === "client" && !this._client.tools.handles(call.name));
+  }
+
+  /** Send the result of `call` (a string, a list of parts, or anything else: sent as JSON). */
+  async toolResult(call, content, options = {}) {
+    if (this.id === null) throw new TypeError("the stream has not started");
+    this._acted.add(call);
+    await this._client.toolResult(call, content, { ...options, stream: this.id });
+  }
+
+  /**
+   * Approve (or deny) a call that waits for an approval; a denial (with its
+   * `reason`) is the call's result for the model.
+   * @param {string} call
+   * @param {boolean} [approved]
+   * @param {{reason?: string, timeoutMs?: number}} [options]
+   */
+  async approve(call, approved = true, options = {}) {
+    if (this.id === null) throw new TypeError("the stream has not started");
+    this._acted.add(call);
+    const message = { type: "approve", stream: this.id, call, approved: Boolean(approved) };
+    if (options.reason != null) message.reason = String(options.reason);
+    await this._client.request(message, options);
   }
 
   /**
@@ -204,7 +269,52 @@ export class Stream extends Emitter {
     this.provider = frame.provider ?? null;
     this.model = frame.model ?? null;
     this.steeredFrom = frame.steered_from ?? null;
+    this.thread = frame.thread ?? null;
+    this.queuedAfter = frame.queued_after ?? null;
     this.emit("start", frame);
+  }
+
+  _record(event) {
+    this._events.push(event);
+    const { type, ...rest } = event;
+    this.emit(type, rest);
+    this._notify();
+  }
+
+  /** stream.waiting (or a snapshot's waiting): what the run waits on now. */
+  _wait(calls, step) {
+    if (this.done) return;
+    if (typeof step === "number") this.step = step;
+    this.waiting = new Map();
+    for (const c of Array.isArray(calls) ? calls : []) {
+      const call = { id: c.id, name: c.name, arguments: c.arguments ?? {}, wait: c.wait, agent: c.agent ?? null };
+      this.waiting.set(call.id, call);
+      // a registered handler answers what waits for the client
+      if (call.wait === "client" && this._client.tools.answer(this.id, call.id, call.name, call.arguments)) {
+        this._acted.add(call.id);
+      }
+    }
+    this._record({ type: "waiting", calls: [...this.waiting.values()], step: this.step });
+  }
+
+  _toolResult(frame) {
+    if (this.done) return;
+    this.waiting.delete(frame.call);
+    this._record({
+      type: "tool_result",
+      call: frame.call,
+      name: frame.name ?? "",
+      content: frame.content,
+      error: frame.error ?? null,
+      from: frame.from ?? null,
+    });
+  }
+
+  _step(frame) {
+    if (this.done) return;
+    this.step = frame.step;
+    this.waiting = new Map();
+    this._record({ type: "step", step: frame.step });
   }
 
   _feed(text, index) {
@@ -276,7 +386,9 @@ export class Stream extends Emitter {
       this._arguments(call.call, rest(this.calls.get(call.call)?.arguments ?? "", call.arguments), null);
     }
     if (typeof frame.index === "number" && frame.index > this.nextIndex) this.nextIndex = frame.index;
+    if (frame.queued_after != null) this.queuedAfter = frame.queued_after;
     this.emit("snapshot", { text: this.text, index: this.nextIndex, reasoning: this.reasoning, calls: [...this.calls.values()] });
+    if (typeof frame.step === "number") this._wait(frame.waiting, frame.step); // an agent run
   }
 
   _end(frame) {
@@ -298,7 +410,10 @@ export class Stream extends Emitter {
       toolCalls: Array.isArray(frame.message?.tool_calls)
         ? frame.message.tool_calls.map((c) => ({ id: c.id, name: c.name, arguments: c.arguments }))
         : [],
+      messages: Array.isArray(frame.messages) ? frame.messages : null,
+      steps: typeof frame.steps === "number" ? frame.steps : null,
     };
+    this.waiting = new Map();
     if (frame.error) this.result.error = { code: frame.error.code, message: frame.error.message ?? "" };
     if (frame.reason === END_REASONS.ERROR) {
       const error = frame.error ?? {};

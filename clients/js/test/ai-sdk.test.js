@@ -5,10 +5,15 @@
 
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
-import { readUIMessageStream } from "ai";
+import {
+  AbstractChat,
+  lastAssistantMessageIsCompleteWithApprovalResponses,
+  lastAssistantMessageIsCompleteWithToolCalls,
+  readUIMessageStream,
+} from "ai";
 import WebSocket from "ws";
 
-import { FrameMapper, WsServerChatTransport, toWireMessages } from "../src/ai-sdk.js";
+import { FrameMapper, WsServerChatTransport, answersFor, toWireMessages } from "../src/ai-sdk.js";
 import { Client, WsServerError } from "../src/index.js";
 import { startServer } from "./helpers/server.js";
 
@@ -130,6 +135,63 @@ describe("FrameMapper with recorded frames", () => {
   });
 });
 
+describe("FrameMapper: agent runs", () => {
+  const message = {
+    role: "assistant", content: "Calling lookup.",
+    tool_calls: [{ id: "c1", name: "lookup", arguments: { topic: "Oslo" } }],
+  };
+  const call = { type: "stream.tool_call", seq: 3, stream: "r", index: 1, call: "c1", name: "lookup" };
+  const start = { type: "stream.start", seq: 1, stream: "r", provider: "simulated", model: "sim-1" };
+
+  test("an agent's call keeps the response open: input, output, next step, finish", async () => {
+    const mapper = new FrameMapper();
+    const chunks = [
+      start,
+      { type: "stream.delta", seq: 2, stream: "r", index: 0, text: "Calling lookup." },
+      call,
+      { type: "stream.delta", seq: 4, stream: "r", index: 2, part: "tool_call", call: "c1", text: '{"topic":"Oslo"}' },
+      { type: "stream.waiting", seq: 5, stream: "r", step: 1, message, calls: [{ ...message.tool_calls[0], wait: "agent", agent: "librarian" }] },
+      { type: "stream.tool_result", seq: 6, stream: "r", call: "c1", name: "lookup", content: "capital of Norway", from: "librarian" },
+      { type: "stream.step", seq: 7, stream: "r", step: 2 },
+      { type: "stream.delta", seq: 8, stream: "r", index: 3, text: "It is the capital." },
+      { type: "stream.end", seq: 9, stream: "r", reason: "complete", usage, duration_ms: 1, steps: 2,
+        message: { role: "assistant", content: "It is the capital." } },
+    ].flatMap((frame) => mapper.push(frame));
+    assert.equal(chunks.filter((c) => c.type === "finish").length, 1, "one response: nothing waited for the page");
+    assert.equal(chunks.filter((c) => c.type === "tool-input-available").length, 1, "the input once");
+    const ui = await uiMessage(chunks);
+    const tool = ui.parts.find((p) => p.type === "tool-lookup");
+    assert.equal(tool.state, "output-available");
+    assert.equal(tool.output, "capital of Norway");
+    assert.equal(ui.parts.filter((p) => p.type === "step-start").length, 2);
+    assert.equal(ui.parts.filter((p) => p.type === "text").at(-1).text, "It is the capital.");
+  });
+
+  test("an approval ends the response with an approval request; a denial is output-denied", async () => {
+    const mapper = new FrameMapper();
+    const first = [start, call, { type: "stream.waiting", seq: 4, stream: "r", step: 1, message,
+      calls: [{ ...message.tool_calls[0], wait: "approval", agent: "librarian" }] }].flatMap((f) => mapper.push(f));
+    assert.equal(mapper.paused, true);
+    assert.deepEqual(first.slice(-3), [
+      { type: "tool-approval-request", approvalId: "c1", toolCallId: "c1" },
+      { type: "finish-step" },
+      { type: "finish", finishReason: "tool-calls" },
+    ]);
+    const ui = await uiMessage(first);
+    const tool = ui.parts.find((p) => p.type === "tool-lookup");
+    assert.equal(tool.state, "approval-requested");
+    assert.equal(tool.approval.id, "c1");
+    // what useChat sends after addToolApprovalResponse: an approve for the run
+    tool.state = "approval-responded";
+    tool.approval = { id: "c1", approved: false, reason: "no" };
+    assert.deepEqual(answersFor([ui], mapper.waiting), [{ type: "approve", call: "c1", approved: false, reason: "no" }]);
+    const denied = mapper.push({ type: "stream.tool_result", seq: 5, stream: "r", call: "c1", name: "lookup", error: "denied",
+      content: '{"error":"denied","message":"the user denied this call","reason":"no"}' });
+    assert.deepEqual(denied, [{ type: "tool-output-denied", toolCallId: "c1" }]);
+    assert.equal(mapper.paused, false);
+  });
+});
+
 describe("toWireMessages", () => {
   test("text, images, reasoning with its signature, tool calls and their results", () => {
     const wire = toWireMessages([
@@ -212,6 +274,58 @@ describe("end to end against the server", () => {
     assert.equal(tool.state, "input-available");
     assert.equal(typeof tool.input.city, "string");
     assert.ok(tool.input.city.length > 0, JSON.stringify(tool.input));
+  });
+
+  test("an agent run in useChat's own loop (AbstractChat): a client-side tool, an approval, another agent", async () => {
+    const librarian = new Client(server.url, { WebSocket, heartbeatIntervalMs: 0, agent: "ai-librarian" });
+    clients.push(librarian);
+    await librarian.connect();
+    librarian.tools.register("lookup", (args) => ({ topic: args.topic, summary: "capital of Norway" }));
+    const tools = [
+      { name: "get_weather", parameters: { type: "object", properties: { city: { type: "string" } }, required: ["city"] } },
+      { name: "lookup", agent: "ai-librarian", approval: true,
+        parameters: { type: "object", properties: { topic: { type: "string" } }, required: ["topic"] } },
+    ];
+    const wsTransport = transport({ prepareGenerate: (messages) => ({ messages, tools, maxSteps: 3 }) });
+    const state = {
+      status: "ready", error: undefined, messages: [],
+      pushMessage(m) { this.messages = [...this.messages, m]; },
+      popMessage() { this.messages = this.messages.slice(0, -1); },
+      replaceMessage(i, m) { this.messages = this.messages.map((old, j) => (j === i ? m : old)); },
+      snapshot: (thing) => structuredClone(thing),
+    };
+    class TestChat extends AbstractChat {}
+    let chat;
+    chat = new TestChat({
+      id: "run-chat",
+      transport: wsTransport,
+      state,
+      sendAutomaticallyWhen: (options) =>
+        lastAssistantMessageIsCompleteWithToolCalls(options) || lastAssistantMessageIsCompleteWithApprovalResponses(options),
+      onToolCall: ({ toolCall }) => {
+        if (toolCall.toolName === "get_weather") {
+          chat.addToolOutput({ tool: "get_weather", toolCallId: toolCall.toolCallId, output: `4 C in ${toolCall.input.city}` });
+        }
+      },
+    });
+    const until = async (condition) => {
+      for (let i = 0; i < 500 && !condition(); i++) await new Promise((r) => setTimeout(r, 10));
+      assert.ok(condition(), JSON.stringify(state.messages.at(-1)?.parts, null, 1));
+    };
+    const lookupPart = () => state.messages.at(-1)?.parts.find((p) => p.type === "tool-lookup");
+    await chat.sendMessage({ text: "get_weather in Oslo, then lookup Oslo" });
+    await until(() => lookupPart()?.state === "approval-requested" && chat.status === "ready");
+    await chat.addToolApprovalResponse({ id: lookupPart().approval.id, approved: true });
+    await until(() => chat.status === "ready" && lookupPart()?.state === "output-available"
+      && state.messages.at(-1).parts.at(-1).type === "text" && state.messages.at(-1).parts.at(-1).state === "done");
+    const assistant = state.messages.at(-1);
+    assert.equal(state.messages.length, 2, "one user message, one assistant message for the whole run");
+    const weather = assistant.parts.find((p) => p.type === "tool-get_weather");
+    assert.equal(weather.state, "output-available");
+    assert.equal(weather.output, "4 C in Oslo");
+    assert.deepEqual(JSON.parse(lookupPart().output), { topic: "Oslo", summary: "capital of Norway" });
+    assert.ok(assistant.parts.at(-1).text.startsWith('lookup returned "'), assistant.parts.at(-1).text);
+    assert.equal(assistant.parts.filter((p) => p.type === "step-start").length >= 3, true);
   });
 
   test("the same over the HTTP transport, with max_tokens: finish length", async () => {

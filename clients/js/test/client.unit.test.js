@@ -461,6 +461,8 @@ describe("streams", () => {
       reasoning: "",
       message: null,
       toolCalls: [],
+      messages: null, // (an agent run's)
+      steps: null,
     });
     assert.equal(stream.provider, "simulated");
   });

@@ -176,6 +176,8 @@ describe("server-valid vectors are accepted", () => {
           assert.equal(stream.result.durationMs, frame.duration_ms);
           assert.deepEqual(stream.message, frame.message ?? null);
           assert.deepEqual(stream.toolCalls, frame.message?.tool_calls ?? []);
+          assert.deepEqual(stream.messages, frame.messages ?? null);
+          assert.equal(stream.result.steps, frame.steps ?? null);
           return;
         }
         case "stream.snapshot": {
@@ -191,6 +193,12 @@ describe("server-valid vectors are accepted", () => {
           assert.deepEqual(
             [...adopted[0].calls.values()],
             (frame.calls ?? []).map((c) => ({ id: c.call, name: c.name, arguments: c.arguments })),
+          );
+          // an agent run: its step and what it waits on (a pending approval, say)
+          assert.equal(adopted[0].step, frame.step ?? 1);
+          assert.deepEqual(
+            [...adopted[0].waiting.values()],
+            (frame.waiting ?? []).map((c) => ({ ...c, agent: c.agent ?? null })),
           );
           return;
         }
@@ -249,6 +257,59 @@ describe("server-valid vectors are accepted", () => {
           assert.equal(MockWebSocket.instances.length, 2);
           return;
         }
+        case "stream.waiting": {
+          const { client, ws } = await connectedClient(Client);
+          const stream = await streamWith(client, ws(), frame.stream, { seq: frame.seq - 1 });
+          const seen = [];
+          stream.on("waiting", (w) => seen.push(w));
+          ws().receive(frame);
+          const calls = frame.calls.map((c) => ({ ...c, agent: c.agent ?? null }));
+          assert.deepEqual(seen, [{ calls, step: frame.step }]);
+          assert.deepEqual([...stream.waiting.values()], calls);
+          assert.equal(stream.step, frame.step);
+          const needed = await stream.waitForTools(); // an approval or a client's result waits for this client
+          assert.deepEqual(needed, calls);
+          return;
+        }
+        case "stream.tool_result": {
+          const { client, ws } = await connectedClient(Client);
+          const stream = await streamWith(client, ws(), frame.stream, { seq: frame.seq - 2 });
+          ws().receive({ type: "stream.waiting", seq: frame.seq - 1, stream: frame.stream, step: 1, message: { role: "assistant", content: "" },
+            calls: [{ id: frame.call, name: frame.name, arguments: {}, wait: "agent", agent: "a" }] });
+          const seen = [];
+          stream.on("tool_result", (r) => seen.push(r));
+          ws().receive(frame);
+          assert.deepEqual(seen, [{ call: frame.call, name: frame.name, content: frame.content, error: frame.error ?? null, from: frame.from ?? null }]);
+          assert.equal(stream.waiting.size, 0);
+          return;
+        }
+        case "stream.step": {
+          const { client, ws } = await connectedClient(Client);
+          const stream = await streamWith(client, ws(), frame.stream, { seq: frame.seq - 1 });
+          const seen = [];
+          stream.on("step", (step) => seen.push(step));
+          ws().receive(frame);
+          assert.equal(stream.step, frame.step);
+          assert.deepEqual(seen, [{ step: frame.step }]);
+          return;
+        }
+        case "tool_call": {
+          const { client, ws } = await connectedClient(Client);
+          const seen = [];
+          client.on("tool_call", (c) => seen.push(c));
+          ws().receive(frame);
+          assert.deepEqual(seen, [{ call: frame.call, name: frame.name, arguments: frame.arguments, from: frame.from }]);
+          // with a handler, the client answers by itself
+          const second = await connectedClient(Client);
+          second.client.tools.register(frame.name, (args) => ({ echo: args }));
+          second.ws().receive(frame);
+          await new Promise((resolve) => setTimeout(resolve, 0));
+          const sent = second.ws().sent.at(-1);
+          assert.equal(sent.type, "tool_result");
+          assert.equal(sent.call, frame.call);
+          assert.deepEqual(JSON.parse(sent.content), { echo: frame.arguments });
+          return;
+        }
         default:
           t.skip(`no specific check for type ${frame.type}; accepted generically above`);
       }
@@ -295,8 +356,23 @@ async function produce(message) {
           channel: message.channel,
           tools: message.tools,
           toolChoice: message.tool_choice,
+          maxSteps: message.max_steps,
+          thread: message.thread,
+          onBusy: message.on_busy,
         })
         .catch(() => {});
+      return ws().sent.at(-1);
+    }
+    case "tool_result": {
+      const { client, ws } = await connectedClient(Client);
+      if (message.stream === undefined) client.toolResult(message.call, message.content).catch(() => {});
+      else (await streamWith(client, ws(), message.stream)).toolResult(message.call, message.content).catch(() => {});
+      return ws().sent.at(-1);
+    }
+    case "approve": {
+      const { client, ws } = await connectedClient(Client);
+      const stream = await streamWith(client, ws(), message.stream);
+      stream.approve(message.call, message.approved, { reason: message.reason }).catch(() => {});
       return ws().sent.at(-1);
     }
     case "cancel":
@@ -349,7 +425,10 @@ async function produce(message) {
 // is a forward-compatibility example the client has no reason to send).
 const KNOWN = {
   hello: ["type", "protocol", "session", "last_seq", "snapshot", "token", "agent", "id"],
-  generate: ["type", "id", "messages", "stream", "provider", "model", "params", "channel", "tools", "tool_choice"],
+  generate: [
+    "type", "id", "messages", "stream", "provider", "model", "params", "channel", "tools", "tool_choice",
+    "max_steps", "thread", "on_busy",
+  ],
 };
 
 describe("client-valid vectors can be produced by the client", () => {
