@@ -2,27 +2,32 @@
 // reasoning (shown collapsed as it streams), tool calls (name and arguments
 // as they stream) with a built-in demo tool round trip (tools.js: the page
 // runs the tools the model calls and continues the conversation with their
-// results), and a channel panel with presence, messages and other agents'
-// streams.
+// results), agent runs (the "Agent run" option: the server loops, the
+// page's client answers the demo tools as handlers, a pending approval shows
+// Approve/Deny, a second agent in the page answers ask_helper), and a
+// channel panel with presence, messages and other agents' streams.
 // It uses the bundled client as is (no build step) and keeps its session,
 // last seq and transcript in sessionStorage, so a reload resumes the
 // session (`snapshot: true`) and picks running answers up where they are.
 //
 // Query parameters: agent, channel, provider, model, max_tokens,
 // tokens_per_s, reply_tokens, reasoning (an effort: minimal, low, medium,
-// high), tools=0 (no demo tools) (prefill the options), autojoin=1.
+// high), tools=0 (no demo tools), run=1 (agent runs) (prefill the options),
+// autojoin=1.
 //
 // Hooks for tests: data-testid attributes, data-state on the status pill
 // (and data-connection on <html>), window.__wsserverClient and
 // window.__wsserverDemo.
 
 import { Client, WsServerError } from "/client/index.js";
-import { DEMO_TOOLS, runTool } from "/static/tools.js";
+import { DEMO_TOOLS, helperAnswer, runTool, runTools } from "/static/tools.js";
 
 const STORE_KEY = "wsserver-demo/v1";
 const FEED_LIMIT = 200;
 /** Tool round trips the page makes by itself after one message of yours. */
 const MAX_TOOL_STEPS = 4;
+/** Steps of an agent run. */
+const RUN_STEPS = 6;
 const query = new URLSearchParams(location.search);
 const $ = (id) => document.querySelector(`[data-testid="${id}"]`);
 
@@ -52,6 +57,33 @@ const client = new Client(url, {
   snapshot: Boolean(stored.session),
 });
 window.__wsserverClient = client;
+// The demo tools answer an agent run's calls by themselves (client.tools).
+for (const tool of runTools(null)) {
+  if (!tool.agent) client.tools.register(tool.name, async (args) => JSON.parse(await runTool({ name: tool.name, arguments: args })));
+}
+/** The helper: a second agent (its own session) that answers ask_helper; started for agent runs. */
+const helperName = stored.helper?.name ?? `helper-${Math.random().toString(36).slice(2, 8)}`;
+let helper = null;
+let helperCount = stored.helper?.count ?? 0;
+
+function startHelper() {
+  if (helper) return helper;
+  const saved = stored.helper?.name === helperName ? stored.helper : {};
+  helper = new Client(url, { agent: helperName, session: saved.session ?? null, lastSeq: saved.lastSeq ?? 0 });
+  window.__wsserverHelper = helper;
+  helper.tools.register("ask_helper", (args) => {
+    helperCount += 1;
+    $("helper-count").textContent = String(helperCount);
+    save();
+    return helperAnswer(args);
+  });
+  helper.on("frame", save);
+  $("helper").hidden = false;
+  $("helper-name").textContent = helperName;
+  $("helper-count").textContent = String(helperCount);
+  helper.connect().catch((error) => console.warn("wsserver: the helper agent could not connect", error));
+  return helper;
+}
 window.__wsserverDemo = {
   get history() {
     return history.map((m) => ({ ...m }));
@@ -93,6 +125,8 @@ function saveNow() {
     history,
     turns: turns.map(serializeTurn),
     channel: channel ? { ...channelState, offset: channel.offset, epoch: channel.epoch } : channelState,
+    helper: helper ? { name: helperName, session: helper.session, lastSeq: helper.lastSeq, count: helperCount } : stored.helper,
+    run: $("opt-run").checked,
     feed: feed.slice(-FEED_LIMIT).map(({ kind, key, from, text, status, tokens, json }) => ({ kind, key, from, text, status, tokens, json })),
   };
   try {
@@ -271,14 +305,52 @@ function addArguments(turn, id, text) {
   growing(transcript, () => call.argsEl.append(text));
 }
 
-function showResult(turn, id, content) {
+function showResult(turn, id, content, error = null) {
   const call = turn.calls.get(id);
   if (!call) return;
-  call.result = content;
-  call.stateEl.textContent = "result";
-  call.el.dataset.state = "done";
+  call.result = typeof content === "string" ? content : JSON.stringify(content);
+  call.stateEl.textContent = error ?? "result";
+  call.el.dataset.state = error ?? "done";
   call.resultEl.hidden = false;
-  call.resultEl.textContent = content;
+  call.resultEl.textContent = call.result;
+  call.decideEl?.remove();
+  call.decideEl = null;
+}
+
+const WAIT_LABELS = { approval: "needs your approval", client: "running here…", agent: "asked agent" };
+
+/** An agent run waits on `calls`: each one says what for; an approval gets Approve / Deny buttons. */
+function showWaiting(turn, stream, calls) {
+  for (const waiting of calls) {
+    const call = turn.calls.get(waiting.id) ?? openCall(turn, waiting.id, waiting.name);
+    if (call.result != null) continue;
+    call.stateEl.textContent = waiting.wait === "agent" ? `${WAIT_LABELS.agent} ${waiting.agent}…` : WAIT_LABELS[waiting.wait];
+    call.el.dataset.state = `waiting-${waiting.wait}`;
+    if (waiting.wait !== "approval") {
+      call.decideEl?.remove();
+      call.decideEl = null;
+      continue;
+    }
+    if (call.decideEl) continue;
+    const buttons = element("div", "decide", { testid: "decide" });
+    const approve = element("button", "primary", { testid: "approve", text: "Approve" });
+    const deny = element("button", "secondary", { testid: "deny", text: "Deny" });
+    approve.type = deny.type = "button";
+    const decide = (approved) => {
+      approve.disabled = deny.disabled = true;
+      stream.approve(waiting.id, approved, approved ? {} : { reason: "denied on the demo page" }).catch((error) => {
+        approve.disabled = deny.disabled = false;
+        console.warn("approve failed", error);
+      });
+    };
+    approve.addEventListener("click", () => decide(true));
+    deny.addEventListener("click", () => decide(false));
+    buttons.append(approve, deny);
+    call.decideEl = buttons;
+    growing(transcript, () => call.el.append(buttons));
+  }
+  turn.status = calls.length ? "waiting" : "streaming";
+  renderTurn(turn);
 }
 
 function addAssistantFor(stream, turn = null) {
@@ -320,6 +392,20 @@ function bind(turn, stream) {
     addArguments(turn, call, text);
     save();
   });
+  // an agent run: what it waits on, each result, the next step
+  if (stream.waiting.size) showWaiting(turn, stream, [...stream.waiting.values()]);
+  stream.on("waiting", ({ calls }) => {
+    showWaiting(turn, stream, calls);
+    save();
+  });
+  stream.on("tool_result", ({ call, content, error }) => {
+    showResult(turn, call, content, error);
+    save();
+  });
+  stream.on("step", () => {
+    turn.status = "streaming";
+    renderTurn(turn);
+  });
   stream.finished.then(
     (result) => finish(turn, stream, result),
     (error) => finish(turn, stream, stream.result, error),
@@ -334,9 +420,11 @@ function finish(turn, stream, result, error = null) {
     // the conversation goes on with what was said, exactly as the server
     // says it goes back (text, signed reasoning, tool calls)
     const message = result.message ?? { role: "assistant", content: result.text };
-    if ((message.content?.length || message.tool_calls?.length) && result.reason !== "error") history.push(message);
+    if (result.messages) history.push(...result.messages); // an agent run: everything it added
+    else if ((message.content?.length || message.tool_calls?.length) && result.reason !== "error") history.push(message);
     for (const call of turn.calls.values()) {
-      if (!result.toolCalls.some((c) => c.id === call.id)) {
+      call.decideEl?.remove();
+      if (call.result == null && !result.toolCalls.some((c) => c.id === call.id)) {
         call.stateEl.textContent = "dropped"; // partial: not in the message
         call.el.dataset.state = "dropped";
       }
@@ -400,6 +488,11 @@ function options() {
   if (effort) params.reasoning = { effort };
   if (Object.keys(params).length) opts.params = params;
   if ($("opt-tools").checked) opts.tools = DEMO_TOOLS.map((t) => ({ ...t }));
+  if ($("opt-run").checked) {
+    startHelper();
+    opts.tools = runTools(helperName);
+    opts.maxSteps = RUN_STEPS;
+  }
   if (channel && channelState.share) opts.channel = channel.name;
   return opts;
 }
@@ -519,6 +612,9 @@ for (const [id, key] of [
   if (query.has(key)) $(id).value = query.get(key);
 }
 if (query.get("tools") === "0") $("opt-tools").checked = false;
+if (query.get("run") === "1" || stored.run) $("opt-run").checked = true;
+$("opt-run").addEventListener("change", save);
+if (stored.helper) startHelper(); // (it resumes its session: calls routed to it meanwhile are in its log)
 
 // ------------------------------------------------------------- connection
 

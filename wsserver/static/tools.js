@@ -4,6 +4,14 @@
 // With the simulated provider a prompt that names a tool calls it (e.g.
 // "get_weather in Paris", "get_time in UTC and get_weather Oslo" for two
 // parallel calls); a real model calls them when it sees fit.
+//
+// In an agent run (the "Agent run" option) the server does the loop: the
+// page answers get_weather, get_time and book_table as handlers of its
+// client (client.tools), book_table waits for your Approve first, and
+// ask_helper is routed to a second agent, the page's helper (another
+// session: its own Client), which answers it. With the simulated provider,
+// stages separated by ", then" are one step each: "get_weather in Oslo,
+// then book_table in Oslo, then ask_helper on Oslo".
 
 export const DEMO_TOOLS = Object.freeze([
   {
@@ -26,6 +34,31 @@ export const DEMO_TOOLS = Object.freeze([
   },
 ]);
 
+/** The tools of an agent run: the demo tools, one that needs an approval, one the helper agent answers. */
+export function runTools(helper) {
+  return [
+    ...DEMO_TOOLS,
+    {
+      name: "book_table",
+      description: "Book a table in a city's restaurant (a demo; it needs your approval).",
+      parameters: { type: "object", properties: { city: { type: "string" } }, required: ["city"] },
+      approval: true,
+    },
+    {
+      name: "ask_helper",
+      description: "Ask the helper agent (another session) about a topic.",
+      parameters: { type: "object", properties: { topic: { type: "string" } }, required: ["topic"] },
+      agent: helper,
+      timeout_ms: 20_000,
+    },
+  ];
+}
+
+/** What the helper agent answers (it runs in its own session). */
+export function helperAnswer({ topic }) {
+  return { topic: String(topic), note: `the helper agent looked into ${topic}: all set` };
+}
+
 const SKIES = ["clear", "sunny", "cloudy", "light rain", "windy", "foggy", "snow showers"];
 
 function hash(text) {
@@ -38,6 +71,9 @@ const IMPLEMENTATIONS = {
   get_weather({ city }) {
     const h = hash(city);
     return { city: String(city), temp_c: (h % 35) - 5, sky: SKIES[h % SKIES.length] };
+  },
+  book_table({ city }) {
+    return { city: String(city), booked: true, table: 1 + (hash(city) % 20), at: "19:30" };
   },
   get_time({ zone }) {
     const now = new Date();

@@ -2,9 +2,11 @@
 // against the real server: a prompt streams, Stop cancels, typing while an
 // answer streams steers it, a network loss mid-answer loses or doubles no
 // token, a reload resumes the running answer from a snapshot, another
-// agent's channel traffic shows up, reasoning streams collapsed, and a demo
-// tool round trip runs (also across a reload mid-arguments). Saves
-// screenshots to test/artifacts/.
+// agent's channel traffic shows up, reasoning streams collapsed, a demo
+// tool round trip runs (also across a reload mid-arguments), and an agent
+// run: the page's tools answer by themselves, a pending approval shows
+// Approve/Deny (also after a reload), and a second agent (the page's
+// helper) answers a call. Saves screenshots to test/artifacts/.
 //
 // The page reaches the server through a TCP proxy, so the test can cut the
 // connection the way a network does (both ends see it die).
@@ -343,6 +345,52 @@ describe("demo page in Chromium", { skip: missing && !CI ? missing : false }, ()
     assert.deepEqual(JSON.parse(args), { city: "Reykjavik" }, "no fragment lost or doubled across the reload");
     await waitStatus(1, "complete");
     assert.ok((await answer(1).locator(".text").textContent()).startsWith('get_weather returned "{'));
+    assert.deepEqual(problems, [], "no page errors");
+  });
+
+  test("an agent run: the page's tools answer, Approve/Deny survives a reload, the helper agent answers", async () => {
+    await page.click('[data-testid="new-chat"]');
+    await setOptions(0, 30);
+    await page.click(".options summary");
+    await page.check('[data-testid="opt-run"]');
+    await page.click(".options summary");
+    await say("get_weather in Oslo, then book_table in Oslo, then ask_helper on Oslo");
+    // step 1: get_weather, answered by the page's own handler; step 2: book_table waits for an approval
+    await page.waitForSelector('[data-testid="answer"] [data-testid="approve"]', { timeout: 10_000 });
+    assert.equal(await answers().count(), 1, "the whole run is one answer");
+    assert.equal(await answer(0).getAttribute("data-status"), "waiting");
+    const calls = answer(0).locator('[data-testid="tool-call"]');
+    assert.deepEqual(await calls.locator('[data-testid="tool-name"]').allTextContents(), ["get_weather", "book_table"]);
+    assert.equal(JSON.parse(await calls.nth(0).locator('[data-testid="tool-result"]').textContent()).city, "Oslo");
+    assert.equal(await calls.nth(1).getAttribute("data-state"), "waiting-approval");
+    await page.screenshot({ path: path.join(ARTIFACTS, "demo-approval.png") });
+    // a reload: the pending approval comes back from the snapshot, buttons and all
+    await page.reload();
+    await waitState("resumed");
+    await page.waitForSelector('[data-testid="answer"] [data-testid="approve"]', { timeout: 10_000 });
+    assert.equal(await answer(0).locator('[data-testid="tool-call"]').count(), 2);
+    await answer(0).locator('[data-testid="approve"]').click();
+    // book_table runs in the page, ask_helper is answered by the helper agent (another session), then the answer
+    await waitStatus(0, "complete");
+    const done = answer(0).locator('[data-testid="tool-call"]');
+    assert.deepEqual(await done.locator('[data-testid="tool-name"]').allTextContents(), ["get_weather", "book_table", "ask_helper"]);
+    assert.equal(JSON.parse(await done.nth(1).locator('[data-testid="tool-result"]').textContent()).booked, true);
+    const helped = JSON.parse(await done.nth(2).locator('[data-testid="tool-result"]').textContent());
+    assert.equal(helped.topic, "Oslo");
+    assert.equal(await page.textContent('[data-testid="helper-count"]'), "1");
+    assert.equal(await answer(0).locator('[data-testid="approve"]').count(), 0, "no buttons once decided");
+    assert.ok((await answer(0).locator(".text").textContent()).includes('ask_helper returned "{'));
+    const history = await page.evaluate(() => window.__wsserverDemo.history);
+    assert.deepEqual(history.map((m) => m.role), ["user", "assistant", "tool", "assistant", "tool", "assistant", "tool", "assistant"]);
+    await page.screenshot({ path: path.join(ARTIFACTS, "demo-agent-run.png") });
+    // Deny: the model is told, and says so
+    await setOptions(0, 30); // (the reload prefilled the page's query options again)
+    await say("book_table in Paris");
+    await page.waitForSelector('[data-testid="answer"] >> nth=1 >> [data-testid="deny"]', { timeout: 10_000 });
+    await answer(1).locator('[data-testid="deny"]').click();
+    await waitStatus(1, "complete");
+    assert.equal(await answer(1).locator('[data-testid="tool-call"]').getAttribute("data-state"), "denied");
+    assert.ok((await answer(1).locator(".text").textContent()).includes('book_table returned "{"error":"denied"'));
     assert.deepEqual(problems, [], "no page errors");
   });
 });
