@@ -76,3 +76,19 @@ async def test_a_failing_handler_tells_the_model(server: Server) -> None:
         assert result.messages is not None
         assert orjson.loads(result.messages[1]["content"]) == {"error": "tool_failed", "message": "no network"}
         assert result.reason == "complete"
+
+
+async def test_a_run_over_the_http_transport_with_the_agent_on_a_websocket(server: Server) -> None:
+    async with asyncio.timeout(20), wsserver.connect(server.url, hello={"agent": "librarian"}) as librarian, \
+            wsserver.connect(server.url, transport="sse") as me:
+        librarian.tools.register("lookup", lambda arguments: f"about {arguments['topic']}")
+        me.tools.register("get_weather", lambda arguments: "4 C")
+        stream = await me.generate(PROMPT, tools=[WEATHER, LOOKUP], max_steps=3)
+        (call,) = await stream.wait_for_tools()
+        await stream.approve(call.id, False, reason="not now")
+        result = await stream.wait()
+        assert result.reason == "complete" and result.steps == 3
+        assert result.messages is not None
+        assert orjson.loads(result.messages[3]["content"]) == {
+            "error": "denied", "message": "the user denied this call", "reason": "not now"
+        }
