@@ -277,6 +277,21 @@ class TestObservability:
         assert during["wsserver_bytes_out_total"] > before.get("wsserver_bytes_out_total", 0)
         assert "wsserver_delivery_seconds_count" in during  # sampled only when a socket lags
 
+    async def test_gc_pauses_are_timed_by_generation(self, make_server: Any) -> None:
+        import gc
+
+        async with make_server() as server:
+            gc.collect(0)
+            gc.collect(2)
+            _, _, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{server.port}/metrics")
+            samples = [s for family in text_string_to_metric_families(body.decode()) for s in family.samples]
+            counts = {s.labels["generation"]: s.value for s in samples if s.name == "wsserver_gc_pause_seconds_count"}
+            longest = {s.labels["generation"]: s.value for s in samples if s.name == "wsserver_gc_pause_max_seconds"}
+            assert counts["0"] >= 1 and counts["2"] >= 1, counts
+            assert longest["2"] > 0, longest
+            assert server.telemetry.gc in gc.callbacks
+        assert server.telemetry.gc not in gc.callbacks  # removed when the server closes
+
     async def test_metrics_token_and_off(self, make_server: Any) -> None:
         async with make_server(metrics_token="m") as server:
             url = f"http://127.0.0.1:{server.port}/metrics"

@@ -177,6 +177,7 @@ class Server:
             create_connection=self.sse.front,  # type: ignore[arg-type]
         )
         self.spawn(self.fanout.watch())
+        self.telemetry.gc.install()
         logger.info("listening on ws://%s:%d/", cfg.host, self.port)
 
     @property
@@ -233,6 +234,7 @@ class Server:
         for task in list(self._tasks):
             task.cancel()
         self.sse.close_all(CloseCode.GOING_AWAY, "server shutdown")
+        self.telemetry.gc.remove()
         self._ws_server.close()
         await self._ws_server.wait_closed()
         self._ws_server = None
