@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller counts; the whole run takes < 2 min")
     p.add_argument("--scenario", action="append", choices=SCENARIOS,
-                   help="run only this scenario (repeatable); default: all six")
+                   help="run only this scenario (repeatable); default: all seven")
     p.add_argument("--set", action="append", default=[], metavar="[SCENARIO.]KEY=VALUE",
                    help="override a parameter, e.g. conns=4, fanout.subs=100,500 (see bench/scenarios.py)")
     p.add_argument("--servers", help="comma list of other servers to include (wsserver always runs): wsserver-sse,raw,sse,naive")
