@@ -92,6 +92,11 @@ class Membership:
         #: arrives late, twice, is dropped).
         self.channel_offsets: dict[str, int] = {}
 
+    @property
+    def bucket(self) -> TokenBucket:
+        """The publish and send rate limit's bucket."""
+        return self._bucket
+
     # ------------------------------------------------------------ requests
 
     def check_channel(self, channel: str, ref: str | None, *, publish: bool = False, subscribe: bool = False) -> bool:

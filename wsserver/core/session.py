@@ -194,6 +194,11 @@ class Session(StreamEvents):
         return bool(self.out.pending)
 
     @property
+    def answered(self) -> OrderedDict[str, str | None]:
+        """Request ids answered (oldest first), with the stream each one started."""
+        return self._answered
+
+    @property
     def backlog(self) -> int:
         return len(self.out.pending)
 

@@ -314,6 +314,11 @@ class StreamBook:
         if len(recent) > RECENT_STREAMS:
             recent.popitem(last=False)
 
+    @property
+    def recent(self) -> list[Stream]:
+        """The recently ended streams, oldest first."""
+        return list(self._recent.values()) if self._recent is not None else []
+
     def find(self, stream_id: str) -> Stream | None:
         """A running stream, or a recently ended one."""
         found = self.running.get(stream_id)

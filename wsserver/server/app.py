@@ -213,7 +213,7 @@ class Server:
             conn.send_soon()
         self.sse.shutdown(notice)
         deadline = loop.time() + timeout
-        while loop.time() < deadline and any(live.session.streams for live in self.sessions.values()):
+        while loop.time() < deadline and any(live.session.streams for live in self.sessions.running()):
             await asyncio.sleep(0.05)
         self._end_all()
         flushed = loop.time() + 1.0  # let the writers send those stream.end frames
@@ -238,7 +238,7 @@ class Server:
         self._ws_server.close()
         await self._ws_server.wait_closed()
         self._ws_server = None
-        tasks = [t for live in self.sessions.values() for t in live.tasks.values()]
+        tasks = [t for live in self.sessions.running() for t in live.tasks.values()]
         self._end_all()
         if tasks:
             _, stuck = await asyncio.wait(tasks, timeout=STOP_GRACE_S)
@@ -333,7 +333,7 @@ class Server:
         return live.session if live is not None else None
 
     def local_sessions(self) -> list[Session]:
-        return [live.session for live in self.sessions.values()]
+        return [live.session for live in self.sessions.values()]  # (parked ones are woken)
 
     def adopt(self, adopted: AdoptedSession) -> Session:
         return self.sessions.adopt(adopted)

@@ -47,16 +47,23 @@ class SessionRuntime:
     and their frames are sequenced straight into the replay log;
     ``session_ttl`` after the last detach the session ends (streams stopped
     with ``error expired``, upstreams closed) and its memory is released.
+    Once detached and idle it is parked (:meth:`Sessions.park`) until then.
+    Expiry is a sweep every 0.25 s over a heap of deadlines
+    (:meth:`Sessions.expire_due`), not a timer per session.
     """
 
-    __slots__ = ("_drain_scheduled", "_expiry", "conn", "server", "session", "tasks")
+    __slots__ = ("_drain_scheduled", "conn", "quota_key", "server", "session", "tasks", "until")
 
-    def __init__(self, server: Server, session: Session) -> None:
+    def __init__(self, server: Server, session: Session, quota_key: str) -> None:
         self.server = server
         self.session = session
+        #: Whose generation limits the session draws on (kept when it is parked).
+        self.quota_key = quota_key
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.conn: Attachable | None = None
-        self._expiry: asyncio.TimerHandle | None = None
+        #: While detached: when the session expires (loop time; the sweep of
+        #: :meth:`Sessions.expire_due` ends it). 0 while attached.
+        self.until = 0.0
         self._drain_scheduled = False
         session.out.on_output = self.wake
 
@@ -76,9 +83,7 @@ class SessionRuntime:
             self.server.backplane.write_log_nowait(self.session)
 
     def attach(self, conn: Attachable) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
+        self.until = 0.0
         old, self.conn = self.conn, conn
         conn.live = self
         if old is not None and old is not conn:
@@ -91,18 +96,29 @@ class SessionRuntime:
         self.conn = None
         self.start_detached()
 
-    def start_detached(self) -> None:
-        """No connection: subscriptions pause, the expiry clock runs, output goes to the log."""
+    def start_detached(self, until: float | None = None) -> None:
+        """No connection: subscriptions pause, the expiry clock runs (until
+        loop time ``until``, else for ``session_ttl``), output goes to the
+        log, and once idle the session is parked (:meth:`settle`)."""
         session = self.session
         session.paused.update(session.subscriptions)
-        if self.server.sessions.get(session.id) is self:
+        sessions = self.server.sessions
+        if sessions.active(session.id) is self:
             loop = asyncio.get_running_loop()
-            self._expiry = loop.call_later(self.server.config.session_ttl, self.expire)
+            if until is None:  # (else: woken from parking, its deadline is in the heap already)
+                until = loop.time() + self.server.config.session_ttl
+                sessions.expire_at(session.id, until)
+            self.until = until
+            loop.call_soon(self.settle)
         if session.has_output:
             self.wake()
 
+    def settle(self) -> None:
+        """Detached and idle (no stream running): parked, kept as bytes."""
+        if self.until and self.conn is None and not self.tasks:
+            self.server.sessions.park(self)
+
     def expire(self) -> None:
-        self._expiry = None
         self.end("error", (ErrorCode.EXPIRED.value, "the session expired with no connection attached"))
 
     def end(
@@ -111,9 +127,7 @@ class SessionRuntime:
         """Stop every stream and forget the session (``forget=False``: on a
         shared backplane, leave it there for another node to adopt; ``write=False``:
         and write nothing more there, it is another node's now)."""
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
+        self.until = 0.0
         session = self.session
         self.server.sessions.remove(self)
         self.apply(session.close(reason, error))
@@ -137,11 +151,16 @@ class SessionRuntime:
                     name=f"stream:{stream.id}",
                 )
                 self.tasks[stream.id] = task
-                task.add_done_callback(lambda _t, sid=stream.id: self.tasks.pop(sid, None))
+                task.add_done_callback(lambda _t, sid=stream.id: self._task_done(sid))
             elif type(action) is StopGeneration:
                 task = self.tasks.get(action.stream_id)
                 if task is not None:
                     task.cancel()
+
+    def _task_done(self, stream_id: str) -> None:
+        self.tasks.pop(stream_id, None)
+        if not self.tasks and self.conn is None and self.until:
+            asyncio.get_running_loop().call_soon(self.settle)  # (after the stream's last frames are logged)
 
 
 async def carry_out(conn: Attachable, actions: list[Any]) -> CloseConnection | None:
