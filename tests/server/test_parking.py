@@ -9,6 +9,7 @@ from collections import Counter
 from typing import Any
 
 from websockets.asyncio.client import connect
+from websockets.asyncio.server import ServerConnection
 
 from tests.helpers import RawClient, until
 from wsserver.server import Server
@@ -26,6 +27,12 @@ async def one_user(server: Server, **generate: Any) -> tuple[str, list[dict[str,
     return welcome["session"], frames
 
 
+def no_connection_objects() -> bool:
+    """websockets has let go of every server-side connection (its handler tasks finished)."""
+    # (issubclass of the type: isinstance on a dead weak proxy raises)
+    return not any(issubclass(type(o), ServerConnection) for o in gc.get_objects())
+
+
 def tracked() -> Counter[str]:
     gc.collect()
     return Counter(type(o).__name__ for o in gc.get_objects())
@@ -41,13 +48,12 @@ async def test_a_retained_session_leaves_no_tracked_objects(server: Server) -> N
 
     for _ in range(5):  # first-call paths, caches
         await one_user(server)
-    await until(lambda: settled(5))
+    await until(lambda: settled(5) and no_connection_objects(), timeout=20)
     before = tracked()
-    n = 60
+    n = 100
     for _ in range(n):
         await one_user(server)
-    await until(lambda: settled(5 + n))
-    await asyncio.sleep(0.05)  # (the last session's connection objects are let go)
+    await until(lambda: settled(5 + n) and no_connection_objects(), timeout=20)
     assert len(server.sessions) == 5 + n
     grown = tracked() - before
     per_session = sum(grown.values()) / n
