@@ -35,7 +35,7 @@ from ..core.session import Session
 from ..providers import Providers, SimulatedProvider
 from ..wire.codec import encode
 from ..wire.errors import CloseCode, ErrorCode, ProtocolError
-from ..wire.messages import SUBPROTOCOL, Hello, Shutdown
+from ..wire.messages import Hello, Shutdown
 from .auth import Authenticator, Identity
 from .connection import Connection
 from .fanout import Fanout
@@ -99,11 +99,6 @@ def create_backplane(config: ServerConfig) -> Backplane:
     return MemoryBackplane(history_size=config.channel_history, history_ttl=config.channel_history_ttl)
 
 
-def _select_subprotocol(connection: ServerConnection, offered: Any) -> str | None:
-    # Accept clients that offer no subprotocol (unlike websockets' default).
-    return SUBPROTOCOL if SUBPROTOCOL in offered else None
-
-
 class Server:
     """A wsserver instance.
 
@@ -162,7 +157,6 @@ class Server:
             self._handle,
             cfg.host,
             cfg.port,
-            select_subprotocol=_select_subprotocol,
             process_request=self.http.process_request,
             compression="deflate" if cfg.compression else None,
             max_size=cfg.max_size,

@@ -30,10 +30,12 @@ Where it leaks: ``serve(create_connection=…)`` is documented as a
 which is an asyncio protocol but no ``ServerConnection``, so websockets'
 ``Server`` knows a connection only once it is handed over: its
 ``close()`` does not see the HTTP transport's streams (the app closes them
-itself), and ``select_subprotocol`` is called with the Front (which
-carries websockets' ``protocol`` for the check it makes), not with the
-``ServerConnection``. A request line that is slow to come counts against ``open_timeout``
-here and then, once handed over, websockets' handshake has its own.
+itself), and no ``select_subprotocol`` is given to ``serve()`` (its wrapper
+would check the connection it made, the Front): the
+:class:`~wsserver.server.connection.WebSocket` made at the hand-over picks
+the subprotocol. A request line that is slow to come counts against
+``open_timeout`` here and then, once handed over, websockets' handshake has
+its own.
 """
 
 from __future__ import annotations
