@@ -138,6 +138,11 @@ class ServerConfig:
     )
     node_id: str | None = _opt(None, "this node's name on the backplane (default: random)")
     node_timeout: float = _opt(3.0, "a node whose heartbeat is older than this many s is declared lost")
+    workers: int = _opt(
+        1, "server processes on one port (SO_REUSEPORT), sharing the Redis backplane of --redis (required above 1); "
+        "a worker that dies is restarted (command line only)"
+    )
+    reuse_port: bool = _opt(False, "listen with SO_REUSEPORT, so that several processes share the port (--workers does)")
     conformance_echo: bool = _opt(
         False, "testing only: also echo every message on WebSocket path /_echo (Autobahn conformance runs)"
     )

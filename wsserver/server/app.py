@@ -169,6 +169,7 @@ class Server:
             server_header=f"wsserver/{__version__}",
             # every TCP connection starts at a Front: /v1/ is the HTTP transport, the rest websockets'
             create_connection=self.sse.front,  # type: ignore[arg-type]
+            reuse_port=cfg.reuse_port or None,
         )
         self.spawn(self.fanout.watch())
         self.telemetry.gc.install()
