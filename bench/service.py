@@ -21,10 +21,14 @@ import asyncio
 import time
 import urllib.request
 from array import array
+from pathlib import Path
 from typing import Any
 
-from .procs import LoadGen, ServerProc, loadavg, pct
+import orjson
+
+from .procs import LoadGen, ServerProc, loadavg, pct, start_profiler, stop_profiler
 from .scenarios import OURS, Ctx, base_spec, ms, ratio, stop_all, stream_round, target, uniq
+from .wsclient import connect
 
 TITLE = "7. As a service runs"
 
@@ -68,11 +72,25 @@ def scrape(port: int) -> dict[str, Any]:
                 gc.setdefault(gen, {})["max_s"] = s.value
             elif s.name == "wsserver_sessions":
                 sessions[s.labels["state"]] = s.value
+            elif s.name == "wsserver_sessions_parked":
+                sessions["parked"] = s.value
     for g in gc.values():
         g["buckets"].sort()
         g["p50_le_s"] = _bucket_quantile(g["buckets"], g.get("count", 0), 0.5)
         g["p99_le_s"] = _bucket_quantile(g["buckets"], g.get("count", 0), 0.99)
     return {"gc": gc, "sessions": sessions}
+
+
+async def raw_gc(port: int) -> dict[str, Any]:
+    """The raw baseline's own GC pauses (its ``gc`` request), shaped like :func:`scrape`'s."""
+    conn = await connect("127.0.0.1", port)
+    try:
+        conn.send(b'{"op":"gc"}')
+        reply = orjson.loads(await conn.recv())
+    finally:
+        conn.close()
+    return {"gc": {str(g): {"count": c, "sum_s": total, "max_s": longest}
+                   for g, (c, total, longest) in enumerate(reply["gc"])}, "sessions": {}}
 
 
 def _bucket_quantile(buckets: list[tuple[float, float]], count: int, q: float) -> float | None:
@@ -85,8 +103,9 @@ def _bucket_quantile(buckets: list[tuple[float, float]], count: int, q: float) -
     return None
 
 
-async def churn_run(ctx: Ctx, srv: ServerProc, p: dict[str, Any]) -> dict[str, Any]:
-    """One server under the churn; samples RSS and CPU every second meanwhile."""
+async def churn_run(ctx: Ctx, srv: ServerProc, p: dict[str, Any], profile: Path | None = None) -> dict[str, Any]:
+    """One server under the churn; samples RSS and CPU every second meanwhile
+    (``profile``: py-spy records the server meanwhile, into that file)."""
     tag = uniq(f"{srv.name}-churn")
     procs = p["procs"]
     run_timeout = p["tokens"] / p["token_rate"] + 90
@@ -99,12 +118,15 @@ async def churn_run(ctx: Ctx, srv: ServerProc, p: dict[str, Any]) -> dict[str, A
     gens = [LoadGen(s, ctx.tmp) for s in specs]
     rss: list[tuple[float, float]] = []
     cpu: list[tuple[float, float]] = []
+    spy = None
     try:
         for g in gens:
             await g.start(p["duration_s"] + run_timeout + 120)
         for g in gens:
             await g.expect("READY", 60)
         await srv.quiesce(10)
+        if profile is not None:
+            spy = start_profiler(srv, profile)
         t0 = time.monotonic()
         rss.append((0.0, srv.rss() / 2**20))
         cpu.append((0.0, srv.cpu()))
@@ -117,8 +139,10 @@ async def churn_run(ctx: Ctx, srv: ServerProc, p: dict[str, Any]) -> dict[str, A
             rss.append((now, srv.rss() / 2**20))
             cpu.append((now, srv.cpu()))
         results = [w.result() for w in waiting]
-        metrics = scrape(srv.port) if srv.spec.kind == "wsserver" else None
+        metrics = scrape(srv.port) if srv.spec.kind == "wsserver" else await raw_gc(srv.port)
     finally:
+        if spy is not None:
+            stop_profiler(spy)
         for g in gens:
             g.kill()
     width, duration = p["window_s"], p["duration_s"]
@@ -197,6 +221,15 @@ async def scenario_service(ctx: Ctx) -> dict[str, Any]:
             res[n] = await churn_run(ctx, servers[n], p)
         finally:
             await stop_all(servers)
+    profile = None
+    if ctx.profile_dir is not None:  # once more, under py-spy (not counted), a minute at most
+        profile = ctx.profile_dir / "profile-service.raw"
+        servers = await ctx.start([OURS])
+        try:
+            ctx.log("  service: profiling wsserver (py-spy, not counted)")
+            await churn_run(ctx, servers[OURS], {**p, "duration_s": min(p["duration_s"], 60.0)}, profile)
+        finally:
+            await stop_all(servers)
     ours = res[OURS]
     gc = (ours.get("metrics") or {}).get("gc", {})
     sessions = (ours.get("metrics") or {}).get("sessions", {})
@@ -222,11 +255,15 @@ async def scenario_service(ctx: Ctx) -> dict[str, Any]:
             x = res[n]["windows"][i]
             row += [x["lat_p99_ms"], x["hello_p99_ms"], x["rss_mib"], x["cpu_pct"]]
         win_rows.append(row)
-    gc_rows = [
-        [g, gc[g].get("count"), ms(gc[g].get("p50_le_s")), ms(gc[g].get("p99_le_s")), ms(gc[g].get("max_s")),
-         ms(gc[g]["sum_s"] / gc[g]["count"]) if gc[g].get("count") else None, gc[g].get("sum_s")]
-        for g in sorted(gc)
-    ]
+    gc_rows = []
+    for n in names:
+        their = (res[n].get("metrics") or {}).get("gc", {})
+        gc_rows += [
+            [res[n]["label"], g, their[g].get("count"), ms(their[g].get("p50_le_s")), ms(their[g].get("p99_le_s")),
+             ms(their[g].get("max_s")), ms(their[g]["sum_s"] / their[g]["count"]) if their[g].get("count") else None,
+             their[g].get("sum_s")]
+            for g in sorted(their)
+        ]
     targets = []
     if "raw" in res:
         targets.append(target("service: p99 ≤ 2 × raw websockets under churn",
@@ -250,18 +287,21 @@ async def scenario_service(ctx: Ctx) -> dict[str, Any]:
                          "RSS end MiB", "server CPU %", "ok"],
              "rows": rows},
             {"columns": win_cols, "rows": win_rows},
-            {"columns": ["wsserver GC generation", "collections", "p50 ms (≤)", "p99 ms (≤)", "max ms",
+            {"columns": ["server", "GC generation", "collections", "p50 ms (≤)", "p99 ms (≤)", "max ms",
                          "mean ms", "total s"],
              "rows": gc_rows},
         ],
         "targets": targets,
+        "profile": str(profile) if profile else None,
         "notes": [
             "Latency of token i = its arrival − (generate sent + ttft + i / rate), the provider's schedule, as in "
             "the paced scenario; windows by arrival time. 'hello' = TCP connect + WebSocket handshake + hello → "
             "welcome (the baseline's hello is one request and one reply).",
-            f"At the end wsserver held {detached:,} detached and {int(sessions.get('attached', 0)):,} attached "
-            "sessions (its /metrics, scraped after the last user left). GC pauses are measured inside the server "
-            "(gc.callbacks → wsserver_gc_pause_seconds); p50/p99 are histogram bucket bounds, max is exact.",
+            f"At the end wsserver held {detached:,} detached sessions ({int(sessions.get('parked', 0)):,} of them "
+            f"parked) and {int(sessions.get('attached', 0)):,} attached (its /metrics, scraped after the last user "
+            "left). GC pauses are measured inside each server "
+            "with gc.callbacks (wsserver: wsserver_gc_pause_seconds, whose p50/p99 are bucket bounds; raw "
+            "websockets: its own timer, asked at the end); max is exact.",
             "Servers run one after the other, each fresh after a warm-up, with their default settings apart from "
             "the benchmark's (see the README).",
         ],
