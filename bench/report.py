@@ -221,6 +221,14 @@ def chart_scenario(result: dict[str, Any], path: Path) -> None:
         _bars(axes[0], labels, [r[1] for r in rows[0]], "streaming tokens/s", "tokens/s")
         _bars(axes[1], labels, [r[2] for r in rows[1]], "paced latency p99", "ms", None, True)
         _bars(axes[2], labels, [r[1] for r in rows[2]], "fan-out deliveries/s", "deliveries/s")
+    elif sc == "workers":
+        if not result["tables"]:
+            return  # skipped (no redis-server)
+        rows = [t["rows"] for t in result["tables"]]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.0))
+        labels = [r[0] for r in rows[0]]
+        _bars(axes[0], labels, [r[1] for r in rows[0]], "streaming tokens/s", "tokens/s")
+        _bars(axes[1], labels, [r[1] for r in rows[1]], "fan-out deliveries/s", "deliveries/s")
     elif sc == "service":
         res = result["servers"]
         labels = [v["label"] for v in res.values()]

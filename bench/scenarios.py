@@ -1,4 +1,5 @@
-"""The scenarios (the sixth, two nodes on Redis, is in cluster.py; the seventh, as a service runs, in service.py). Each returns a result dict (see ``report``) with its
+"""The scenarios (the sixth, two nodes on Redis, is in cluster.py; the seventh, as a service runs, in
+service.py; the eighth, one worker against two, in workers.py). Each returns a result dict (see ``report``) with its
 tables, its targets and every raw number, all measured in this invocation.
 
 Conventions: "ours ÷ this" columns divide wsserver's figure by the row's
@@ -73,6 +74,10 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "quick": {"rate": 50.0, "duration_s": 20.0, "tokens": 100, "token_rate": 20.0, "ttft_ms": 0.0,
                   "window_s": 5.0, "procs": 2},
     },
+    "workers": {
+        "full": {"conns": 100, "tokens": 5000, "subs": 1000, "messages": 300, "procs": 2, "rounds": 2},
+        "quick": {"conns": 40, "tokens": 1000, "subs": 200, "messages": 100, "procs": 2, "rounds": 1},
+    },
 }
 SCENARIOS = list(DEFAULTS)
 SERVERS_FOR = {
@@ -83,6 +88,7 @@ SERVERS_FOR = {
     "control": ["wsserver", "raw", "naive"],
     "cluster": ["wsserver"],  # its own servers: see bench/cluster.py
     "service": ["wsserver", "raw"],
+    "workers": ["wsserver"],  # its own servers: see bench/workers.py
 }
 
 
@@ -717,6 +723,12 @@ async def scenario_service(ctx: Ctx) -> dict[str, Any]:
     return await run(ctx)
 
 
+async def scenario_workers(ctx: Ctx) -> dict[str, Any]:
+    from .workers import scenario_workers as run  # (it builds on this module)
+
+    return await run(ctx)
+
+
 RUNNERS: dict[str, Callable[[Ctx], Awaitable[dict[str, Any]]]] = {
     "streaming": scenario_streaming,
     "paced": scenario_paced,
@@ -725,4 +737,5 @@ RUNNERS: dict[str, Callable[[Ctx], Awaitable[dict[str, Any]]]] = {
     "control": scenario_control,
     "cluster": scenario_cluster,
     "service": scenario_service,
+    "workers": scenario_workers,
 }
