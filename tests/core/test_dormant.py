@@ -86,6 +86,29 @@ class TestParkAndRestore:
         (start_frame,) = frames(fresh)
         assert start_frame["steered_from"] == "a"
 
+    def test_a_rich_ended_stream_continues_with_the_same_conversation(self) -> None:
+        """Reasoning blocks (signed, redacted) among the text, tools and
+        tool_choice: a steer after the rebuild sends what it would have sent."""
+        s = make_session(coalesce=False)
+        tools = [{"name": "get_time", "parameters": {"type": "object"}}]
+        a = start(s, stream="r", tools=tools, tool_choice={"name": "get_time"}, params={"reasoning": {"effort": "low"}})
+        s.stream_reasoning(a, "Think", 1)
+        s.stream_reasoning_done(a, signature="sig")
+        s.stream_delta(a, "Half", 1)
+        s.stream_reasoning_done(a, signature=None, redacted="opaque")
+        s.stream_delta(a, " done.", 1)
+        s.stream_tool_call(a, "c1", "get_time")  # partial: left out of the conversation
+        s.stream_end(a, "cancelled")
+        s.take_output()
+        fresh, _ = rebuilt(s)
+        (old,) = s.book.recent
+        (new,) = fresh.book.recent
+        assert new.conversation() == old.conversation()
+        assert (new.tools, new.tool_choice, new.params) == (old.tools, old.tool_choice, old.params)
+        steered = feed(fresh, {"type": "interrupt", "stream": "r", "input": "and?", "new_stream": "t"})[0].stream
+        assert steered.messages == (*old.conversation(), steered.messages[-1])
+        assert steered.tools == old.tools and steered.tool_choice == old.tool_choice
+
     def test_the_publish_bucket_is_kept(self) -> None:
         s = make_session()
         s.members.bucket.tokens, s.members.bucket.stamp = 3.5, 99.0

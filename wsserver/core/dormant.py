@@ -31,10 +31,9 @@ from typing import Any
 
 import orjson
 
-from ..wire.messages import ChatMessage, GenerateParams
 from .limits import ChannelRules
 from .session import Session
-from .streams import Stream, StreamState
+from .streams import Reasoning, Stream, StreamState, request_fields, request_record
 
 __all__ = ["Parked", "can_park", "park", "read", "restore"]
 
@@ -133,32 +132,43 @@ def restore(session: Session, parked: Parked) -> None:
 
 
 def _ended(stream: Stream) -> dict[str, Any]:
-    """What an ``interrupt`` on an ended stream needs: its request and its answer."""
+    """What an ``interrupt`` on an ended stream needs: its request and its
+    answer (text and finished reasoning, as :meth:`Stream.message` gives it)."""
     return {
+        **request_record(stream),
         "id": stream.id,
-        "provider": stream.provider,
-        "model": stream.model,
-        "messages": [m.model_dump(mode="json", exclude_unset=True) for m in stream.messages],
-        "params": stream.params.model_dump(mode="json", exclude_unset=True),
-        "channel": stream.channel,
         "steered_from": stream.steered_from,
         "reason": stream.reason,
-        "text": stream.text,
+        "answer": stream.message().model_dump(mode="json", by_alias=True, exclude_none=True)["content"],
     }
 
 
 def _stream(record: dict[str, Any], now: float) -> Stream:
-    return Stream(
+    stream = Stream(
         id=record["id"],
         ref=None,
-        provider=record["provider"],
-        model=record["model"],
-        messages=tuple(ChatMessage.model_validate(m) for m in record["messages"]),
-        params=GenerateParams.model_validate(record["params"]),
         started_at=now,
-        channel=record["channel"],
         steered_from=record["steered_from"],
         state=StreamState.ENDED,
         reason=record["reason"],
-        parts=[record["text"]] if record["text"] else [],
+        **request_fields(record),
     )
+    answer = record["answer"]
+    if isinstance(answer, str):
+        stream.parts = [answer] if answer else []
+        return stream
+    text = ""  # text parts and reasoning blocks where they were, as message() rebuilds them
+    for part in answer:
+        if part["type"] == "reasoning":
+            if stream.reasoning is None:
+                stream.reasoning = []
+            stream.reasoning.append(
+                Reasoning(
+                    [part.get("text", "")], len(text), 0,
+                    signature=part.get("signature"), redacted=part.get("redacted"), done=True,
+                )
+            )
+        else:
+            text += part["text"]
+    stream.parts = [text] if text else []
+    return stream

@@ -46,10 +46,21 @@ from ..wire.messages import (
     Tool,
     ToolCall,
     ToolChoice,
+    ToolChoiceName,
     Usage,
 )
 
-__all__ = ["RECENT_STREAMS", "Call", "Reasoning", "Stream", "StreamBook", "StreamState", "content_chars"]
+__all__ = [
+    "RECENT_STREAMS",
+    "Call",
+    "Reasoning",
+    "Stream",
+    "StreamBook",
+    "StreamState",
+    "content_chars",
+    "request_fields",
+    "request_record",
+]
 
 #: Ended streams kept so that an interrupt racing the natural end still finds
 #: the conversation to continue.
@@ -273,6 +284,39 @@ def content_chars(message: ChatMessage) -> int:
     for call in message.tool_calls or ():
         chars += len(call.name) + len(orjson.dumps(call.arguments))
     return chars
+
+
+def request_record(stream: Stream) -> dict[str, Any]:
+    """A stream's request as JSON-ready data (wire JSON, as a client would send
+    it): what whoever keeps it elsewhere needs to continue the conversation
+    (an interrupt) — the Redis backplane for an adopting node, a parked session."""
+    record: dict[str, Any] = {
+        "provider": stream.provider,
+        "model": stream.model,
+        "messages": [m.model_dump(mode="json", by_alias=True, exclude_none=True) for m in stream.messages],
+        "params": stream.params.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "channel": stream.channel,
+    }
+    if stream.tools:
+        record["tools"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in stream.tools]
+    if stream.tool_choice is not None:
+        choice = stream.tool_choice
+        record["tool_choice"] = choice if isinstance(choice, str) else choice.model_dump(mode="json")
+    return record
+
+
+def request_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """The request of :func:`request_record`, as the fields of a :class:`Stream`."""
+    choice = record.get("tool_choice")
+    return {
+        "provider": record.get("provider", "?"),
+        "model": record.get("model", "?"),
+        "messages": tuple(ChatMessage.model_validate(m) for m in record.get("messages", ())),
+        "params": GenerateParams.model_validate(record.get("params", {})),
+        "channel": record.get("channel"),
+        "tools": tuple(Tool.model_validate(t) for t in record.get("tools", ())),
+        "tool_choice": choice if choice is None or isinstance(choice, str) else ToolChoiceName.model_validate(choice),
+    }
 
 
 class StreamBook:
