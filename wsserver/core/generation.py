@@ -29,7 +29,7 @@ from pydantic import BaseModel
 
 from ..wire.errors import ErrorCode
 from ..wire.messages import ErrorInfo, StreamEnd
-from .streams import Stream, StreamState
+from .streams import Stream, StreamState, add_text
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -66,7 +66,7 @@ class StreamEvents:
             return
         if stream.first_token_at is None:
             stream.first_token_at = self.clock()
-        stream.parts.append(text)
+        add_text(stream.parts, text)
         if tokens is None:
             stream.exact_count = False
             stream.counted_tokens += 1

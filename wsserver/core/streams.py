@@ -57,6 +57,7 @@ __all__ = [
     "Stream",
     "StreamBook",
     "StreamState",
+    "add_text",
     "content_chars",
     "request_fields",
     "request_record",
@@ -65,6 +66,30 @@ __all__ = [
 #: Ended streams kept so that an interrupt racing the natural end still finds
 #: the conversation to continue.
 RECENT_STREAMS = 64
+
+
+#: More text fragments than this are joined into one string at once (see
+#: :func:`add_text`; the merging keeps far fewer on its own).
+PARTS_MAX = 32
+
+
+def add_text(parts: list[str], text: str) -> None:
+    """Append ``text`` to ``parts``, merged so that few fragments are kept.
+
+    A stream's answer was one str per token, each a reference the garbage
+    collector follows on every full collection, for every running stream.
+    Here the last fragment is merged into the one before it while it is at
+    least as long (a binary counter: fragments stay longer than the ones
+    after them, so there are about log2(characters) of them, and each
+    character is copied about that many times in all, never the whole
+    answer per token).
+    """
+    parts.append(text)
+    while len(parts) > 1 and len(parts[-1]) >= len(parts[-2]):
+        last = parts.pop()
+        parts[-1] += last
+    if len(parts) > PARTS_MAX:  # (fragments of shrinking lengths: not expected)
+        parts[:] = ["".join(parts)]
 
 
 class StreamState(enum.IntEnum):
@@ -142,7 +167,7 @@ class Stream:
 
     def add_reasoning(self, text: str) -> None:
         """Reasoning text: it continues the last block unless that one is finished."""
-        self._block().parts.append(text)
+        add_text(self._block().parts, text)
 
     def end_reasoning(self, signature: str | None, redacted: str | None) -> None:
         """The provider closed the reasoning block (or sent a redacted one, a block of its own)."""
@@ -183,7 +208,7 @@ class Stream:
         found = self.calls.get(call) if self.calls is not None else None
         if found is None:
             raise ValueError(f"arguments for tool call {call!r}, which was never opened")
-        found.parts.append(text)
+        add_text(found.parts, text)
 
     def finished_calls(self, *, drop_broken: bool = False) -> list[ToolCall] | str:
         """The calls, their arguments parsed, once the provider finished the

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from .session import Session
-from .streams import Reasoning, Stream
+from .streams import Reasoning, Stream, add_text
 
 __all__ = ["end_lost", "restore_log"]
 
@@ -73,7 +73,7 @@ def end_lost(session: Session, stream: Stream, frames: list[dict[str, Any]], err
             if msg["call"] not in (stream.calls or ()):
                 stream.open_call(msg["call"], msg["name"])
         elif part is None:
-            stream.parts.append(msg["text"])
+            add_text(stream.parts, msg["text"])
         elif part == "reasoning":
             stream.add_reasoning(msg["text"])
         elif msg.get("call") in (stream.calls or ()):  # (its stream.tool_call may be acked away)
