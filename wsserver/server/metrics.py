@@ -50,6 +50,9 @@ class Telemetry:
             p + "sessions_parked", "Detached sessions kept as bytes (nothing running; counted in detached too)",
             registry=r,
         )
+        self.sessions_parked_bytes = Gauge(
+            p + "sessions_parked_bytes", "Bytes the parked sessions keep (their replay logs and state)", registry=r
+        )
         self.streams_active = Gauge(p + "streams_active", "Running streams", registry=r)
         self.streams_ended = Counter(p + "streams_ended", "Ended streams, by reason", ["reason"], registry=r)
         self.ttft = Histogram(p + "ttft_seconds", "Time to first token", buckets=_TTFT_BUCKETS, registry=r)
@@ -89,12 +92,14 @@ class Telemetry:
         for g in range(3):
             longest.labels(str(g)).set_function(lambda g=g: self.gc.longest[g])
 
-    def bind(self, sessions: Callable[[], tuple[int, int, int, int]]) -> None:
-        """``sessions()`` returns (attached, detached, running streams, parked) at scrape time."""
+    def bind(self, sessions: Callable[[], tuple[int, int, int, int, int]]) -> None:
+        """``sessions()`` returns (attached, detached, running streams, parked,
+        bytes parked) at scrape time."""
         self.sessions.labels("attached").set_function(lambda: sessions()[0])
         self.sessions.labels("detached").set_function(lambda: sessions()[1])
         self.streams_active.set_function(lambda: sessions()[2])
         self.sessions_parked.set_function(lambda: sessions()[3])
+        self.sessions_parked_bytes.set_function(lambda: sessions()[4])
 
     def bind_backplane(self, backplane: Backplane) -> None:
         """Gauges of a shared backplane, read at scrape time (nothing when alone)."""

@@ -54,6 +54,8 @@ class Sessions(Mapping[str, SessionRuntime]):
         #: only str, bytes and float: the garbage collector does not track them.
         self._parked: dict[str, bytes] = {}
         self._parked_until: dict[str, float] = {}
+        #: Bytes of the parked sessions' blobs (their payload, not the dict's own).
+        self.parked_bytes = 0
         #: (expiry, session id) of detached sessions, soonest first; an entry
         #: whose expiry is no longer the session's is stale (it was resumed).
         self._expiries: list[tuple[float, str]] = []
@@ -99,12 +101,12 @@ class Sessions(Mapping[str, SessionRuntime]):
         if self._live.get(live.session.id) is live:
             del self._live[live.session.id]
 
-    def counts(self) -> tuple[int, int, int, int]:
-        """(attached, detached incl. parked, running streams, parked)."""
+    def counts(self) -> tuple[int, int, int, int, int]:
+        """(attached, detached incl. parked, running streams, parked, bytes parked)."""
         lives = self._live.values()
         attached = sum(1 for live in lives if live.conn is not None)
         streams = sum(len(live.session.streams) for live in lives)
-        return attached, len(self) - attached, streams, len(self._parked)
+        return attached, len(self) - attached, streams, len(self._parked), self.parked_bytes
 
     # ---------------------------------------------------------------- parking
 
@@ -120,8 +122,9 @@ class Sessions(Mapping[str, SessionRuntime]):
             return False
         session.out.on_output = None  # (the runtime's wake-up: no cycle left behind)
         del self._live[session.id]
-        self._parked[session.id] = dormant.park(session, quota=live.quota_key)
+        blob = self._parked[session.id] = dormant.park(session, quota=live.quota_key)
         self._parked_until[session.id] = live.until
+        self.parked_bytes += len(blob)
         return True
 
     def wake(self, session_id: str) -> SessionRuntime | None:
@@ -130,6 +133,7 @@ class Sessions(Mapping[str, SessionRuntime]):
         if blob is None:
             return None
         until = self._parked_until.pop(session_id)
+        self.parked_bytes -= len(blob)
         parked = dormant.read(blob)
         quota_key = parked.extra.get("quota") or parked.identity
         session = self._build(session_id, parked.identity, quota_key, rules=parked.rules, public_id=parked.public_id)
@@ -313,8 +317,10 @@ class Sessions(Mapping[str, SessionRuntime]):
         """Another node adopted this session (this one was declared lost): drop
         it here without touching the backplane. Returns its connection, whose
         client must be told to resume elsewhere."""
-        if self._parked.pop(session_id, None) is not None:
+        blob = self._parked.pop(session_id, None)
+        if blob is not None:
             del self._parked_until[session_id]
+            self.parked_bytes -= len(blob)
             return None
         live = self._live.pop(session_id, None)
         if live is None:
@@ -335,6 +341,7 @@ class Sessions(Mapping[str, SessionRuntime]):
             if forget:
                 self.wake(session_id)  # then ended below
             else:
-                del self._parked[session_id], self._parked_until[session_id]
+                self.parked_bytes -= len(self._parked.pop(session_id))
+                del self._parked_until[session_id]
         for live in list(self._live.values()):
             live.end("error", (ErrorCode.SHUTDOWN.value, "the server is shutting down"), forget=forget)
