@@ -74,6 +74,8 @@ def scrape(port: int) -> dict[str, Any]:
                 sessions[s.labels["state"]] = s.value
             elif s.name == "wsserver_sessions_parked":
                 sessions["parked"] = s.value
+            elif s.name == "wsserver_sessions_parked_bytes":
+                sessions["parked_bytes"] = s.value
     for g in gc.values():
         g["buckets"].sort()
         g["p50_le_s"] = _bucket_quantile(g["buckets"], g.get("count", 0), 0.5)
@@ -235,6 +237,17 @@ async def scenario_service(ctx: Ctx) -> dict[str, Any]:
     sessions = (ours.get("metrics") or {}).get("sessions", {})
     detached = int(sessions.get("detached", 0))
     longest = max((g.get("max_s", 0.0) for g in gc.values()), default=None)
+    # What a retained session costs: the bytes it keeps parked, and the RSS growth
+    # over the run per retained session beyond raw websockets' own growth (an upper
+    # bound: it includes what the allocator kept of the live connections' memory).
+    parked = int(sessions.get("parked", 0))
+    held_b = sessions["parked_bytes"] / parked if parked and "parked_bytes" in sessions else None
+    growth = ours["rss_end_mib"] - ours["rss_start_mib"]
+    if "raw" in res:
+        growth -= res["raw"]["rss_end_mib"] - res["raw"]["rss_start_mib"]
+    rss_kib = growth * 1024 / detached if detached else None
+    memory = {"parked_bytes_per_session": held_b, "rss_kib_per_retained_session": rss_kib,
+              "sessions_per_gib": 2**20 / rss_kib if rss_kib and rss_kib > 0 else None}
     rows = []
     for n in names:
         s = res[n]
@@ -290,7 +303,11 @@ async def scenario_service(ctx: Ctx) -> dict[str, Any]:
             {"columns": ["server", "GC generation", "collections", "p50 ms (≤)", "p99 ms (≤)", "max ms",
                          "mean ms", "total s"],
              "rows": gc_rows},
+            {"columns": ["retained (detached) sessions at the end", "parked", "bytes kept per parked session",
+                         "RSS growth per retained session KiB", "retained sessions per GiB of RSS"],
+             "rows": [[detached, parked, held_b, rss_kib, memory["sessions_per_gib"]]]},
         ],
+        "memory": memory,
         "targets": targets,
         "profile": str(profile) if profile else None,
         "notes": [
@@ -304,5 +321,9 @@ async def scenario_service(ctx: Ctx) -> dict[str, Any]:
             "websockets: its own timer, asked at the end); max is exact.",
             "Servers run one after the other, each fresh after a warm-up, with their default settings apart from "
             "the benchmark's (see the README).",
+            "Bytes kept = wsserver_sessions_parked_bytes ÷ parked sessions (the log's frames and the session's "
+            "state as one bytes each). RSS growth per retained session = (wsserver's RSS growth over the run − raw "
+            "websockets' growth under the same churn) ÷ retained sessions: an upper bound, the allocator keeps "
+            "some of the live connections' memory too.",
         ],
     }
