@@ -127,3 +127,37 @@ async def test_looking_a_parked_session_up_wakes_it_and_it_parks_again(server: S
     await until(lambda: server.sessions.parked == 1)
     await asyncio.sleep(0)
     assert server.sessions.active(sid) is None
+
+
+async def test_a_session_is_not_parked_while_a_backplane_call_of_its_own_is_under_way(server: Server) -> None:
+    """The answer goes to the session object the call holds: a session parked
+    meanwhile would lose it (a shared backplane answers after a round trip)."""
+    from wsserver.core.actions import MessagingCall
+    from wsserver.server.runtime import carry_out
+    from wsserver.wire.messages import Send
+
+    sid, _ = await one_user(server)
+    live = server.sessions[sid]  # woken; detached, idle
+    answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    server.backplane.call = lambda session, call: answer  # type: ignore[method-assign]
+
+    class Conn:  # what carry_out uses of a connection
+        proto = type("P", (), {"session": live.session})()
+        server = None
+
+    conn = Conn()
+    conn.server, conn.live = server, live  # type: ignore[attr-defined]
+    msg = Send(type="send", id="s1", to="bob", data=1)
+    call = asyncio.ensure_future(carry_out(conn, [MessagingCall("send", msg, b"1")]))  # type: ignore[arg-type]
+    for _ in range(10):  # loop turns: a park would have happened (it is a call_soon away)
+        await asyncio.sleep(0)
+    assert server.sessions.active(sid) is live  # not parked: its call is under way
+    live.session.members.sent(msg, True)  # the backplane's answer, into this session
+    answer.set_result(None)
+    await call
+    await until(lambda: server.sessions.parked == 1)
+    async with connect(server.url, compression=None) as ws:
+        c = RawClient(ws)
+        await c.hello(session=sid, last_seq=0)
+        ok = (await c.recv_until(lambda f: f.get("ref") == "s1"))[-1]
+    assert ok["type"] == "ok"

@@ -10,6 +10,7 @@ after one client message.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..core.actions import CloseConnection, MessagingCall, StartGeneration, StopGeneration
@@ -52,7 +53,7 @@ class SessionRuntime:
     (:meth:`Sessions.expire_due`), not a timer per session.
     """
 
-    __slots__ = ("_drain_scheduled", "conn", "quota_key", "server", "session", "tasks", "until")
+    __slots__ = ("_drain_scheduled", "calls", "conn", "quota_key", "server", "session", "tasks", "until")
 
     def __init__(self, server: Server, session: Session, quota_key: str) -> None:
         self.server = server
@@ -60,6 +61,8 @@ class SessionRuntime:
         #: Whose generation limits the session draws on (kept when it is parked).
         self.quota_key = quota_key
         self.tasks: dict[str, asyncio.Task[None]] = {}
+        #: Backplane calls of this session under way (their answers come to this object).
+        self.calls = 0
         self.conn: Attachable | None = None
         #: While detached: when the session expires (loop time; the sweep of
         #: :meth:`Sessions.expire_due` ends it). 0 while attached.
@@ -114,8 +117,8 @@ class SessionRuntime:
             self.wake()
 
     def settle(self) -> None:
-        """Detached and idle (no stream running): parked, kept as bytes."""
-        if self.until and self.conn is None and not self.tasks:
+        """Detached and idle (no stream running, no backplane call under way): parked, kept as bytes."""
+        if self.until and self.conn is None and not self.tasks and not self.calls:
             self.server.sessions.park(self)
 
     def expire(self) -> None:
@@ -174,7 +177,22 @@ async def carry_out(conn: Attachable, actions: list[Any]) -> CloseConnection | N
             if session is not None:  # (awaited: replies leave in request order)
                 pending = conn.server.backplane.call(session, action)
                 if pending is not None:
-                    await pending
+                    await _answered(conn.live, pending)
         elif conn.live is not None:
             conn.live.apply([action])
     return close
+
+
+async def _answered(live: SessionRuntime | None, pending: Awaitable[None]) -> None:
+    """Await a backplane call; meanwhile the session is not parked (the answer
+    comes to this runtime's session, even if the client has left by then)."""
+    if live is None:
+        await pending
+        return
+    live.calls += 1
+    try:
+        await pending
+    finally:
+        live.calls -= 1
+        if not live.calls and live.conn is None and live.until:
+            asyncio.get_running_loop().call_soon(live.settle)
