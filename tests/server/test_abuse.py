@@ -1,0 +1,98 @@
+"""Issue 17, attacked as an attacker would, end to end on 127.0.0.1: what a
+client may make the server keep (a stream's answer, ended streams, an
+interrupt chain, direct messages to an agent that is away, channel
+history), the limits a steer must pass, names, credentials and headers that
+used to crash a handshake, channel rights on resume, the writer task of a
+connection closed for a violation, and the defaults. One regression test (or
+more) per item; ``tests/core/test_bounds.py`` has the rules without a socket,
+``tests/cluster/test_cluster_abuse.py`` the Redis side."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gc
+import logging
+import time
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from tests.helpers import USER_HI, RawClient, until
+from wsserver.config import ServerConfig
+from wsserver.server import Server
+from wsserver.server.auth import make_jwt
+
+SECRET = "s3cret-for-tests"
+
+
+async def handshake_status(url: str, **kwargs: Any) -> int:
+    """The HTTP status of a refused handshake (101 if it was accepted)."""
+    try:
+        async with asyncio.timeout(5):
+            ws = await connect(url, compression=None, **kwargs)
+    except InvalidStatus as exc:
+        return exc.response.status_code
+    await ws.close()
+    return 101
+
+
+async def raw_request(port: int, lines: list[str]) -> int:
+    """Send a raw HTTP/1.1 request (headers as given, duplicates too); the status answered."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        async with asyncio.timeout(5):
+            status = await reader.readline()
+        return int(status.split()[1])
+    finally:
+        writer.close()
+
+
+def upgrade(port: int, *extra: str) -> list[str]:
+    return [
+        "GET / HTTP/1.1",
+        f"Host: 127.0.0.1:{port}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        "Sec-WebSocket-Version: 13",
+        *extra,
+    ]
+
+
+def errors_logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [f"{r.name}: {r.getMessage()}" for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def big_generate(stream: str, **params: Any) -> dict[str, Any]:
+    return {"type": "generate", "stream": stream, "messages": USER_HI, "params": {"reply_tokens": 1_000_000, **params}}
+
+
+
+# ----------------------------------------------------------------- 9. names
+
+
+async def test_a_name_with_a_trailing_newline_is_no_name(server: Server) -> None:
+    async with connect(server.url, compression=None) as ws1, connect(server.url, compression=None) as ws2:
+        planner, other = RawClient(ws1), RawClient(ws2)
+        await planner.hello(agent="planner")
+        await other.send({"type": "hello", "protocol": 1, "agent": "planner\n"})
+        refused = await other.recv()
+        assert (refused["code"], refused["field"]) == ("bad_name", "agent")
+        await other.hello()
+        for i, request in enumerate(
+            (
+                {"type": "subscribe", "channel": "room\n"},
+                {"type": "publish", "channel": "room\n", "data": 1},
+                {"type": "send", "to": "planner\n", "data": 1},
+                {"type": "generate", "channel": "room\n", "messages": USER_HI},
+            )
+        ):
+            await other.send({**request, "id": f"r{i}"})
+            reply = await other.recv()
+            assert (reply["type"], reply.get("code"), reply["ref"]) == ("error", "bad_name", f"r{i}")
+
+
