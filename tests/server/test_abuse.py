@@ -72,6 +72,34 @@ def big_generate(stream: str, **params: Any) -> dict[str, Any]:
 
 
 
+# ---------------------------------------------------------------- 7. JWT
+
+
+def nested_jwt(depth: int = 1500) -> str:
+    def enc(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    head, body = enc(b'{"alg":"HS256"}'), enc(("[" * depth + "]" * depth).encode())
+    return f"{head}.{body}.{enc(b'x' * 32)}"
+
+
+async def test_a_deeply_nested_jwt_is_refused_without_a_traceback(
+    make_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = nested_jwt()
+    async with make_server(jwt_secret=SECRET) as server:
+        assert await handshake_status(server.url + f"?token={token}") == 401
+        async with connect(server.url, compression=None) as ws:
+            c = RawClient(ws)
+            await c.send({"type": "hello", "protocol": 1, "token": token})
+            assert (await c.recv())["code"] == "unauthorized"
+            with pytest.raises(ConnectionClosed):
+                await c.recv()
+            assert ws.close_code == 4401
+    assert not errors_logged(caplog)
+
+
+
 # ----------------------------------------------------------------- 9. names
 
 
@@ -96,3 +124,13 @@ async def test_a_name_with_a_trailing_newline_is_no_name(server: Server) -> None
             assert (reply["type"], reply.get("code"), reply["ref"]) == ("error", "bad_name", f"r{i}")
 
 
+
+# -------------------------------------------------------------------- 13. JWT
+
+
+async def test_a_jwt_with_junk_appended_is_refused(make_server: Any) -> None:
+    good = make_jwt(SECRET, {"sub": "a", "exp": time.time() + 60})
+    async with make_server(jwt_secret=SECRET) as server:
+        assert await handshake_status(server.url + f"?token={good}") == 101
+        for forged in (good + "!!", good + "~", good + "A", good[:-1] + chr(ord(good[-1]) ^ 1)):
+            assert await handshake_status(server.url + f"?token={forged}") == 401, forged

@@ -11,8 +11,12 @@ Authentication is off until a key or a secret is configured:
 
 HS256 verification is a few lines over :mod:`hmac`; a JWT library would add
 a dependency for one algorithm we need (and ``alg`` confusion is avoided by
-accepting exactly one). Channel patterns are :func:`fnmatch.fnmatchcase`
-patterns (``team:*``).
+accepting exactly one). Its parts are read strictly: base64url without
+padding and in its one canonical spelling (junk appended to a signature, or
+the same bytes spelled otherwise, is refused), JSON by orjson, whose depth
+limit makes a deeply nested token a refusal rather than a ``RecursionError``.
+Whatever a credential holds, verifying it never raises. Channel patterns are
+:func:`fnmatch.fnmatchcase` patterns (``team:*``).
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ import binascii
 import hashlib
 import hmac
 import json
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
+
+import orjson
 
 from ..core.limits import ChannelRules
 from ..core.session import ANONYMOUS
@@ -49,8 +56,22 @@ class Identity:
     rules: ChannelRules
 
 
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def _b64decode(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    """Strict base64url without padding (RFC 7515); anything else raises ValueError.
+
+    The standard decoder skips characters outside the alphabet and ignores
+    the unused low bits of the last character, so one signature would have
+    many spellings, junk appended included.
+    """
+    if len(part) % 4 == 1 or _B64URL.fullmatch(part) is None:
+        raise ValueError("not base64url")
+    data = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    if base64.urlsafe_b64encode(data).rstrip(b"=") != part.encode():
+        raise ValueError("not the canonical base64url spelling")
+    return data
 
 
 class Authenticator:
@@ -76,7 +97,7 @@ class Authenticator:
 
     def verify(self, token: str) -> Identity | None:
         """The identity a credential proves, or None. Never says why."""
-        raw = token.encode()
+        raw = token.encode("utf-8", "surrogateescape")  # (a header's non-ASCII bytes come escaped)
         for key in self._keys:
             if hmac.compare_digest(raw, key):
                 return Identity("key:" + hashlib.sha256(key).hexdigest()[:12], self.rules)
@@ -88,10 +109,10 @@ class Authenticator:
         assert self._secret is not None
         head, body, sig = token.split(".")
         try:
-            header = json.loads(_b64decode(head))
-            claims = json.loads(_b64decode(body))
             signature = _b64decode(sig)
-        except (ValueError, binascii.Error):
+            header = orjson.loads(_b64decode(head))
+            claims = orjson.loads(_b64decode(body))
+        except (ValueError, binascii.Error, RecursionError):  # (orjson's JSONDecodeError is a ValueError)
             return None
         if not isinstance(header, dict) or header.get("alg") != "HS256" or not isinstance(claims, dict):
             return None
