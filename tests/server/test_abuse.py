@@ -100,6 +100,45 @@ async def test_a_deeply_nested_jwt_is_refused_without_a_traceback(
 
 
 
+# -------------------------------------------------------- 8. duplicated headers
+
+
+@pytest.mark.parametrize(
+    "duplicated",
+    [
+        ["Origin: http://127.0.0.1", "Origin: http://evil.test"],
+        ["Authorization: Bearer a", "Authorization: Bearer b"],
+        ["Upgrade: websocket"],
+    ],
+    ids=["origin", "authorization", "upgrade"],
+)
+async def test_a_duplicated_header_is_a_clean_400(
+    make_server: Any, caplog: pytest.LogCaptureFixture, duplicated: list[str]
+) -> None:
+    async with make_server(api_keys=("k",)) as server:
+        assert await raw_request(server.port, upgrade(server.port, *duplicated)) == 400
+        assert await raw_request(server.port, upgrade(server.port)) == 101  # and the server goes on
+    assert not errors_logged(caplog)
+
+
+async def test_a_duplicated_authorization_on_metrics_is_a_clean_400(
+    make_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with make_server(metrics_token="m") as server:
+        lines = ["GET /metrics HTTP/1.1", "Host: x", "Authorization: Bearer m", "Authorization: Bearer m"]
+        assert await raw_request(server.port, lines) == 400
+    assert not errors_logged(caplog)
+
+
+
+async def test_a_duplicated_header_on_the_http_transport_is_a_clean_400(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    for duplicated in (["Origin: http://127.0.0.1", "Origin: http://evil.test"], ["Authorization: Bearer a"] * 2):
+        lines = ["GET /v1/events HTTP/1.1", f"Host: 127.0.0.1:{server.port}", *duplicated]
+        assert await raw_request(server.port, lines) == 400
+    assert not errors_logged(caplog)
+
 # ----------------------------------------------------------------- 9. names
 
 

@@ -8,8 +8,9 @@ JS client. websockets closes the TCP connection after each plain-HTTP reply.
 (Requests under ``/v1/`` never get here: :mod:`wsserver.server.front` hands
 them to the HTTP transport, :mod:`wsserver.server.sse`, which runs the same
 :meth:`HttpFront.admission` before a stream opens.) An upgrade is refused
-here when the server drains, the Origin is not allowed, a connection limit
-is reached or the handshake's credential is wrong.
+here when a header that decides admission comes twice, the server drains,
+the Origin is not allowed, a connection limit is reached or the
+handshake's credential is wrong.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, NamedTuple
 
 from websockets.asyncio.server import ServerConnection
-from websockets.datastructures import Headers
+from websockets.datastructures import Headers, MultipleValuesError
 from websockets.http11 import Request, Response
 
 from .auth import Identity, origin_allowed, token_from_request
@@ -30,7 +31,7 @@ from .static import StaticFiles
 if TYPE_CHECKING:
     from .app import Server
 
-__all__ = ["ECHO_PATH", "WS_PATHS", "HttpFront", "Refusal"]
+__all__ = ["ECHO_PATH", "SINGLE_HEADERS", "WS_PATHS", "HttpFront", "Refusal", "duplicated_header"]
 
 WS_PATHS = frozenset({"/", "/ws"})
 #: With ``conformance_echo`` on: a WebSocket path that echoes every message,
@@ -38,6 +39,9 @@ WS_PATHS = frozenset({"/", "/ws"})
 #: echo peer and know nothing of ``hello``. Same ``serve()`` settings as
 #: ``/``; off by default.
 ECHO_PATH = "/_echo"
+#: Request headers that decide admission: each may come once (a 400
+#: otherwise, rather than a guess at which one counts).
+SINGLE_HEADERS = ("Host", "Origin", "Authorization", "Upgrade")
 
 
 class Refusal(NamedTuple):
@@ -68,10 +72,19 @@ class HttpFront:
         return response
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        try:
+            return self._process_request(connection, request)
+        except MultipleValuesError as exc:  # any other header read as one value: a 400, never a 500
+            return self._refuse(connection, HTTPStatus.BAD_REQUEST, f"duplicated header {exc}\n", "header")
+
+    def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         server = self._server
         cfg = server.config
         path = request.path.split("?", 1)[0]
         headers = request.headers
+        duplicated = duplicated_header(headers)
+        if duplicated is not None:
+            return self._refuse(connection, HTTPStatus.BAD_REQUEST, f"duplicated {duplicated} header\n", "header")
         if headers.get("Upgrade", "").lower() == "websocket":
             if path == ECHO_PATH and cfg.conformance_echo:
                 return None
@@ -118,10 +131,14 @@ class HttpFront:
 
     def admission(self, target: str, headers: Headers, ip: str) -> Refusal | Identity | None:
         """The checks before a connection opens, a WebSocket upgrade or an HTTP
-        transport stream alike: drain, Origin, connection limits, credential.
-        Returns the refusal, or who the credential proved to be (None: no credential)."""
+        transport stream alike: a duplicated admission header, drain, Origin,
+        connection limits, credential. Returns the refusal, or who the
+        credential proved to be (None: no credential)."""
         server = self._server
         cfg = server.config
+        duplicated = duplicated_header(headers)
+        if duplicated is not None:
+            return Refusal(HTTPStatus.BAD_REQUEST, f"duplicated {duplicated} header\n", "header")
         if server.draining:
             return Refusal(HTTPStatus.SERVICE_UNAVAILABLE, "draining\n", "draining")
         if not origin_allowed(headers.get("Origin"), headers.get("Host"), cfg.allowed_origins):
@@ -151,3 +168,11 @@ class HttpFront:
             self.per_ip[ip] = left
         else:
             self.per_ip.pop(ip, None)
+
+
+def duplicated_header(headers: Headers) -> str | None:
+    """The first of :data:`SINGLE_HEADERS` that ``headers`` hold more than once, if any."""
+    for name in SINGLE_HEADERS:
+        if len(headers.get_all(name)) > 1:
+            return name
+    return None
