@@ -110,7 +110,9 @@ class ServerConfig:
     )
     jwt_secret: str | None = _opt(None, "HS256 secret for JWT credentials; turns authentication on", secret=True)
     allowed_origins: tuple[str, ...] = _opt(
-        (), "browser Origin allowed besides same-host and localhost (repeatable; '*' = any)", flag="--allowed-origin"
+        (),
+        "browser Origin allowed besides the server's own page on an IP address or localhost (repeatable; '*' = any)",
+        flag="--allowed-origin",
     )
     channel_subscribe: tuple[str, ...] = _opt(("*",), "channel patterns clients may subscribe to (repeatable)")
     channel_publish: tuple[str, ...] = _opt(("*",), "channel patterns clients may publish on (repeatable)")
@@ -119,12 +121,16 @@ class ServerConfig:
     token_rate: float = _opt(0.0, "output tokens per identity per minute (0 = off)")
     abuse_threshold: int = _opt(100, "close with 1008 after this many refused messages in 10 s (min 50)")
     max_connections: int = _opt(10_000, "open connections in total (503 beyond)")
-    max_connections_per_ip: int = _opt(0, "open connections per client IP (503 beyond; 0 = off)")
+    max_connections_per_ip: int = _opt(
+        256, "open connections per client IP (503 beyond; 0 = off; behind a proxy all share its IP)"
+    )
     open_timeout: float = _opt(10.0, "seconds for the opening handshake")
     drain_timeout: float = _opt(30.0, "on SIGTERM, seconds running streams may take to finish")
     reconnect_ms: int = _opt(1000, "shutdown.reconnect_ms: when clients should reconnect after a drain")
-    metrics: bool = _opt(True, "serve Prometheus metrics at /metrics")
-    metrics_token: str | None = _opt(None, "require 'Authorization: Bearer TOKEN' for /metrics", secret=True)
+    metrics: bool = _opt(True, "serve Prometheus metrics at /metrics (without a token: to loopback peers only)")
+    metrics_token: str | None = _opt(
+        None, "require 'Authorization: Bearer TOKEN' for /metrics (then from any address)", secret=True
+    )
     log_format: str = _opt("text", "log format", choices=("text", "json"))
     log_content: bool = _opt(False, "log prompt and completion text (debugging only)")
     loop: str = _opt("auto", "event loop", choices=("auto", "asyncio", "uvloop"))

@@ -164,6 +164,37 @@ async def test_a_name_with_a_trailing_newline_is_no_name(server: Server) -> None
 
 
 
+# ---------------------------------------------------------------- 12. defaults
+
+
+class TestDefaults:
+    def test_per_ip_connections_are_limited_by_default(self) -> None:
+        assert 0 < ServerConfig().max_connections_per_ip < ServerConfig().max_connections
+
+    async def test_dns_rebinding_is_refused_and_the_demo_page_is_not(self, server: Server) -> None:
+        port = server.port
+        rebound = upgrade(port, "Origin: http://rebind.test:%d" % port)
+        rebound[1] = f"Host: rebind.test:{port}"
+        assert await raw_request(port, rebound) == 403
+        other_local_page = upgrade(port, "Origin: http://localhost:3000")
+        assert await raw_request(port, other_local_page) == 403
+        for own in (f"http://127.0.0.1:{port}", f"http://localhost:{port}"):
+            page = upgrade(port, f"Origin: {own}")
+            page[1] = f"Host: {own.removeprefix('http://')}"
+            assert await raw_request(port, page) == 101
+        assert await raw_request(port, upgrade(port)) == 101  # no Origin: not a browser
+
+    async def test_metrics_are_not_public_by_default(self, server: Server) -> None:
+        lines = ["GET /metrics HTTP/1.1", f"Host: 127.0.0.1:{server.port}"]
+        assert await raw_request(server.port, lines) == 200  # loopback
+        assert await raw_request(server.port, [*lines, "X-Forwarded-For: 203.0.113.9"]) == 403  # via a proxy
+        refused = server.http.metrics_refusal  # a peer that is not local
+        from websockets.datastructures import Headers
+
+        assert refused(Headers(), "203.0.113.9") is not None and refused(Headers(), "::ffff:127.0.0.1") is None
+
+
+
 # -------------------------------------------------------------------- 13. JWT
 
 
@@ -173,3 +204,23 @@ async def test_a_jwt_with_junk_appended_is_refused(make_server: Any) -> None:
         assert await handshake_status(server.url + f"?token={good}") == 101
         for forged in (good + "!!", good + "~", good + "A", good[:-1] + chr(ord(good[-1]) ^ 1)):
             assert await handshake_status(server.url + f"?token={forged}") == 401, forged
+
+
+
+async def test_the_metrics_token_is_compared_in_constant_time(make_server: Any, monkeypatch: Any) -> None:
+    import hmac
+
+    compared: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: Any, b: Any) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", spy)
+    async with make_server(metrics_token="m") as server:
+        base = ["GET /metrics HTTP/1.1", "Host: x"]
+        assert await raw_request(server.port, [*base, "Authorization: Bearer m"]) == 200
+        assert await raw_request(server.port, [*base, "Authorization: Bearer n"]) == 401
+        assert await raw_request(server.port, [*base, "Authorization: Bearer \xe9"]) == 401  # not ASCII: no 500
+    assert (b"Bearer n", b"Bearer m") in compared

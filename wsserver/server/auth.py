@@ -25,6 +25,7 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import json
 import re
 import time
@@ -171,19 +172,35 @@ def token_from_request(path: str, authorization: str | None) -> str | None:
     return None
 
 
-_LOCAL = {"localhost", "127.0.0.1", "[::1]", "::1"}
-
-
 def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str]) -> bool:
-    """No Origin (non-browser clients) is allowed; a browser Origin must match
-    the Host, a local host, or the allowlist (exact ``scheme://host[:port]``)."""
+    """Whether a WebSocket (or other cross-origin) request may come from a
+    page of ``origin``, sent to ``host`` (the ``Host`` header).
+
+    No ``Origin`` (servers, Node, CLI clients) is allowed. A browser's must be
+    in ``allowed`` (exact ``scheme://host[:port]``; ``*`` allows any), or be
+    the server's own page reached by an address rather than a name: an
+    ``http(s)`` Origin equal to the Host, whose host is an IP address or
+    ``localhost``. An Origin equal to a Host that is a DNS name proves
+    nothing: under DNS rebinding a page of ``evil.example`` reaches a server
+    on 127.0.0.1 as ``evil.example``, Origin and Host agreeing; an address
+    (or ``localhost``, which browsers resolve to loopback themselves) cannot
+    be rebound. Other local pages (another port: a dev server, anything a
+    local user runs) are not the server's own either: ``--allowed-origin``.
+    """
     if origin is None:
         return True
     if origin in allowed or "*" in allowed:
         return True
+    if not host:
+        return False
     parts = urlsplit(origin)
-    origin_host = parts.hostname or ""
-    netloc = parts.netloc
-    if host and netloc.lower() == host.lower():
+    if parts.scheme not in ("http", "https") or parts.netloc.lower() != host.lower():
+        return False
+    name = parts.hostname or ""
+    if name == "localhost":
         return True
-    return origin_host in _LOCAL or f"[{origin_host}]" in _LOCAL
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True

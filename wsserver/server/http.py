@@ -2,9 +2,10 @@
 
 Everything goes through websockets' ``process_request``: ``GET /healthz``
 answers 200, ``/readyz`` 200 (``ready`` or ``degraded: …``) or 503 while
-draining, ``/metrics`` the Prometheus text (unless turned off, optionally
-behind a token), ``/`` and ``/static/…``, ``/client/…`` the demo page and the
-JS client. websockets closes the TCP connection after each plain-HTTP reply.
+draining, ``/metrics`` the Prometheus text (unless turned off; to loopback
+peers only, or to anyone with ``metrics_token``), ``/`` and ``/static/…``,
+``/client/…`` the demo page and the JS client. websockets closes the TCP
+connection after each plain-HTTP reply.
 (Requests under ``/v1/`` never get here: :mod:`wsserver.server.front` hands
 them to the HTTP transport, :mod:`wsserver.server.sse`, which runs the same
 :meth:`HttpFront.admission` before a stream opens.) An upgrade is refused
@@ -15,6 +16,8 @@ handshake's credential is wrong.
 
 from __future__ import annotations
 
+import hmac
+import ipaddress
 import weakref
 from http import HTTPStatus
 from typing import TYPE_CHECKING, NamedTuple
@@ -42,6 +45,9 @@ ECHO_PATH = "/_echo"
 #: Request headers that decide admission: each may come once (a 400
 #: otherwise, rather than a guess at which one counts).
 SINGLE_HEADERS = ("Host", "Origin", "Authorization", "Upgrade")
+#: Headers a reverse proxy adds: a request carrying one came through a proxy,
+#: so its loopback address says nothing about the client.
+PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")
 
 
 class Refusal(NamedTuple):
@@ -99,9 +105,9 @@ class HttpFront:
             degraded = server.backplane.status()
             return connection.respond(HTTPStatus.OK, f"{degraded}\n" if degraded else "ready\n")
         if path == "/metrics" and cfg.metrics:
-            token = cfg.metrics_token
-            if token and headers.get("Authorization", "") != f"Bearer {token}":
-                return connection.respond(HTTPStatus.UNAUTHORIZED, "unauthorized\n")
+            refused = self.metrics_refusal(headers, client_ip(connection))
+            if refused is not None:
+                return connection.respond(refused.status, refused.text)
             server.fanout.count_output()
             body = server.telemetry.render()
             return Response(
@@ -156,6 +162,20 @@ class HttpFront:
                 return identity
         return None
 
+    def metrics_refusal(self, headers: Headers, ip: str) -> Refusal | None:
+        """``/metrics``: with a token, whoever presents it (compared in constant
+        time); without, loopback peers that did not come through a proxy (a
+        proxy on the same machine would make every client look local)."""
+        token = self._server.config.metrics_token
+        if token:
+            given = headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if hmac.compare_digest(given, f"Bearer {token}".encode()):
+                return None
+            return Refusal(HTTPStatus.UNAUTHORIZED, "unauthorized\n", "metrics")
+        if _loopback(ip) and not any(name in headers for name in PROXY_HEADERS):
+            return None
+        return Refusal(HTTPStatus.FORBIDDEN, "metrics are served to loopback only; set --metrics-token\n", "metrics")
+
     def count_refusal(self, reason: str) -> None:
         self._server.telemetry.connections_refused.labels(reason).inc()
 
@@ -176,3 +196,13 @@ def duplicated_header(headers: Headers) -> str | None:
         if len(headers.get_all(name)) > 1:
             return name
     return None
+
+
+def _loopback(ip: str) -> bool:
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack socket's 127.0.0.1
+    return address.is_loopback
