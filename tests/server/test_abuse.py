@@ -164,6 +164,35 @@ async def test_a_name_with_a_trailing_newline_is_no_name(server: Server) -> None
 
 
 
+# ------------------------------------------ 11. the writer of a violation
+
+
+async def test_a_connection_closed_for_a_violation_leaks_no_task(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    gc.collect()
+    baseline = len(asyncio.all_tasks())
+    for i in range(20):
+        async with connect(server.url, compression=None) as ws:
+            c = RawClient(ws)
+            if i % 2:
+                await c.send({"type": "generate", "messages": USER_HI})  # before hello: 4400
+            else:
+                await c.send({"type": "hello", "protocol": 2})  # 4001
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    await c.recv()
+            assert ws.close_code == (4400 if i % 2 else 4001)
+    await until(lambda: not server.connections)
+    await until(lambda: len(asyncio.all_tasks()) <= baseline)
+    gc.collect()
+    await asyncio.sleep(0)
+    assert len(asyncio.all_tasks()) <= baseline
+    assert not [r for r in caplog.records if "Task was destroyed but it is pending" in r.getMessage()]
+
+
+
 # ---------------------------------------------------------------- 12. defaults
 
 

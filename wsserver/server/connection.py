@@ -75,8 +75,8 @@ class Connection:
     """The pump of one WebSocket connection."""
 
     __slots__ = (
-        "_carry", "_flush_on_close", "_unsent", "_send_scheduled", "_writer", "busy", "close_with", "drained", "identity", "ip",
-        "live", "proto", "reserved", "server", "tunnel", "wake", "ws",
+        "_carry", "_done", "_flush_on_close", "_unsent", "_send_scheduled", "_writer", "busy", "close_with", "drained",
+        "identity", "ip", "live", "proto", "reserved", "server", "tunnel", "wake", "ws",
     )
 
     def __init__(self, server: Server, ws: ServerConnection, identity: Identity | None) -> None:
@@ -91,6 +91,7 @@ class Connection:
         self._send_scheduled = False
         self._flush_on_close = False
         self._writer: asyncio.Task[None] | None = None
+        self._done = False  # the reader finished: no writer is made any more
         #: Frames taken for an inline write that the socket would not take
         #: without waiting: the writer sends them first (a resume's replay).
         self._carry: list[bytes] = []
@@ -112,15 +113,20 @@ class Connection:
         except ConnectionClosed:
             pass
         finally:
-            writer = self._writer
             if self._flush_on_close:  # a violation: send the error first
                 with contextlib.suppress(ConnectionClosed):
-                    if writer is not None:
-                        writer.cancel()
+                    if self._writer is not None:
+                        self._writer.cancel()
                     await self._flush()
             self.proto.release()
             if self.live is not None:
                 self.live.detach(self)  # a dropped socket never cancels anything
+            # No writer from now on, and the one there is ends here: a send
+            # scheduled before (or during the flush above, which may have made
+            # one) must not leave a task pending forever ("Task was destroyed
+            # but it is pending!" once the connection is collected).
+            self._done = True
+            writer = self._writer
             if writer is not None:
                 writer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -236,6 +242,8 @@ class Connection:
         fanout.count(frames)  # (no delivery_seconds sample: an inline write does not wait)
 
     def _wake_writer(self) -> None:
+        if self._done:
+            return
         self.server.fanout.lagging.add(self)
         if self._writer is None:
             self.wake, self.drained = asyncio.Event(), asyncio.Event()
