@@ -58,6 +58,12 @@ class ServerConfig:
     session_ttl: float = _opt(120.0, "seconds a session outlives its connection (resume window)")
     replay_max_messages: int = _opt(10_000, "replay log bound per session, in frames")
     replay_max_bytes: int = _opt(4 << 20, "replay log bound per session, in bytes")
+    max_stream_bytes: int = _opt(
+        1 << 20, "output one stream keeps (text, reasoning, tool calls), bytes; at it the stream ends 'length'"
+    )
+    recent_streams_bytes: int = _opt(
+        4 << 20, "what a session keeps of its ended streams (for interrupt), bytes; oldest forgotten first"
+    )
     max_subscriptions: int = _opt(100, "channel subscriptions per session (too_many_subscriptions beyond)")
     publish_rate: float = _opt(100.0, "publish + send per session per second (burst 2x; rate_limited beyond)")
     max_data_bytes: int = _opt(64 * 1024, "largest publish/send data, encoded (message_too_large beyond)")

@@ -72,6 +72,47 @@ def big_generate(stream: str, **params: Any) -> dict[str, Any]:
 
 
 
+# ---------------------------------------------------------- 1. retained text
+
+
+class TestRetainedText:
+    async def test_a_streams_answer_ends_length_at_its_bound_and_its_task_stops(self, server: Server) -> None:
+        async with connect(server.url, compression=None, max_size=None) as ws:
+            c = RawClient(ws)
+            welcome = await c.hello()
+            await c.send(big_generate("big", tokens_per_s=0))
+            frames = await c.recv_until(lambda f: f["type"] == "stream.end", timeout=60)
+        end = frames[-1]
+        text = "".join(f["text"] for f in frames if f["type"] == "stream.delta")
+        assert end["reason"] == "length"
+        limit = 1 << 20  # max_stream_bytes, by default
+        assert limit - 64 < len(text.encode()) <= limit  # cut at the bound, not before
+        live = server.sessions[welcome["session"]]
+        await until(lambda: not live.tasks)  # the generation stopped (its upstream closed)
+        assert not live.tasks
+
+    async def test_ended_streams_a_session_keeps_are_bounded_in_bytes(self, server: Server) -> None:
+        async with connect(server.url, compression=None, max_size=None, max_queue=None) as ws:
+            c = RawClient(ws)
+            welcome = await c.hello()
+            for i in range(8):
+                await c.send(big_generate(f"s{i}", tokens_per_s=0))
+            ended = 0
+            async with asyncio.timeout(120):
+                while ended < 8:
+                    ended += (await c.recv())["type"] == "stream.end"
+            book = server.sessions[welcome["session"]].session.book
+            kept = [s for i in range(8) if (s := book.find(f"s{i}")) is not None]
+            held = sum(len(s.text.encode()) for s in kept)
+            assert held <= (4 << 20) + (1 << 20)  # recent_streams_bytes (and the newest), by default
+            assert book.find("s7") is not None  # the newest is kept (an interrupt racing its end finds it)
+            await c.send({"type": "interrupt", "stream": "s7", "id": "i"})
+            assert (await c.recv())["type"] == "ok"
+            await c.send({"type": "interrupt", "stream": "s0", "id": "j"})  # forgotten: the oldest went first
+            assert (await c.recv())["code"] == "unknown_stream"
+
+
+
 # ---------------------------------------------------------------- 7. JWT
 
 

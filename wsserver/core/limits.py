@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-__all__ = ["ChannelRules", "GenerationQuota", "MessagingLimits", "TokenBucket", "TokenBudget"]
+__all__ = ["ChannelRules", "GenerationQuota", "MessagingLimits", "StreamLimits", "TokenBucket", "TokenBudget"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +25,16 @@ class ChannelRules:
 
     def may_publish(self, channel: str) -> bool:
         return any(fnmatch.fnmatchcase(channel, p) for p in self.publish)
+
+
+@dataclass(frozen=True, slots=True)
+class StreamLimits:
+    """What a session's streams may hold, in UTF-8 bytes."""
+
+    #: One stream's output (text, reasoning, tool calls): it ends with reason ``length`` there.
+    answer_bytes: int = 1 << 20
+    #: The ended streams a session keeps for ``interrupt``, together (oldest forgotten first).
+    recent_bytes: int = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,7 +52,7 @@ from ..wire.messages import (
 from .actions import Action, StartGeneration, StopGeneration
 from .conversation import check_generate
 from .generation import StreamEvents
-from .limits import ChannelRules, GenerationQuota, MessagingLimits
+from .limits import ChannelRules, GenerationQuota, MessagingLimits, StreamLimits
 from .messaging import ChannelSink, Membership
 from .outbox import Outbox
 from .streams import Stream, StreamBook, StreamState
@@ -83,6 +83,7 @@ class Session(StreamEvents):
         session_id: the public session id (sent in ``welcome``).
         providers: resolves ``generate.provider``/``model``.
         max_streams: concurrent running streams allowed (``too_many_streams``).
+        stream_limits: what the streams may hold (:class:`~wsserver.core.limits.StreamLimits`).
         remember_ids: how many answered request ids are remembered for
             ``duplicate_request`` (oldest forgotten first).
         max_log_messages, max_log_bytes, coalesce, on_output: see :class:`Outbox`.
@@ -109,6 +110,7 @@ class Session(StreamEvents):
         "public_id",
         "quota",
         "remember_ids",
+        "stream_limits",
     )
 
     def __init__(
@@ -117,6 +119,7 @@ class Session(StreamEvents):
         *,
         providers: ProviderCatalog,
         max_streams: int = 8,
+        stream_limits: StreamLimits = StreamLimits(),
         remember_ids: int = 10_000,
         max_log_messages: int = 10_000,
         max_log_bytes: int = 4 << 20,
@@ -135,6 +138,7 @@ class Session(StreamEvents):
         self.id = session_id
         self.providers = providers
         self.max_streams = max_streams
+        self.stream_limits = stream_limits
         self.remember_ids = remember_ids
         self.clock = clock
         self.agent = agent
@@ -150,7 +154,7 @@ class Session(StreamEvents):
             on_output=on_output,
             observer=observer,
         )
-        self.book = StreamBook()
+        self.book = StreamBook(stream_limits.recent_bytes)
         self.members = Membership(
             agent if agent is not None else self.public_id,
             self.out,

@@ -144,6 +144,7 @@ class Server:
                 "max_id_length": 64,
                 "max_subscriptions": cfg.max_subscriptions,
                 "max_data_bytes": cfg.max_data_bytes,
+                "max_stream_bytes": cfg.max_stream_bytes,
             },
             "server": f"wsserver/{__version__}",
         }

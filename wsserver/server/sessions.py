@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from ..cluster.backplane import AdoptedSession, Route
-from ..core.limits import ChannelRules, GenerationQuota, MessagingLimits, TokenBucket, TokenBudget
+from ..core.limits import ChannelRules, GenerationQuota, MessagingLimits, StreamLimits, TokenBucket, TokenBudget
 from ..core.protocol import Opened
 from ..core.session import ANONYMOUS, Session
 from ..core.streams import Stream
@@ -49,6 +49,7 @@ class Sessions(Mapping[str, SessionRuntime]):
             publish_rate=cfg.publish_rate,
             publish_burst=cfg.publish_rate * 2,
         )
+        self.stream_limits = StreamLimits(cfg.max_stream_bytes, cfg.recent_streams_bytes)
         self._quotas: dict[str, GenerationQuota] = {}
 
     def __getitem__(self, session_id: str) -> SessionRuntime:
@@ -148,6 +149,7 @@ class Sessions(Mapping[str, SessionRuntime]):
             session_id,
             providers=server.providers,
             max_streams=cfg.max_streams,
+            stream_limits=self.stream_limits,
             max_log_messages=cfg.replay_max_messages,
             max_log_bytes=cfg.replay_max_bytes,
             coalesce=cfg.coalesce,

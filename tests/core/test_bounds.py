@@ -1,0 +1,103 @@
+"""What a session may be made to keep, in bytes (no network): a stream's
+output, its ended streams, the conversation an interrupt continues, the
+direct messages that wait while it is away, the channels' history; and the
+limits and rights a steer or a resume must meet."""
+
+from __future__ import annotations
+
+from tests.core.drive import feed, frames, make_session, start
+from wsserver.core.limits import StreamLimits
+from wsserver.core.streams import STREAM_OVERHEAD, StreamState, bounded, message_bytes
+from wsserver.wire.messages import ChatMessage
+
+TOOLS = [{"name": "get_weather"}]
+
+
+class TestOutput:
+    def test_a_stream_ends_length_at_its_bound_with_the_text_cut_there(self) -> None:
+        s = make_session(stream_limits=StreamLimits(answer_bytes=10))
+        a = start(s)
+        s.stream_delta(a, "12345", 1)
+        s.stream_delta(a, "67890abc", 1)
+        assert a.state is StreamState.ENDED and a.reason == "length"
+        assert a.text == "1234567890" and a.kept_bytes == 10
+        s.stream_delta(a, "more", 1)  # ignored: ended
+        out = frames(s)
+        assert "".join(f["text"] for f in out if f["type"] == "stream.delta") == "1234567890"
+        end = out[-1]
+        assert (end["type"], end["reason"], end["usage"]["estimated"]) == ("stream.end", "length", True)
+        assert end["message"]["content"] == "1234567890"
+
+    def test_reasoning_and_tool_calls_count_and_a_call_cut_in_its_arguments_is_dropped(self) -> None:
+        s = make_session(stream_limits=StreamLimits(answer_bytes=40))
+        a = start(s, tools=TOOLS)
+        s.stream_reasoning(a, "think " * 3, 1)  # 18
+        s.stream_tool_call(a, "c1", "get_weather")  # 2 + 11
+        s.stream_tool_delta(a, "c1", '{"city": "Oslo"}')  # 16: 47 > 40, cut
+        assert a.reason == "length" and a.kept_bytes == 40
+        end = frames(s)[-1]
+        assert end["reason"] == "length" and "tool_calls" not in end["message"]  # cut short: dropped
+
+    def test_a_long_answer_is_kept_in_few_objects(self) -> None:
+        s = make_session()
+        a = start(s)
+        tokens = [f" w{i}" for i in range(10_000)]
+        for token in tokens:
+            s.stream_delta(a, token, 1)
+        assert a.text == "".join(tokens) and a.kept_bytes == len(a.text)
+        assert len(a.parts) < 300  # merged: a str object per token costs ~50 bytes
+
+    def test_a_multibyte_character_is_never_split(self) -> None:
+        assert bounded("aé€", 4) == ("aé", 3, True)  # € (3 bytes) does not fit in the last byte
+        assert bounded("aé€", 6) == ("aé€", 6, True)  # exactly full
+        assert bounded("aé", 6) == ("aé", 3, False)
+        s = make_session(stream_limits=StreamLimits(answer_bytes=4))
+        a = start(s)
+        s.stream_delta(a, "aé€", 1)
+        assert a.text == "aé" and a.reason == "length"
+
+    def test_snapshot_and_interrupt_work_within_the_bound(self) -> None:
+        s = make_session(stream_limits=StreamLimits(answer_bytes=8))
+        a = start(s)
+        s.stream_delta(a, "abcdefghij", 1)
+        s.take_output()
+        actions = feed(s, {"type": "interrupt", "stream": a.id, "input": "go on", "id": "i"})
+        steered = actions[0].stream
+        assert [m.content for m in steered.messages] == ["hi", "abcdefgh", "go on"]
+        s.stream_delta(steered, "xyz", 1)
+        s.snapshot()
+        snap = frames(s)[-1]
+        assert (snap["type"], snap["text"], snap["index"]) == ("stream.snapshot", "xyz", 1)
+
+    def test_what_a_message_weighs(self) -> None:
+        plain = ChatMessage(role="user", content="hé")
+        rich = ChatMessage.model_validate(
+            {
+                "role": "assistant",
+                "content": [{"type": "text", "text": "ab"}, {"type": "reasoning", "text": "r", "signature": "sig"}],
+                "tool_calls": [{"id": "c1", "name": "t", "arguments": {"a": 1}}],
+            }
+        )
+        assert message_bytes(plain) == 3
+        assert message_bytes(rich) == 2 + 1 + 3 + len("c1") + len("t") + len('{"a":1}')
+
+
+class TestEndedStreams:
+    def test_the_ended_streams_kept_are_bounded_in_bytes_oldest_first(self) -> None:
+        one = STREAM_OVERHEAD + 2 + 1000  # messages "hi", an answer of 1000 bytes
+        s = make_session(stream_limits=StreamLimits(recent_bytes=3 * one))
+        for i in range(6):
+            a = start(s, stream=f"s{i}")
+            s.stream_delta(a, "x" * 1000, 1)
+            s.stream_end(a, "complete")
+        assert [i for i in range(6) if s.book.find(f"s{i}") is not None] == [3, 4, 5]
+        assert s.book.recent_bytes == 3 * one
+        assert feed(s, {"type": "interrupt", "stream": "s2", "id": "k"}) == []
+        assert frames(s)[-1]["code"] == "unknown_stream"
+
+    def test_the_newest_ended_stream_is_kept_whatever_its_size(self) -> None:
+        s = make_session(stream_limits=StreamLimits(recent_bytes=10))
+        a = start(s)
+        s.stream_delta(a, "y" * 100, 1)
+        s.stream_end(a, "complete")
+        assert s.book.find(a.id) is a  # an interrupt racing the natural end still finds it
