@@ -46,7 +46,9 @@ class ServerConfig:
     provider: str = _opt("simulated", "default provider for generate requests")
     model: str | None = _opt(None, "default model (the provider's own default when unset)")
     max_streams: int = _opt(8, "concurrent streams per session (too_many_streams beyond)")
-    max_size: int = _opt(1 << 20, "largest client message in bytes; larger closes with 1009")
+    max_size: int = _opt(
+        1 << 20, "largest client message in bytes (1009 beyond); also the largest conversation an interrupt continues"
+    )
     max_queue: int = _opt(16, "incoming frames buffered per connection before TCP backpressure")
     write_limit: int = _opt(1 << 15, "write buffer high-water mark per connection, bytes")
     ping_interval: float = _opt(20.0, "WebSocket keepalive ping interval in s (0 = off)")

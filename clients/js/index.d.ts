@@ -25,7 +25,7 @@ export declare const NO_RECONNECT_CODES: ReadonlySet<number>;
 export type ErrorCode =
   | "bad_json" | "bad_message" | "unknown_type" | "binary_frame" | "not_hello" | "duplicate_hello"
   | "unsupported_protocol" | "not_implemented" | "duplicate_request" | "too_many_streams"
-  | "stream_exists" | "unknown_stream" | "provider_unavailable"
+  | "stream_exists" | "unknown_stream" | "provider_unavailable" | "conversation_too_large"
   | "bad_tool_schema" | "duplicate_tool" | "unknown_tool" | "unknown_tool_call" | "misplaced_content" | "bad_image"
   | "resume_failed" | "rate_limited"
   | "unauthorized" | "forbidden" | "bad_name" | "agent_name_taken" | "unknown_agent"

@@ -6,7 +6,9 @@ limits and rights a steer or a resume must meet."""
 from __future__ import annotations
 
 from tests.core.drive import feed, frames, make_session, start
-from wsserver.core.limits import StreamLimits
+from tests.helpers import FakeClock
+from wsserver.core.actions import StartGeneration, StopGeneration
+from wsserver.core.limits import GenerationQuota, StreamLimits, TokenBucket, TokenBudget
 from wsserver.core.streams import STREAM_OVERHEAD, StreamState, bounded, message_bytes
 from wsserver.wire.messages import ChatMessage
 
@@ -101,3 +103,47 @@ class TestEndedStreams:
         s.stream_delta(a, "y" * 100, 1)
         s.stream_end(a, "complete")
         assert s.book.find(a.id) is a  # an interrupt racing the natural end still finds it
+
+
+class TestSteer:
+    def test_the_conversation_an_interrupt_continues_is_bounded(self) -> None:
+        s = make_session(stream_limits=StreamLimits(conversation_bytes=30))
+        a = start(s)  # "hi": 2 bytes
+        s.stream_delta(a, "0123456789", 1)  # 12
+        refused = feed(s, {"type": "interrupt", "stream": a.id, "input": "x" * 19, "id": "i"})  # 31
+        assert refused == [] and a.state is StreamState.RUNNING  # refused as a whole: nothing interrupted
+        err = frames(s)[-1]
+        assert (err["code"], err["ref"], err["stream"]) == ("conversation_too_large", "i", a.id)
+        actions = feed(s, {"type": "interrupt", "stream": a.id, "input": "x" * 18})  # 30: fits
+        assert actions[0] == StopGeneration(a.id) and actions[1].stream.input_bytes == 30
+
+    def test_a_chain_counts_its_conversation_without_reading_it_again(self) -> None:
+        s = make_session()
+        stream = start(s)
+        for i in range(5):
+            s.stream_delta(stream, "é" * 10, 1)  # 20 bytes
+            actions = feed(s, {"type": "interrupt", "stream": stream.id, "input": f"step {i}"})
+            stream = actions[-1].stream
+        assert stream.input_bytes == sum(map(message_bytes, stream.messages))
+
+    def test_a_steer_meets_the_generation_rate_like_a_generate(self) -> None:
+        s = make_session(quota=GenerationQuota(starts=TokenBucket(1 / 60, 1)))
+        a = start(s)  # the one generation of the burst
+        assert feed(s, {"type": "interrupt", "stream": a.id, "input": "no", "id": "i"}) == []
+        err = frames(s)[-1]
+        assert (err["code"], err["ref"]) == ("rate_limited", "i") and err["retry_after_ms"] > 1000
+        assert a.state is StreamState.RUNNING  # nothing interrupted
+        assert feed(s, {"type": "interrupt", "stream": a.id, "id": "j"}) == [StopGeneration(a.id)]  # no input: no generation
+
+    def test_a_steer_meets_the_token_budget(self) -> None:
+        clock = FakeClock()
+        s = make_session(quota=GenerationQuota(tokens=TokenBudget(10)), clock=clock)
+        a = start(s)
+        for _ in range(20):
+            s.stream_delta(a, "w", 1)
+        s.stream_end(a, "complete")
+        assert feed(s, {"type": "interrupt", "stream": a.id, "input": "more", "id": "i"}) == []
+        assert frames(s)[-1]["code"] == "rate_limited"
+        clock.now += 120
+        actions = feed(s, {"type": "interrupt", "stream": a.id, "input": "more"})
+        assert isinstance(actions[0], StartGeneration)

@@ -113,6 +113,74 @@ class TestRetainedText:
 
 
 
+# ------------------------------------------------ 2. a steer is a generation
+
+
+async def test_interrupt_with_input_passes_the_generation_rate(make_server: Any) -> None:
+    async with make_server(generate_rate=3) as server, connect(server.url, compression=None) as ws:
+        c = RawClient(ws)
+        await c.hello()
+        await c.send(big_generate("s0", tokens_per_s=20))
+        current, started, limited = "s0", 1, 0
+        for i in range(1, 8):
+            await c.send({"type": "interrupt", "id": f"i{i}", "stream": current, "input": "no", "new_stream": f"s{i}"})
+            reply = (await c.recv_until(lambda f, i=i: f.get("ref") == f"i{i}"))[-1]
+            if reply["type"] == "stream.start":
+                started, current = started + 1, f"s{i}"
+            else:
+                assert reply["code"] == "rate_limited" and reply["retry_after_ms"] > 0
+                limited += 1
+        assert started == 3 and limited == 5  # burst 3: the steers count like generates
+        assert current in server.sessions[next(iter(server.sessions))].session.streams  # refused: nothing interrupted
+
+
+async def test_interrupt_with_input_passes_the_token_budget(make_server: Any) -> None:
+    async with make_server(token_rate=10) as server, connect(server.url, compression=None) as ws:
+        c = RawClient(ws)
+        await c.hello()
+        await c.send({"type": "generate", "stream": "a", "messages": USER_HI, "params": {"reply_tokens": 30}})
+        await c.recv_until(lambda f: f["type"] == "stream.end")
+        await c.send({"type": "interrupt", "id": "i", "stream": "a", "input": "more"})
+        reply = await c.recv()
+        assert reply["code"] == "rate_limited" and reply["ref"] == "i"
+
+
+
+# --------------------------------------------------- 3. the interrupt chain
+
+
+async def test_an_interrupt_chain_is_bounded_and_each_steer_stays_quick(server: Server) -> None:
+    size = 300_000
+    async with connect(server.url, compression=None, max_size=None) as ws, connect(server.url, compression=None) as bws:
+        c, bystander = RawClient(ws), RawClient(bws)
+        await c.hello()
+        await bystander.hello()
+        await bystander.send({"type": "generate", "messages": USER_HI, "params": {"reply_tokens": 100_000, "tokens_per_s": 100}})
+        await c.send(big_generate("c0", tokens_per_s=10))
+        current, latencies, refused = "c0", [], None
+        for i in range(1, 8):
+            t0 = time.perf_counter()
+            await c.send({"type": "interrupt", "id": f"i{i}", "stream": current, "input": "y" * size, "new_stream": f"c{i}"})
+            reply = (await c.recv_until(lambda f, i=i: f.get("ref") == f"i{i}"))[-1]
+            if reply["type"] != "stream.start":
+                refused = reply
+                break
+            latencies.append(time.perf_counter() - t0)
+            current = f"c{i}"
+        assert refused is not None and refused["code"] == "conversation_too_large", refused
+        assert refused["stream"] == current and len(latencies) == 3  # 4 x 300 kB > max_size (1 MiB)
+        assert max(latencies) < 1.0  # generous (bench-level: milliseconds)
+        await c.send({"type": "cancel", "stream": current, "id": "c"})  # refused as a whole: it still ran
+        assert (await c.recv_until(lambda f: f.get("ref") == "c"))[-1]["type"] == "ok"
+        times: list[float] = []
+        async with asyncio.timeout(10):
+            while len(times) < 30:
+                if (await bystander.recv())["type"] == "stream.delta":
+                    times.append(time.perf_counter())
+        assert max(b - a for a, b in zip(times, times[1:])) < 1.0  # nobody else stalled
+
+
+
 # ---------------------------------------------------------------- 7. JWT
 
 

@@ -35,6 +35,8 @@ class StreamLimits:
     answer_bytes: int = 1 << 20
     #: The ended streams a session keeps for ``interrupt``, together (oldest forgotten first).
     recent_bytes: int = 4 << 20
+    #: The conversation an ``interrupt`` continues (``conversation_too_large`` beyond).
+    conversation_bytes: int = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)

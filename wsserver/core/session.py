@@ -55,7 +55,7 @@ from .generation import StreamEvents
 from .limits import ChannelRules, GenerationQuota, MessagingLimits, StreamLimits
 from .messaging import ChannelSink, Membership
 from .outbox import Outbox
-from .streams import Stream, StreamBook, StreamState
+from .streams import Stream, StreamBook, StreamState, text_bytes
 
 __all__ = ["ANONYMOUS", "Observer", "ProviderCatalog", "Session"]
 
@@ -344,14 +344,10 @@ class Session(StreamEvents):
         if stream is None:
             self.out.error(ErrorCode.UNKNOWN_STREAM, f"stream {msg.stream!r} is unknown", ref=msg.id, stream=msg.stream)
             return None, []
-        if msg.input is not None and msg.new_stream is not None and self.book.used(msg.new_stream):
-            self.out.error(
-                ErrorCode.STREAM_EXISTS,
-                f"stream id {msg.new_stream!r} is already used in this session",
-                ref=msg.id,
-                stream=msg.new_stream,
-            )
-            return None, []
+        # (counted, not read again: the chain's size grows by what each steer adds)
+        size = 0 if msg.input is None else stream.input_bytes + stream.kept_bytes + text_bytes(msg.input)
+        if msg.input is not None and not self._steer_allowed(stream, msg, size):
+            return None, []  # refused as a whole: nothing is interrupted
         actions: list[Action] = []
         if stream.state is StreamState.RUNNING:
             self.stream_end(stream, "interrupted")
@@ -376,9 +372,24 @@ class Session(StreamEvents):
             tools=stream.tools,
             tool_choice=stream.tool_choice,
             steered_from=stream.id,
+            input_bytes=size,
         )
         actions.append(StartGeneration(steered))
         return new_id, actions
+
+    def _steer_allowed(self, stream: Stream, msg: Interrupt, size: int) -> bool:
+        """A steer starts a generation: the new id, the conversation's ``size``
+        and the identity's generation limits must allow it (else answered)."""
+        new, limit = msg.new_stream, self.stream_limits.conversation_bytes
+        if new is not None and self.book.used(new):
+            message = f"stream id {new!r} is already used in this session"
+            self.out.error(ErrorCode.STREAM_EXISTS, message, ref=msg.id, stream=new)
+        elif size > limit:
+            message = f"the conversation would be {size} bytes; the limit is {limit}"
+            self.out.error(ErrorCode.CONVERSATION_TOO_LARGE, message, ref=msg.id, stream=stream.id)
+        else:
+            return self._generation_allowed(msg.id)
+        return False
 
     def _ack(self, msg: Ack) -> None:
         out = self.out

@@ -49,7 +49,8 @@ class Sessions(Mapping[str, SessionRuntime]):
             publish_rate=cfg.publish_rate,
             publish_burst=cfg.publish_rate * 2,
         )
-        self.stream_limits = StreamLimits(cfg.max_stream_bytes, cfg.recent_streams_bytes)
+        # (the conversation an interrupt continues: no larger than one a client could send)
+        self.stream_limits = StreamLimits(cfg.max_stream_bytes, cfg.recent_streams_bytes, cfg.max_size)
         self._quotas: dict[str, GenerationQuota] = {}
 
     def __getitem__(self, session_id: str) -> SessionRuntime:

@@ -60,6 +60,7 @@ class ErrorCode(enum.StrEnum):
     STREAM_EXISTS = "stream_exists"
     UNKNOWN_STREAM = "unknown_stream"
     PROVIDER_UNAVAILABLE = "provider_unavailable"
+    CONVERSATION_TOO_LARGE = "conversation_too_large"
     # A generate's conversation and tools (rich generations).
     BAD_TOOL_SCHEMA = "bad_tool_schema"
     DUPLICATE_TOOL = "duplicate_tool"

@@ -92,6 +92,7 @@ export const ERROR_CODES = Object.freeze({
   STREAM_EXISTS: "stream_exists",
   UNKNOWN_STREAM: "unknown_stream",
   PROVIDER_UNAVAILABLE: "provider_unavailable",
+  CONVERSATION_TOO_LARGE: "conversation_too_large",
   // a generate's conversation and tools
   BAD_TOOL_SCHEMA: "bad_tool_schema",
   DUPLICATE_TOOL: "duplicate_tool",
