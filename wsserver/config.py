@@ -69,6 +69,8 @@ class ServerConfig:
     max_subscriptions: int = _opt(100, "channel subscriptions per session (too_many_subscriptions beyond)")
     publish_rate: float = _opt(100.0, "publish + send per session per second (burst 2x; rate_limited beyond)")
     max_data_bytes: int = _opt(64 * 1024, "largest publish/send data, encoded (message_too_large beyond)")
+    inbox_messages: int = _opt(100, "direct messages held for an agent that is away (inbox_full beyond)")
+    inbox_bytes: int = _opt(1 << 20, "bytes of direct messages held for an agent that is away (inbox_full beyond)")
     channel_history: int = _opt(1000, "messages each channel keeps for recovery by offset")
     channel_history_ttl: float = _opt(300.0, "seconds a channel message stays recoverable")
     slow_consumer_bytes: int = _opt(

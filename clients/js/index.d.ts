@@ -28,7 +28,7 @@ export type ErrorCode =
   | "stream_exists" | "unknown_stream" | "provider_unavailable" | "conversation_too_large"
   | "bad_tool_schema" | "duplicate_tool" | "unknown_tool" | "unknown_tool_call" | "misplaced_content" | "bad_image"
   | "resume_failed" | "rate_limited"
-  | "unauthorized" | "forbidden" | "bad_name" | "agent_name_taken" | "unknown_agent"
+  | "unauthorized" | "forbidden" | "bad_name" | "agent_name_taken" | "unknown_agent" | "inbox_full"
   | "too_many_subscriptions" | "message_too_large" | "backplane_unavailable"
   | "provider_error" | "provider_timeout" | "expired" | "shutdown" | "node_lost" | "internal"
   | "connection_lost" | "timeout";

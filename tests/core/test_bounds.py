@@ -5,12 +5,19 @@ limits and rights a steer or a resume must meet."""
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
+
 from tests.core.drive import feed, frames, make_session, start
 from tests.helpers import FakeClock
-from wsserver.core.actions import StartGeneration, StopGeneration
-from wsserver.core.limits import GenerationQuota, StreamLimits, TokenBucket, TokenBudget
+from wsserver.core.actions import MessagingCall, StartGeneration, StopGeneration
+from wsserver.core.channels import Channels
+from wsserver.core.limits import GenerationQuota, MessagingLimits, StreamLimits, TokenBucket, TokenBudget
+from wsserver.core.session import Session
 from wsserver.core.streams import STREAM_OVERHEAD, StreamState, bounded, message_bytes
-from wsserver.wire.messages import ChatMessage
+from wsserver.providers import Providers, SimulatedProvider
+from wsserver.wire.messages import ChatMessage, decode_client
 
 TOOLS = [{"name": "get_weather"}]
 
@@ -147,3 +154,57 @@ class TestSteer:
         clock.now += 120
         actions = feed(s, {"type": "interrupt", "stream": a.id, "input": "more"})
         assert isinstance(actions[0], StartGeneration)
+
+
+# ------------------------------------------------------------- messaging
+
+
+def _session(hub: Channels, agent: str | None = None, **kwargs: Any) -> Session:
+    s = Session(
+        f"id-{agent}",
+        providers=Providers([SimulatedProvider()], default="simulated"),
+        channels=hub,
+        agent=agent,
+        **kwargs,
+    )
+    if agent:
+        assert hub.claim_agent(agent, s)
+    return s
+
+
+def _feed(hub: Channels, s: Session, message: dict[str, Any]) -> list[dict[str, Any]]:
+    for action in s.handle(decode_client(orjson.dumps(message))):
+        if isinstance(action, MessagingCall):
+            hub.carry_out(s, action)
+    hub.take_deliveries()
+    return [orjson.loads(f) for f in s.take_output()]
+
+
+class TestInbox:
+    def test_direct_messages_wait_while_away_bounded_and_follow_the_replay(self) -> None:
+        hub = Channels()
+        limits = MessagingLimits(inbox_messages=3, inbox_bytes=100)
+        agent = _session(hub, "agent", limits=limits, max_log_messages=4)
+        sender = _session(hub, "sender")
+        mine = start(agent)
+        agent.take_output()
+        agent.members.away = True
+        answers = [_feed(hub, sender, {"type": "send", "to": "agent", "data": "m" * 20, "id": f"d{i}"})[0] for i in range(5)]
+        assert [a.get("code", a["type"]) for a in answers] == ["ok", "ok", "ok", "inbox_full", "inbox_full"]
+        assert agent.log_first == 1 and agent.seq == 1  # nothing entered its log: its stream.start is there
+        agent.stream_delta(mine, "own", 1)
+        agent.take_output()
+        assert agent.replay_after(0) is not None  # its own frames, all of them
+        agent.members.present()
+        out = [orjson.loads(f) for f in agent.take_output()]
+        assert [(f["type"], f["seq"]) for f in out] == [("message", 3), ("message", 4), ("message", 5)]
+        assert _feed(hub, sender, {"type": "send", "to": "agent", "data": 1, "id": "n"})[0]["type"] == "ok"  # back
+        assert agent.members.inbox is None and agent.members.inbox_bytes == 0
+
+    def test_the_inbox_counts_bytes_too(self) -> None:
+        hub = Channels()
+        agent = _session(hub, "agent", limits=MessagingLimits(inbox_messages=100, inbox_bytes=50))
+        sender = _session(hub, "sender")
+        agent.members.away = True
+        assert _feed(hub, sender, {"type": "send", "to": "agent", "data": "x" * 40, "id": "a"})[0]["type"] == "ok"
+        assert _feed(hub, sender, {"type": "send", "to": "agent", "data": "x" * 40, "id": "b"})[0]["code"] == "inbox_full"

@@ -181,6 +181,48 @@ async def test_an_interrupt_chain_is_bounded_and_each_steer_stays_quick(server: 
 
 
 
+# ------------------------------------------- 4. direct messages while away
+
+
+async def test_a_dm_flood_while_an_agent_is_away_never_costs_it_its_session(server: Server) -> None:
+    async with connect(server.url, compression=None) as ws:
+        agent = RawClient(ws)
+        welcome = await agent.hello(agent="victim")
+        await agent.send(big_generate("mine", tokens_per_s=20, ttft_ms=0))
+        frames = await agent.recv_until(lambda f: f["type"] == "stream.delta" and f["index"] == 2)
+        last_seq = frames[-1]["seq"]
+    await until(lambda: server.sessions[welcome["session"]].conn is None)
+    answers: dict[str, int] = {}
+    async with connect(server.url, compression=None) as ws:
+        sender = RawClient(ws)
+        await sender.hello()
+        for i in range(80):  # 80 x 60 KiB: more than the whole replay log (4 MiB)
+            await sender.send({"type": "send", "id": f"d{i}", "to": "victim", "data": "z" * 60 * 1024})
+            reply = (await sender.recv_until(lambda f, i=i: f.get("ref") == f"d{i}"))[-1]
+            key = reply["type"] if reply["type"] == "ok" else reply["code"]
+            answers[key] = answers.get(key, 0) + 1
+    accepted = answers.get("ok", 0)
+    assert 0 < accepted <= 100 and answers.get("inbox_full", 0) == 80 - accepted  # inbox_messages, inbox_bytes
+    async with connect(server.url, compression=None, max_size=None) as ws:
+        agent = RawClient(ws)
+        welcome2 = await agent.hello(session=welcome["session"], last_seq=last_seq, agent="victim")
+        assert welcome2["resumed"] is True  # its own frames were all still in its log
+        seen: list[dict[str, Any]] = []
+        async with asyncio.timeout(10):
+            while sum(f["type"] == "message" for f in seen) < accepted or not any(
+                f["type"] == "stream.delta" and f["seq"] > seen[0]["seq"] for f in seen[1:]
+            ):
+                seen.append(await agent.recv())
+    assert seen[0]["seq"] == last_seq + 1  # the replay, exactly where the client was
+    seqs = [f["seq"] for f in seen]
+    assert seqs == list(range(last_seq + 1, last_seq + 1 + len(seqs)))
+    own = [f["index"] for f in seen if f["type"] == "stream.delta"]
+    assert own == list(range(3, 3 + len(own)))  # its stream went on, nothing lost
+    first_dm = next(i for i, f in enumerate(seen) if f["type"] == "message")
+    assert all(f["type"] == "stream.delta" for f in seen[:first_dm])  # the replay first, then what waited
+
+
+
 # ---------------------------------------------------------------- 7. JWT
 
 

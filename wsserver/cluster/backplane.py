@@ -169,6 +169,10 @@ class Backplane(abc.ABC):
     def session_opened(self, session: Session) -> None:
         """A new session was opened on this node."""
 
+    def session_resumed(self, session: Session) -> None:
+        """A client resumed ``session`` here (its replay is taken): direct
+        messages held for it while it was away may follow."""
+
     @abc.abstractmethod
     def session_ended(self, session: Session) -> None:
         """A session ended (expired, replaced, shut down): it leaves its

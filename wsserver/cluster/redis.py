@@ -19,6 +19,7 @@ Keys (``{sid}`` a session id, ``{c}`` a channel, ``{n}`` a node)::
     wss:s:{sid}:run           SET  ids of the session's running streams
     wss:s:{sid}:req           HASH running stream id -> its request (for an adopting node)
     wss:s:{sid}:dm            LIST direct messages not yet in the session's log
+    wss:s:{sid}:dmb           their bytes (bounded while the session is away)
     wss:claim:{sid}           a new session's agent claim, until it is registered
     wss:agent:{name}          STRING the session holding the agent name
     wss:c:{c}:e / :o / :h / :m  epoch, offset counter, history STREAM, members HASH
@@ -77,6 +78,8 @@ class RedisBackplane(Backplane):
             the same name takes its sessions back.
         node_timeout: seconds without a heartbeat before a node is lost.
         history_size, history_ttl: what each channel keeps for recovery.
+        inbox_messages, inbox_bytes: the direct messages Redis holds for an
+            agent that is away (``inbox_full`` beyond).
     """
 
     shared = True
@@ -89,6 +92,8 @@ class RedisBackplane(Backplane):
         node_timeout: float = 3.0,
         history_size: int = 1000,
         history_ttl: float = 300.0,
+        inbox_messages: int = 100,
+        inbox_bytes: int = 1 << 20,
     ) -> None:
         super().__init__()
         self.url = url
@@ -106,6 +111,7 @@ class RedisBackplane(Backplane):
             "end": register(lua.END),
             "alive": register(lua.ALIVE),
         }
+        self.inbox = (inbox_messages, inbox_bytes)
         #: What this node's server is told (set by :meth:`start`).
         self.events: ClusterEvents
         self.writes = WriteQueue(self)
@@ -275,6 +281,10 @@ class RedisBackplane(Backplane):
         self._dm_seen.pop(session.id, None)
         self.logs.ended(session)
 
+    def session_resumed(self, session: Session) -> None:
+        if self.healthy:  # what waited in its queue while it was away
+            self.spawn(self.take_direct_messages(session.id))
+
     # ----------------------------------------------------------- agent names
 
     def agent_held(self, name: str) -> bool:
@@ -355,8 +365,8 @@ class RedisBackplane(Backplane):
             elif isinstance(msg, Send):
                 head = orjson.dumps({"id": secrets.token_hex(8), "from": session.name})[:-1]
                 payload = head + b',"data":' + (call.encoded or b"null") + b"}"
-                found = await self.scripts["send"](keys=[f"wss:agent:{msg.to}"], args=[payload])
-                session.members.sent(msg, bool(found))
+                found = await self.scripts["send"](keys=[f"wss:agent:{msg.to}"], args=[payload, *self.inbox])
+                session.members.sent(msg, bool(found), full=found == 2)
         except BaseException as exc:  # answered, whatever happened: the connection goes on
             if isinstance(exc, DOWN) and not isinstance(exc, ConnectionError):
                 self.down(exc)  # (a ConnectionError of ours: the flusher saw it already)
@@ -384,6 +394,8 @@ class RedisBackplane(Backplane):
         (the append script trims the queue), so an ``ok`` to a ``send`` is
         never lost to a crash in between; ids keep a second pass from
         delivering one twice. One pass at a time per session, in order.
+        While the session is away they stay there (bounded by the send
+        script), and its resume takes them (:meth:`session_resumed`).
         """
         if sid in self._dm_draining:
             self._dm_draining[sid] = True  # again after the running pass
@@ -395,6 +407,9 @@ class RedisBackplane(Backplane):
                 if session is None:
                     return  # not (or no longer) ours: the new owner takes them when it adopts
                 items = await self.redis.lrange(f"{skey(sid)}:dm", 0, 999)
+                session = self.events.local_session(sid)
+                if session is None or session.members.away:
+                    return  # (away: its resume takes them; gone: its new owner does)
                 seen = self._dm_seen.setdefault(sid, set())
                 messages = [orjson.loads(item) for item in items]
                 seen.intersection_update(dm["id"] for dm in messages)  # trimmed ones are forgotten

@@ -65,7 +65,7 @@ class SessionLogs:
         """Queue the append script for ``entries`` of ``session`` (the owner check included)."""
         bp = self._bp
         key = skey(session.id)
-        keys = [key, f"{key}:log", f"{key}:run", f"{key}:req", f"{key}:dm"]
+        keys = [key, f"{key}:log", f"{key}:run", f"{key}:req", f"{key}:dm", f"{key}:dmb"]
         args: list[Any] = [bp.node, session.acked, session.log_first]
         for seq, frame in entries:
             op, stream_id, request = "", "", b""
@@ -121,5 +121,6 @@ class SessionLogs:
         self._registering.pop(session.id, None)
         key = skey(session.id)
         keys = [key, f"{key}:log", f"{key}:run", f"{key}:req", f"{key}:dm", f"wss:node:{bp.node}:sessions"]
+        keys.append(f"{key}:dmb")  # (KEYS[7])
         script = bp.scripts["end"]
         bp.writes.later(session.id, lambda pipe: eval_in(pipe, script, keys, [bp.node, session.id]))

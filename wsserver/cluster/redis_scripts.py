@@ -98,12 +98,23 @@ end
 return redis.error_reply('unknown op ' .. op)
 """
 
+# A direct message: 0 no such agent, 1 queued, 2 its queue is full. The queue
+# (:dm, its bytes in :dmb) is drained into the session's log while a client
+# is attached; while the agent is away it holds at most ARGV[2] messages and
+# ARGV[3] bytes (each message counts its stored form: the data, sender and id).
 SEND = """
 local sid = redis.call('GET', KEYS[1])
 if not sid then return 0 end
-local owner = redis.call('HGET', 'wss:s:' .. sid, 'owner')
+local key = 'wss:s:' .. sid
+local owner = redis.call('HGET', key, 'owner')
 if not owner then return 0 end
-redis.call('RPUSH', 'wss:s:' .. sid .. ':dm', ARGV[1])
+local size = #ARGV[1]
+if redis.call('LLEN', key .. ':dm') >= tonumber(ARGV[2])
+   or tonumber(redis.call('GET', key .. ':dmb') or '0') + size > tonumber(ARGV[3]) then
+  return 2
+end
+redis.call('RPUSH', key .. ':dm', ARGV[1])
+redis.call('INCRBY', key .. ':dmb', size)
 redis.call('PUBLISH', 'wss:n:' .. owner, '{"op":"dm","sid":' .. cjson.encode(sid) .. '}')
 return 1
 """
@@ -123,7 +134,8 @@ return 1
 # owner (else 0: another node adopted it); frames at or below the stored seq
 # are skipped, so writing the memory log again after an outage is harmless.
 # 5 ARGV per frame: seq, frame, op ('s' stream.start, 'e' stream.end,
-# 'm' direct message), stream id, the stream's request (for 's').
+# 'm' direct message), stream id, the stream's request (for 's'). Direct
+# messages in the log leave the session's DM queue (and their bytes its count).
 APPEND = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 local last = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
@@ -147,13 +159,18 @@ for i = 4, #ARGV - 4, 5 do
 end
 redis.call('HSET', KEYS[1], 'seq', last, 'acked', ARGV[2])
 redis.call('XTRIM', KEYS[2], 'MINID', ARGV[3] .. '-0')
-if dms > 0 then redis.call('LTRIM', KEYS[5], dms, -1) end  -- in the log now: off the queue
+if dms > 0 then  -- in the log now: off the queue
+  local bytes = 0
+  for _, item in ipairs(redis.call('LRANGE', KEYS[5], 0, dms - 1)) do bytes = bytes + #item end
+  redis.call('LTRIM', KEYS[5], dms, -1)
+  if redis.call('DECRBY', KEYS[6], bytes) <= 0 then redis.call('DEL', KEYS[6]) end
+end
 return 1
 """
 
 END = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[7])
 redis.call('SREM', KEYS[6], ARGV[2])
 return 1
 """

@@ -235,6 +235,7 @@ class Channels:
         else:
             assert isinstance(msg, Send)
             recipient = self.agents.get(msg.to)
-            if recipient is not None:
-                recipient.members.deliver_direct(session.name, msg.data)
-            session.members.sent(msg, recipient is not None)
+            accepted = recipient is not None and recipient.members.deliver_direct(
+                session.name, msg.data, len(call.encoded or b"")
+            )
+            session.members.sent(msg, recipient is not None, full=not accepted)

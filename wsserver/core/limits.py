@@ -45,6 +45,10 @@ class MessagingLimits:
     max_data_bytes: int = 64 * 1024
     publish_rate: float = 100.0  # publications and direct messages per second
     publish_burst: float = 200.0
+    #: Direct messages held for a session that is away (no connection), and
+    #: their encoded ``data`` in bytes; a send beyond either is ``inbox_full``.
+    inbox_messages: int = 100
+    inbox_bytes: int = 1 << 20
 
 
 class TokenBucket:

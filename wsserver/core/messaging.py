@@ -13,10 +13,18 @@ While a call on a channel is under way, live traffic of that channel is
 order, so nothing overtakes a ``subscribed`` or the publisher's own ``ok``;
 each offset is let through once (:meth:`Membership.admit`), so a late second
 copy of a publication is dropped.
+
+Direct messages for a session that is *away* (no connection attached: the
+transport says so through :attr:`Membership.away`) wait in its *inbox*,
+bounded by count and bytes (``inbox_full`` to the sender beyond), and are
+sequenced only when the session is back (:meth:`Membership.present`), after
+its resume's replay: a flood of them never pushes the session's own frames
+out of its replay log.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -53,8 +61,11 @@ class Membership:
         "_bucket",
         "_clock",
         "_out",
+        "away",
         "channel_offsets",
         "held",
+        "inbox",
+        "inbox_bytes",
         "limits",
         "name",
         "paused",
@@ -91,6 +102,11 @@ class Membership:
         #: The last offset queued per channel (a copy of a publication that
         #: arrives late, twice, is dropped).
         self.channel_offsets: dict[str, int] = {}
+        #: No connection is attached (set by the transport): direct messages
+        #: wait in the inbox, (sender, data, encoded size) oldest first.
+        self.away = False
+        self.inbox: deque[tuple[str, Any, int]] | None = None  # made on first need
+        self.inbox_bytes = 0
 
     # ------------------------------------------------------------ requests
 
@@ -203,10 +219,19 @@ class Membership:
             self._out.push(None, Ok, {"ref": msg.id, "offset": offset})
         self.release(msg.channel)
 
-    def sent(self, msg: Send, delivered: bool) -> None:
-        """Answer a send: ``ok``, or ``unknown_agent`` when no live session holds ``to``."""
+    def sent(self, msg: Send, delivered: bool, full: bool = False) -> None:
+        """Answer a send: ``ok``; ``unknown_agent`` when no live session holds
+        ``to``; ``inbox_full`` when it is away and its inbox is full."""
         if not delivered:
             self._out.error(ErrorCode.UNKNOWN_AGENT, f"no agent named {msg.to!r} is connected", ref=msg.id)
+        elif full:
+            limits = self.limits
+            self._out.error(
+                ErrorCode.INBOX_FULL,
+                f"agent {msg.to!r} is away and holds {limits.inbox_messages} messages or "
+                f"{limits.inbox_bytes} bytes for it already; send again after it is back",
+                ref=msg.id,
+            )
         elif msg.id is not None:
             self._out.push(None, Ok, {"ref": msg.id})
 
@@ -219,9 +244,32 @@ class Membership:
             self.release(channel)  # type: ignore[arg-type]
         self._out.error(ErrorCode.BACKPLANE_UNAVAILABLE, message, ref=call.msg.id, retry_after_ms=1000)
 
-    def deliver_direct(self, sender: str, data: Any) -> None:
-        """A direct message for this session: sequenced, so it is in the replay log."""
-        self._out.push(None, Message, {"from_": sender, "data": data})
+    def deliver_direct(self, sender: str, data: Any, size: int = 0) -> bool:
+        """A direct message for this session (``size``: its encoded ``data``).
+
+        Sequenced at once, so it is in the replay log; while the session is
+        away it waits in the inbox instead. False: the inbox is full.
+        """
+        if not self.away:
+            self._out.push(None, Message, {"from_": sender, "data": data})
+            return True
+        inbox = self.inbox
+        if inbox is None:
+            inbox = self.inbox = deque()
+        limits = self.limits
+        if len(inbox) >= limits.inbox_messages or self.inbox_bytes + size > limits.inbox_bytes:
+            return False
+        inbox.append((sender, data, size))
+        self.inbox_bytes += size
+        return True
+
+    def present(self) -> None:
+        """A connection is attached again (its resume's replay is taken):
+        the direct messages that waited are sequenced now, in order."""
+        self.away = False
+        inbox, self.inbox, self.inbox_bytes = self.inbox, None, 0
+        for sender, data, _ in inbox or ():
+            self._out.push(None, Message, {"from_": sender, "data": data})
 
     # ------------------------------------------------------- channel traffic
 

@@ -95,6 +95,8 @@ def create_backplane(config: ServerConfig) -> Backplane:
             node_timeout=config.node_timeout,
             history_size=config.channel_history,
             history_ttl=config.channel_history_ttl,
+            inbox_messages=config.inbox_messages,
+            inbox_bytes=config.inbox_bytes,
         )
     return MemoryBackplane(history_size=config.channel_history, history_ttl=config.channel_history_ttl)
 

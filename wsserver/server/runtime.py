@@ -95,6 +95,7 @@ class SessionRuntime:
         """No connection: subscriptions pause, the expiry clock runs, output goes to the log."""
         session = self.session
         session.paused.update(session.subscriptions)
+        session.members.away = True  # direct messages wait in its inbox
         if self.server.sessions.get(session.id) is self:
             loop = asyncio.get_running_loop()
             self._expiry = loop.call_later(self.server.config.session_ttl, self.expire)

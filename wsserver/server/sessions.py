@@ -48,6 +48,8 @@ class Sessions(Mapping[str, SessionRuntime]):
             max_data_bytes=cfg.max_data_bytes,
             publish_rate=cfg.publish_rate,
             publish_burst=cfg.publish_rate * 2,
+            inbox_messages=cfg.inbox_messages,
+            inbox_bytes=cfg.inbox_bytes,
         )
         # (the conversation an interrupt continues: no larger than one a client could send)
         self.stream_limits = StreamLimits(cfg.max_stream_bytes, cfg.recent_streams_bytes, cfg.max_size)
@@ -100,10 +102,12 @@ class Sessions(Mapping[str, SessionRuntime]):
             if hello.snapshot:
                 session.snapshot()
                 telemetry.resumes.labels("ok").inc()
+                self._back(session)
                 return Opened(session, True)
             replay = session.replay_after(hello.last_seq or 0)
             if replay is not None:
                 telemetry.resumes.labels("ok").inc()
+                self._back(session)
                 return Opened(session, True, after=replay)
             message = (
                 f"cannot resume after seq {hello.last_seq or 0}: the session's "
@@ -133,6 +137,12 @@ class Sessions(Mapping[str, SessionRuntime]):
         server.backplane.session_opened(session)
         live.attach(conn)
         return Opened(session, False, before=before)
+
+    def _back(self, session: Session) -> None:
+        """A resumed session, its replay taken: the direct messages that
+        waited while it was away follow the replay."""
+        session.members.present()
+        self._server.backplane.session_resumed(session)
 
     def _new_session(
         self,

@@ -107,6 +107,7 @@ export const ERROR_CODES = Object.freeze({
   BAD_NAME: "bad_name",
   AGENT_NAME_TAKEN: "agent_name_taken",
   UNKNOWN_AGENT: "unknown_agent",
+  INBOX_FULL: "inbox_full",
   TOO_MANY_SUBSCRIPTIONS: "too_many_subscriptions",
   MESSAGE_TOO_LARGE: "message_too_large",
   BACKPLANE_UNAVAILABLE: "backplane_unavailable",
