@@ -73,6 +73,12 @@ class ServerConfig:
     inbox_bytes: int = _opt(1 << 20, "bytes of direct messages held for an agent that is away (inbox_full beyond)")
     channel_history: int = _opt(1000, "messages each channel keeps for recovery by offset")
     channel_history_ttl: float = _opt(300.0, "seconds a channel message stays recoverable")
+    channel_history_bytes: int = _opt(
+        128 << 20, "bytes the histories of all channels keep together (oldest forgotten first)"
+    )
+    channel_history_bytes_per_identity: int = _opt(
+        16 << 20, "bytes one identity's publications keep in all channel histories (per IP when anonymous)"
+    )
     slow_consumer_bytes: int = _opt(
         4 << 20, "close a connection with 1013 when this much output waits for it (slow consumer)"
     )

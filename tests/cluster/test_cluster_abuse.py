@@ -52,3 +52,50 @@ async def test_a_dm_flood_across_nodes_is_bounded_and_the_agent_resumes(redis_se
         await until(lambda: r.llen(f"{key}:dm") == 0)
         assert r.llen(f"{key}:dm") == 0 and r.get(f"{key}:dmb") is None  # in its log now: off the queue
     r.close()
+
+
+
+def _history_bytes(r: Any) -> int:
+    total = 0
+    for key in r.keys("wss:c:*:h"):
+        for _, fields in r.xrange(key):
+            total += len(fields[b"f"])
+    return total
+
+
+async def test_channel_history_in_redis_is_bounded_in_total_and_per_publisher(redis_server: Any) -> None:
+    r = redis_server.client()
+    data = "q" * 20_000
+    async with nodes(
+        redis_server.url, publish_rate=0, channel_history_bytes=200_000, channel_history_bytes_per_identity=100_000
+    ) as (a, b):
+        async with client(a) as (flooder, _), client(b) as (other, _):
+            for i in range(20):  # ~400 kB from one publisher (per IP: anonymous), over 20 channels
+                await flooder.send({"type": "publish", "id": f"p{i}", "channel": f"f{i}", "data": data})
+                assert (await flooder.recv_until(lambda f: "ref" in f))[-1]["type"] == "ok"
+            assert _history_bytes(r) <= 100_000
+            assert r.xlen("wss:c:f19:h") == 1  # the newest kept, the oldest gone first
+            # a channel's history stays contiguous: recovery is exact or says it is not
+            for i in range(3):
+                await other.send({"type": "publish", "id": f"o{i}", "channel": "f19", "data": i})
+                await other.recv_until(lambda f: "ref" in f)
+            await other.send({"type": "subscribe", "id": "s", "channel": "f19", "since": 0})
+            sub = (await other.recv_until(lambda f: f["type"] == "subscribed"))[-1]
+            assert sub["recovered"] is True  # nothing of f19 was trimmed yet
+            total = int(r.get("wss:hist:bytes"))
+            assert 0 < total <= 200_000 and r.pttl("wss:hist:bytes") > 0 and r.pttl("wss:hist:idx") > 0
+    r.close()
+
+
+
+
+async def test_channel_history_in_redis_is_bounded_per_identity_by_default(redis_server: Any) -> None:
+    r = redis_server.client()
+    data = "h" * 60 * 1024
+    async with nodes(redis_server.url, count=1, publish_rate=0) as (a,), client(a) as (flooder, _):
+        for i in range(320):  # ~19 MiB from one (anonymous) identity, over 320 channels
+            await flooder.send({"type": "publish", "id": f"p{i}", "channel": f"flood:{i}", "data": data})
+            assert (await flooder.recv_until(lambda f: "ref" in f))[-1]["type"] == "ok"
+    assert _history_bytes(r) <= 16 << 20  # channel_history_bytes_per_identity, by default
+    assert r.xlen("wss:c:flood:319:h") == 1  # the newest kept, the oldest gone first
+    r.close()

@@ -12,7 +12,7 @@ import orjson
 from tests.core.drive import feed, frames, make_session, start
 from tests.helpers import FakeClock
 from wsserver.core.actions import MessagingCall, StartGeneration, StopGeneration
-from wsserver.core.channels import Channels
+from wsserver.core.channels import HISTORY_ENTRY_OVERHEAD, Channels
 from wsserver.core.limits import GenerationQuota, MessagingLimits, StreamLimits, TokenBucket, TokenBudget
 from wsserver.core.session import Session
 from wsserver.core.streams import STREAM_OVERHEAD, StreamState, bounded, message_bytes
@@ -208,3 +208,47 @@ class TestInbox:
         agent.members.away = True
         assert _feed(hub, sender, {"type": "send", "to": "agent", "data": "x" * 40, "id": "a"})[0]["type"] == "ok"
         assert _feed(hub, sender, {"type": "send", "to": "agent", "data": "x" * 40, "id": "b"})[0]["code"] == "inbox_full"
+
+
+class TestChannelHistory:
+    def test_all_histories_together_are_bounded_oldest_first(self) -> None:
+        frame = len(b'{"type":"message","channel":"c0","offset":1,"from":"p","data":' + b"1" * 100 + b"}")
+        entry = frame + HISTORY_ENTRY_OVERHEAD
+        hub = Channels(history_bytes=5 * entry)
+        for i in range(8):
+            hub.publish(f"c{i}", "p", b"1" * 100)
+        assert hub.held_bytes == 5 * entry and hub.held_entries == 5
+        assert [name for name, c in hub.channels.items() if c.history] == ["c3", "c4", "c5", "c6", "c7"]
+
+    def test_one_publishers_share_is_bounded_and_recovery_stays_exact(self) -> None:
+        hub = Channels(history_bytes=1 << 20, history_bytes_per_publisher=4000)
+        for i in range(10):
+            hub.publish("shared", "good", orjson.dumps(i), publisher="good")
+        for _ in range(60):  # a flood, ~200 bytes a message
+            hub.publish("flood", "bad", b'"' + b"z" * 100 + b'"', publisher="bad")
+        assert hub.publishers["bad"][0] <= 4000
+        assert len(hub.channels["shared"].history) == 10  # the others' history untouched
+        reader = _session(hub, "reader")
+        first = hub.channels["flood"].history[0][0]
+        out = _feed(hub, reader, {"type": "subscribe", "channel": "flood", "since": first - 1})
+        assert out[0]["recovered"] is True and [f["offset"] for f in out[1:]] == list(range(first, 61))
+        out = _feed(hub, reader, {"type": "subscribe", "channel": "flood", "since": first - 2})
+        assert out[0]["recovered"] is False  # gone from the front: said, never skipped silently
+
+    def test_the_counts_follow_every_way_out_of_a_history(self) -> None:
+        clock = FakeClock()
+        hub = Channels(history_size=3, history_ttl=10, clock=clock)
+        for _ in range(5):
+            hub.publish("c", "p", b"1", publisher="p")
+        assert hub.held_entries == 3 and hub.publishers["p"][1] == 3
+        clock.now += 11
+        hub.sweep()
+        assert hub.held_bytes == 0 and hub.held_entries == 0 and not hub.publishers and not hub.channels
+
+    def test_a_sessions_publications_and_streams_count_against_its_account(self) -> None:
+        hub = Channels(history_bytes_per_publisher=10_000)
+        s = _session(hub, "p", account="ip:10.0.0.1")
+        _feed(hub, s, {"type": "publish", "channel": "c", "data": 1})
+        mirrored = start(s, channel="c")
+        s.stream_delta(mirrored, "x", 1)
+        assert hub.publishers["ip:10.0.0.1"][1] == 3  # the publication, stream.start, stream.delta

@@ -223,6 +223,25 @@ async def test_a_dm_flood_while_an_agent_is_away_never_costs_it_its_session(serv
 
 
 
+# ------------------------------------------------------ 5. channel history
+
+
+async def test_channel_history_is_bounded_per_identity(make_server: Any) -> None:
+    data = "h" * 60 * 1024
+    async with make_server(publish_rate=0) as server, connect(server.url, compression=None) as ws:
+        c = RawClient(ws)
+        await c.hello()
+        for i in range(320):  # ~19 MiB of publications, over 320 channels
+            await c.send({"type": "publish", "channel": f"flood:{i}", "data": data, "id": f"p{i}"})
+            assert (await c.recv())["type"] == "ok"
+    channels = server.backplane.channels.channels  # type: ignore[attr-defined]
+    held = sum(len(entry[2]) for channel in channels.values() for entry in channel.history)
+    assert held <= 16 << 20  # channel_history_bytes_per_identity (per IP when anonymous), by default
+    newest = channels["flood:319"].history
+    assert newest and newest[-1][0] == 1  # oldest forgotten first: the newest is there
+
+
+
 # ---------------------------------------------------------------- 7. JWT
 
 

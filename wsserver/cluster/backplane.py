@@ -200,8 +200,9 @@ class Backplane(abc.ABC):
         when the answer is not there yet (the session hears it either way)."""
 
     @abc.abstractmethod
-    def publish_nowait(self, channel: str, sender: str, data: bytes) -> None:
-        """Publish a stream's frame into ``channel``, in order, without waiting."""
+    def publish_nowait(self, channel: str, sender: str, data: bytes, publisher: str = "") -> None:
+        """Publish a stream's frame into ``channel``, in order, without waiting
+        (``publisher``: whose channel-history bound it counts against)."""
 
     @abc.abstractmethod
     def take_deliveries(self) -> list[Delivery]:

@@ -17,9 +17,21 @@ __all__ = ["MemoryBackplane"]
 class MemoryBackplane(Backplane):
     """Every messaging call is answered at once by :class:`~wsserver.core.channels.Channels`."""
 
-    def __init__(self, *, history_size: int = 1000, history_ttl: float = 300.0) -> None:
+    def __init__(
+        self,
+        *,
+        history_size: int = 1000,
+        history_ttl: float = 300.0,
+        history_bytes: int = 128 << 20,
+        history_bytes_per_publisher: int = 16 << 20,
+    ) -> None:
         super().__init__()
-        self.channels = Channels(history_size=history_size, history_ttl=history_ttl)
+        self.channels = Channels(
+            history_size=history_size,
+            history_ttl=history_ttl,
+            history_bytes=history_bytes,
+            history_bytes_per_publisher=history_bytes_per_publisher,
+        )
 
     async def start(self, events: ClusterEvents) -> None:
         self.channels.on_output = events.deliveries_pending
@@ -36,8 +48,8 @@ class MemoryBackplane(Backplane):
     def call(self, session: Session, call: MessagingCall) -> None:
         self.channels.carry_out(session, call)
 
-    def publish_nowait(self, channel: str, sender: str, data: bytes) -> None:
-        self.channels.publish(channel, sender, data)
+    def publish_nowait(self, channel: str, sender: str, data: bytes, publisher: str = "") -> None:
+        self.channels.publish(channel, sender, data, publisher)
 
     def take_deliveries(self) -> list[Delivery]:
         return self.channels.take_deliveries()

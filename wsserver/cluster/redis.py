@@ -23,6 +23,8 @@ Keys (``{sid}`` a session id, ``{c}`` a channel, ``{n}`` a node)::
     wss:claim:{sid}           a new session's agent claim, until it is registered
     wss:agent:{name}          STRING the session holding the agent name
     wss:c:{c}:e / :o / :h / :m  epoch, offset counter, history STREAM, members HASH
+    wss:hist:idx, :bytes      every channel's history entries in bytes, oldest first
+    wss:hist:p:{p}, :pb:{p}   those of one publisher
     pub/sub  wss:c:{c}        "{offset} {frame}" of every channel publication
     pub/sub  wss:n:{n}        control messages to a node (tunnels, direct messages)
     pub/sub  wss:p:{tunnel}   frames from the owner back to the tunnelling node
@@ -78,6 +80,8 @@ class RedisBackplane(Backplane):
             the same name takes its sessions back.
         node_timeout: seconds without a heartbeat before a node is lost.
         history_size, history_ttl: what each channel keeps for recovery.
+        history_bytes, history_bytes_per_publisher: what the histories of
+            all channels may hold together, and of one publisher's messages.
         inbox_messages, inbox_bytes: the direct messages Redis holds for an
             agent that is away (``inbox_full`` beyond).
     """
@@ -92,6 +96,8 @@ class RedisBackplane(Backplane):
         node_timeout: float = 3.0,
         history_size: int = 1000,
         history_ttl: float = 300.0,
+        history_bytes: int = 128 << 20,
+        history_bytes_per_publisher: int = 16 << 20,
         inbox_messages: int = 100,
         inbox_bytes: int = 1 << 20,
     ) -> None:
@@ -115,7 +121,13 @@ class RedisBackplane(Backplane):
         #: What this node's server is told (set by :meth:`start`).
         self.events: ClusterEvents
         self.writes = WriteQueue(self)
-        self.channels = RedisChannels(self, history_size=history_size, history_ttl=history_ttl)
+        self.channels = RedisChannels(
+            self,
+            history_size=history_size,
+            history_ttl=history_ttl,
+            history_bytes=history_bytes,
+            history_bytes_per_publisher=history_bytes_per_publisher,
+        )
         self.watch = NodeWatch(self, node_timeout)
         self.logs = SessionLogs(self)
         self.pubsub = PubSub(self)
@@ -378,8 +390,8 @@ class RedisBackplane(Backplane):
             if not isinstance(exc, Exception):
                 raise
 
-    def publish_nowait(self, channel: str, sender: str, data: bytes) -> None:
-        self.channels.publish_nowait(channel, sender, data)
+    def publish_nowait(self, channel: str, sender: str, data: bytes, publisher: str = "") -> None:
+        self.channels.publish_nowait(channel, sender, data, publisher)
 
     def take_deliveries(self) -> list[Delivery]:
         return self.channels.take_deliveries()

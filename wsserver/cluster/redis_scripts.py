@@ -7,6 +7,8 @@ between them.
 
 from __future__ import annotations
 
+from ..core.channels import HISTORY_ENTRY_OVERHEAD
+
 __all__ = [
     "ALIVE",
     "APPEND",
@@ -21,10 +23,21 @@ __all__ = [
 
 # One channel operation: ARGV = op, history ttl (s), history size, pub/sub
 # channel, an epoch for a new channel, three op-specific values, the head of
-# a presence event, the joined flag (sub), the tail of a presence event.
-#   pub:   ARGV[6], ARGV[7] = the message around its offset
+# a presence event, the joined flag (sub), the tail of a presence event, the
+# bytes all histories may hold, the bytes one publisher's messages may hold,
+# the publisher (pub).
+#   pub:   ARGV[6], ARGV[7] = the message around its offset, ARGV[14] = the publisher
 #   leave: ARGV[6] = the member leaving
 #   sub:   ARGV[6] = the member, ARGV[7] = since, ARGV[8] = epoch, ARGV[10] = '1' to join
+#
+# Histories in bytes: every entry appended is also indexed, oldest first, in
+# wss:hist:idx (all channels; its bytes in wss:hist:bytes) and, for a
+# publication, in wss:hist:p:{publisher} (bytes in wss:hist:pb:{publisher}).
+# Past a bound (or past the ttl) the oldest index entry goes, and its
+# channel's history is trimmed up to its offset (MINID: always from the
+# front, so a history stays contiguous), unless that channel has a new epoch
+# since. The counters count what was appended and not yet let go by its
+# index: at least what the histories hold, however they were trimmed.
 CHANNEL = """
 local op = ARGV[1]
 local ttl_ms = math.floor(tonumber(ARGV[2]) * 1000)
@@ -38,23 +51,55 @@ if not epoch then
   redis.call('SET', KEYS[1], epoch)
   redis.call('DEL', KEYS[2], KEYS[3])
 end
-local function append(frame_head, frame_tail)
+local function let_go(index, counter, used, limit)  -- at most 64 entries per call
+  for _ = 1, 64 do
+    local oldest = redis.call('XRANGE', index, '-', '+', 'COUNT', 1)[1]
+    if not oldest then return used end
+    local born = tonumber(string.match(oldest[1], '^(%d+)'))
+    if used <= limit and born >= now_ms - ttl_ms then return used end
+    local f = oldest[2]  -- h, history key, e, epoch key, v, epoch, o, offset, n, bytes
+    redis.call('XDEL', index, oldest[1])
+    if redis.call('GET', f[4]) == f[6] then
+      redis.call('XTRIM', f[2], 'MINID', (tonumber(f[8]) + 1) .. '-0')
+    end
+    used = redis.call('DECRBY', counter, tonumber(f[10]))
+  end
+  return used
+end
+local function index(off, bytes, publisher)
+  local entry = {'h', KEYS[3], 'e', KEYS[1], 'v', epoch, 'o', off, 'n', bytes}
+  redis.call('XADD', 'wss:hist:idx', '*', unpack(entry))
+  local used = redis.call('INCRBY', 'wss:hist:bytes', bytes)
+  redis.call('PEXPIRE', 'wss:hist:idx', ttl_ms)
+  redis.call('PEXPIRE', 'wss:hist:bytes', ttl_ms)
+  if publisher ~= '' then
+    local pidx, pbytes = 'wss:hist:p:' .. publisher, 'wss:hist:pb:' .. publisher
+    redis.call('XADD', pidx, '*', unpack(entry))
+    local mine = redis.call('INCRBY', pbytes, bytes)
+    redis.call('PEXPIRE', pidx, ttl_ms)
+    redis.call('PEXPIRE', pbytes, ttl_ms)
+    let_go(pidx, pbytes, mine, tonumber(ARGV[13]))
+  end
+  let_go('wss:hist:idx', 'wss:hist:bytes', used, tonumber(ARGV[12]))
+end
+local function append(frame_head, frame_tail, publisher)
   local off = redis.call('INCR', KEYS[2])
   local frame = frame_head .. off .. frame_tail
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', size, off .. '-0', 'f', frame, 't', now_ms)
   redis.call('PEXPIRE', KEYS[3], ttl_ms)
   redis.call('PUBLISH', pubch, off .. ' ' .. frame)
+  index(off, #frame + @OVERHEAD@, publisher)
   return off
 end
 local function presence()  -- ARGV[9], ARGV[11]: the event around its offset (built by the codec)
-  return append(ARGV[9], ARGV[11])
+  return append(ARGV[9], ARGV[11], '')
 end
 if op == 'pub' then
   if redis.call('HLEN', KEYS[4]) == 0 then
     redis.call('PEXPIRE', KEYS[1], ttl_ms)
     redis.call('PEXPIRE', KEYS[2], ttl_ms)
   end
-  return append(ARGV[6], ARGV[7])
+  return append(ARGV[6], ARGV[7], ARGV[14])
 elseif op == 'leave' then
   local n = redis.call('HINCRBY', KEYS[4], ARGV[6], -1)
   if n <= 0 then
@@ -96,7 +141,7 @@ elseif op == 'sub' then
   return {epoch, offset, recovered, missed, members}
 end
 return redis.error_reply('unknown op ' .. op)
-"""
+""".replace("@OVERHEAD@", str(HISTORY_ENTRY_OVERHEAD))
 
 # A direct message: 0 no such agent, 1 queued, 2 its queue is full. The queue
 # (:dm, its bytes in :dmb) is drained into the session's log while a client

@@ -46,7 +46,7 @@ class ChannelSink(Protocol):
     Called inside the core's own calls: it must queue, not do I/O.
     """
 
-    def publish_nowait(self, channel: str, sender: str, data: bytes) -> None: ...
+    def publish_nowait(self, channel: str, sender: str, data: bytes, publisher: str = "") -> None: ...
 
 
 class Membership:
@@ -55,12 +55,15 @@ class Membership:
     Args:
         name: what others see as ``from`` (the agent name, else a public id).
         sink: the backplane; None when messaging is not enabled.
+        account: whom this session's publications count against in the
+            channels' history bounds (its identity, or its IP when anonymous).
     """
 
     __slots__ = (
         "_bucket",
         "_clock",
         "_out",
+        "account",
         "away",
         "channel_offsets",
         "held",
@@ -83,8 +86,10 @@ class Membership:
         limits: MessagingLimits,
         rules: ChannelRules | None,
         clock: Callable[[], float],
+        account: str = "",
     ) -> None:
         self.name = name
+        self.account = account
         self._out = out
         self.sink = sink
         self.limits = limits
@@ -304,4 +309,4 @@ class Membership:
     def mirror(self, channel: str, data: dict[str, Any]) -> None:
         """Publish a frame of one of this session's streams into ``channel``."""
         if self.sink is not None:
-            self.sink.publish_nowait(channel, self.name, orjson.dumps(data))
+            self.sink.publish_nowait(channel, self.name, orjson.dumps(data), self.account)

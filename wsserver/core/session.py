@@ -91,6 +91,7 @@ class Session(StreamEvents):
         channels: the backplane's channels (None: messaging is not enabled).
         public_id: ``from`` of an agent without a name; never the session id
             (random when not given).
+        account: whose channel-history bound its publications count against (default ``identity``).
     """
 
     # One per session, thousands per server: no per-instance __dict__.
@@ -134,6 +135,7 @@ class Session(StreamEvents):
         observer: Observer | None = None,
         quota: GenerationQuota | None = None,
         public_id: str | None = None,
+        account: str | None = None,
     ) -> None:
         self.id = session_id
         self.providers = providers
@@ -162,6 +164,7 @@ class Session(StreamEvents):
             limits=limits,
             rules=rules,
             clock=clock,
+            account=identity if account is None else account,
         )
         self._answered: OrderedDict[str, str | None] = OrderedDict()
 

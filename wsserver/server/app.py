@@ -95,10 +95,17 @@ def create_backplane(config: ServerConfig) -> Backplane:
             node_timeout=config.node_timeout,
             history_size=config.channel_history,
             history_ttl=config.channel_history_ttl,
+            history_bytes=config.channel_history_bytes,
+            history_bytes_per_publisher=config.channel_history_bytes_per_identity,
             inbox_messages=config.inbox_messages,
             inbox_bytes=config.inbox_bytes,
         )
-    return MemoryBackplane(history_size=config.channel_history, history_ttl=config.channel_history_ttl)
+    return MemoryBackplane(
+        history_size=config.channel_history,
+        history_ttl=config.channel_history_ttl,
+        history_bytes=config.channel_history_bytes,
+        history_bytes_per_publisher=config.channel_history_bytes_per_identity,
+    )
 
 
 def _select_subprotocol(connection: ServerConnection, offered: Any) -> str | None:

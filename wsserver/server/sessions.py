@@ -155,7 +155,8 @@ class Sessions(Mapping[str, SessionRuntime]):
     ) -> Session:
         server = self._server
         cfg = server.config
-        quota = self._quota(identity if identity != ANONYMOUS else anonymous_key)
+        account = identity if identity != ANONYMOUS else anonymous_key  # (per IP when anonymous)
+        quota = self._quota(account)
         session = Session(
             session_id,
             providers=server.providers,
@@ -172,6 +173,7 @@ class Sessions(Mapping[str, SessionRuntime]):
             observer=server.telemetry,
             quota=quota,
             public_id=public_id,
+            account=account,
         )
         if server.backplane.shared:
             session.out.journal = []  # written to the backplane before it is sent
