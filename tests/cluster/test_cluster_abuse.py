@@ -27,6 +27,40 @@ async def refused_hello(url: str, **fields: Any) -> str:
 
 
 
+async def test_unauthenticated_hellos_claim_no_agent_name(redis_server: Any) -> None:
+    r = redis_server.client()
+    async with nodes(redis_server.url, jwt_secret=SECRET) as (a, b):
+        for i in range(30):  # no credential, a wrong one, an unsupported protocol, a malformed hello
+            node = (a, b)[i % 2]
+            assert await refused_hello(node.url, agent="planner") == "unauthorized"
+            assert await refused_hello(node.url, agent=f"squat{i}", token="x.y.z") == "unauthorized"
+            token = make_jwt(SECRET, {"sub": "mallory"})
+            assert await refused_hello(node.url, agent=f"v{i}", token=token, protocol=2) == "unsupported_protocol"
+            assert await refused_hello(node.url, agent=f"m{i}", token=token, last_seq=-1) == "bad_message"
+        assert r.keys("wss:agent:*") == [] and r.keys("wss:claim:*") == []
+        # the real agent is not locked out, on either node
+        async with client(b, agent="planner", token=make_jwt(SECRET, {"sub": "planner"})) as (_, welcome):
+            assert welcome["type"] == "welcome"
+            assert r.get("wss:agent:planner").decode() == welcome["session"]
+    r.close()
+
+
+
+async def test_agent_names_expire_unless_their_node_refreshes_them(redis_server: Any) -> None:
+    r = redis_server.client()
+    async with nodes(redis_server.url, count=1, node_timeout=0.5) as (a,):
+        async with client(a, agent="worker") as (_, welcome):
+            assert 0 < r.pttl("wss:agent:worker") <= 10_000  # 20 x node_timeout
+            r.pexpire("wss:agent:worker", 1500)  # as if not refreshed for a while
+            await until(lambda: r.pttl("wss:agent:worker") > 2000, timeout=5)
+            assert r.pttl("wss:agent:worker") > 2000  # refreshed by its live session's node
+            assert all(r.pttl(key) > 0 for key in r.keys("wss:agent:*") + r.keys("wss:claim:*"))
+        # (a detached session still holds it until it expires: session_ttl)
+        assert r.get("wss:agent:worker").decode() == welcome["session"]
+    r.close()
+
+
+
 async def test_a_dm_flood_across_nodes_is_bounded_and_the_agent_resumes(redis_server: Any) -> None:
     r = redis_server.client()
     async with nodes(redis_server.url, publish_rate=0) as (a, b):  # (the default inbox: 100 messages, 1 MiB)

@@ -20,8 +20,9 @@ Keys (``{sid}`` a session id, ``{c}`` a channel, ``{n}`` a node)::
     wss:s:{sid}:req           HASH running stream id -> its request (for an adopting node)
     wss:s:{sid}:dm            LIST direct messages not yet in the session's log
     wss:s:{sid}:dmb           their bytes (bounded while the session is away)
-    wss:claim:{sid}           a new session's agent claim, until it is registered
-    wss:agent:{name}          STRING the session holding the agent name
+    wss:claim:{sid}           a new session's agent claim, until it is registered (10 s)
+    wss:agent:{name}          STRING the session holding the agent name; expires
+                              AGENT_TTL_BEATS x node_timeout after its node last refreshed it
     wss:c:{c}:e / :o / :h / :m  epoch, offset counter, history STREAM, members HASH
     wss:hist:idx, :bytes      every channel's history entries in bytes, oldest first
     wss:hist:p:{p}, :pb:{p}   those of one publisher
@@ -66,9 +67,15 @@ if TYPE_CHECKING:
     from ..core.actions import MessagingCall
     from ..core.session import Session
 
-__all__ = ["RedisBackplane"]
+__all__ = ["AGENT_TTL_BEATS", "RedisBackplane"]
 
 logger = logging.getLogger("wsserver.backplane")
+
+#: An agent name's key expires this many ``node_timeout`` after its node last
+#: refreshed it (every ``node_timeout``, for its live sessions): a name
+#: outlives neither its session nor its node by much, and nothing claimed is
+#: left behind for good.
+AGENT_TTL_BEATS = 20
 
 
 class RedisBackplane(Backplane):
@@ -116,8 +123,11 @@ class RedisBackplane(Backplane):
             "claim_session": register(lua.CLAIM_SESSION),
             "end": register(lua.END),
             "alive": register(lua.ALIVE),
+            "refresh_agents": register(lua.REFRESH_AGENTS),
         }
         self.inbox = (inbox_messages, inbox_bytes)
+        #: Expiry of an agent name's key, in ms (refreshed every node_timeout).
+        self.agent_ttl_ms = int(AGENT_TTL_BEATS * node_timeout * 1000)
         #: What this node's server is told (set by :meth:`start`).
         self.events: ClusterEvents
         self.writes = WriteQueue(self)
@@ -303,7 +313,15 @@ class RedisBackplane(Backplane):
         return name in self._agents
 
     def claim_agent(self, name: str, session: Session) -> None:
-        self._agents[name] = session  # shared uniqueness was settled by route()
+        self._agents[name] = session  # shared uniqueness was settled by reserve_agent()
+
+    async def refresh_agents(self) -> None:
+        """Keep the agent names of this node's live sessions from expiring."""
+        if not self._agents:
+            return
+        keys = [f"wss:agent:{name}" for name in self._agents]
+        args = [self.agent_ttl_ms, *(session.id for session in self._agents.values())]
+        await self.scripts["refresh_agents"](keys=keys, args=args)
 
     def _release_agent(self, session: Session) -> None:
         agent = session.agent
@@ -314,7 +332,11 @@ class RedisBackplane(Backplane):
             self.later(session.id, lambda pipe: eval_in(pipe, script, keys, args))
 
     async def route(self, hello: dict[str, Any]) -> Route:
-        """Find the session's owner: here, another live node (tunnel), or a lost one (adopt)."""
+        """Find the session's owner: here, another live node (tunnel), or a lost one (adopt).
+
+        Served here, the hello's agent name is not claimed yet: that waits
+        until the hello is known to be valid and authenticated (the server
+        calls :meth:`reserve_agent` then), so a refused hello locks no name."""
         if not self.healthy:
             return LOCAL
         sid = hello.get("session")
@@ -331,7 +353,7 @@ class RedisBackplane(Backplane):
                     await self.watch.adopt_node(owner_name)
                     if local(sid) is not None:
                         break
-            return await self.reserve_agent(hello)
+            return LOCAL
         except DOWN as exc:
             self.down(exc)
         return LOCAL
@@ -350,7 +372,7 @@ class RedisBackplane(Backplane):
         if not self.healthy:
             return Route(session_id=new_id)  # degraded: only this node's names are checked
         try:
-            claimed = await self.scripts["claim_agent"](keys=[f"wss:agent:{agent}"], args=[new_id])
+            claimed = await self.scripts["claim_agent"](keys=[f"wss:agent:{agent}"], args=[new_id, self.agent_ttl_ms])
         except DOWN as exc:
             self.down(exc)
             return Route(session_id=new_id)

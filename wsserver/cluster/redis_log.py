@@ -54,7 +54,7 @@ class SessionLogs:
         self.register(pipe, session)
         key = skey(session.id)
         if session.agent is not None:
-            pipe.set(f"wss:agent:{session.agent}", session.id)
+            pipe.set(f"wss:agent:{session.agent}", session.id, px=self._bp.agent_ttl_ms)
         for name in session.subscriptions:
             pipe.hincrby(f"wss:c:{name}:m", session.name, 1)
         for stream in session.streams.values():

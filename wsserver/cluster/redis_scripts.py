@@ -17,6 +17,7 @@ __all__ = [
     "CLAIM_SESSION",
     "END",
     "HEARTBEAT",
+    "REFRESH_AGENTS",
     "RELEASE_AGENT",
     "SEND",
 ]
@@ -164,15 +165,26 @@ redis.call('PUBLISH', 'wss:n:' .. owner, '{"op":"dm","sid":' .. cjson.encode(sid
 return 1
 """
 
+# An agent name for a new session (ARGV[1]); ARGV[2]: the name's expiry in
+# ms, which the node running the session keeps refreshing (REFRESH_AGENTS).
 CLAIM_AGENT = """
 local cur = redis.call('GET', KEYS[1])
 if cur and cur ~= ARGV[1] and (redis.call('EXISTS', 'wss:s:' .. cur) == 1
                                or redis.call('EXISTS', 'wss:claim:' .. cur) == 1) then
   return 0
 end
-redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SET', 'wss:claim:' .. ARGV[1], '1', 'PX', 10000)  -- held until the session is registered
 return 1
+"""
+
+# Keep the agent names of a node's live sessions: ARGV[1] the expiry in ms,
+# then a session id per key; a name another session holds now is left alone.
+REFRESH_AGENTS = """
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[i + 1] then redis.call('PEXPIRE', key, ARGV[1]) end
+end
+return 0
 """
 
 # A batch of one session's sequenced frames. Written only by the session's

@@ -35,7 +35,7 @@ from ..core.session import Session
 from ..providers import Providers, SimulatedProvider
 from ..wire.codec import encode
 from ..wire.errors import CloseCode, ErrorCode, ProtocolError
-from ..wire.messages import SUBPROTOCOL, Hello, Shutdown
+from ..wire.messages import SUBPROTOCOL, SUPPORTED_PROTOCOLS, Hello, Shutdown, decode_client
 from .auth import Authenticator, Identity
 from .connection import Connection
 from .fanout import Fanout
@@ -317,6 +317,23 @@ class Server:
         raise ProtocolError(
             ErrorCode.UNAUTHORIZED, "a valid credential is required", ref=hello.id, close=CloseCode.UNAUTHORIZED
         )
+
+    def hello_admitted(self, text: str, identity: Identity | None) -> bool:
+        """Whether a connection's first frame is a hello the protocol will let
+        in: valid, of a supported protocol, authenticated. Only such a hello
+        may claim its agent name on a shared backplane, so refused hellos
+        lock no name out (the protocol answers them as usual)."""
+        try:
+            hello = decode_client(text)
+        except ProtocolError:
+            return False
+        if not isinstance(hello, Hello) or hello.protocol not in SUPPORTED_PROTOCOLS:
+            return False
+        try:
+            self.identify(hello, identity)
+        except ProtocolError:
+            return False
+        return True
 
     def protocol_for(self, conn: Attachable) -> ServerProtocol:
         """The protocol state machine of a new connection (or tunnel) ``conn``."""

@@ -171,6 +171,8 @@ class Connection:
                         if route.connect is not None:
                             await self._tunnel(route, data)
                             return
+                        if server.hello_admitted(data, self.identity):  # only then may it claim an agent name
+                            route = await server.backplane.reserve_agent(hello)
                         self.reserved = route
             else:
                 data = await ws.recv()
