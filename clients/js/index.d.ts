@@ -66,6 +66,8 @@ export declare class WsServerError extends Error {
   readonly field?: string;
   /** For unsupported_protocol. */
   readonly supported?: number[];
+  /** For a subscription the server dropped (forbidden after a resume with narrower rights). */
+  readonly channel?: string;
 }
 export declare class RateLimitedError extends WsServerError {
   readonly retryAfterMs?: number;

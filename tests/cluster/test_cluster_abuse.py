@@ -133,3 +133,22 @@ async def test_channel_history_in_redis_is_bounded_per_identity_by_default(redis
     assert _history_bytes(r) <= 16 << 20  # channel_history_bytes_per_identity, by default
     assert r.xlen("wss:c:flood:319:h") == 1  # the newest kept, the oldest gone first
     r.close()
+
+async def test_narrower_rights_on_resume_are_written_for_an_adopting_node(redis_server: Any) -> None:
+    r = redis_server.client()
+    wide = make_jwt(SECRET, {"sub": "w"})
+    narrow = make_jwt(SECRET, {"sub": "w", "channels": {"subscribe": ["public"], "publish": ["public"]}})
+    async with nodes(redis_server.url, jwt_secret=SECRET) as (a, b):
+        async with client(a, token=wide) as (c, welcome):
+            await c.send({"type": "subscribe", "id": "s", "channel": "secret"})
+            last = (await c.recv_until(lambda f: f["type"] == "subscribed"))[-1]["seq"]
+        async with client(b, token=narrow, session=welcome["session"], last_seq=last) as (c, resumed):
+            assert resumed["resumed"] is True
+            dropped = (await c.recv_until(lambda f: f["type"] == "error"))[-1]
+            assert (dropped["code"], dropped["channel"]) == ("forbidden", "secret")
+        key = f"wss:s:{welcome['session']}"
+        await until(lambda: orjson.loads(r.hget(key, "rules") or b"{}").get("subscribe") == ["public"])
+        assert orjson.loads(r.hget(key, "rules")) == {"subscribe": ["public"], "publish": ["public"]}
+        assert orjson.loads(r.hget(key, "subs")) == []
+        await asyncio.sleep(0)
+    r.close()

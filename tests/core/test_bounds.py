@@ -13,7 +13,7 @@ from tests.core.drive import feed, frames, make_session, start
 from tests.helpers import FakeClock
 from wsserver.core.actions import MessagingCall, StartGeneration, StopGeneration
 from wsserver.core.channels import HISTORY_ENTRY_OVERHEAD, Channels
-from wsserver.core.limits import GenerationQuota, MessagingLimits, StreamLimits, TokenBucket, TokenBudget
+from wsserver.core.limits import ChannelRules, GenerationQuota, MessagingLimits, StreamLimits, TokenBucket, TokenBudget
 from wsserver.core.session import Session
 from wsserver.core.streams import STREAM_OVERHEAD, StreamState, bounded, message_bytes
 from wsserver.providers import Providers, SimulatedProvider
@@ -252,3 +252,23 @@ class TestChannelHistory:
         mirrored = start(s, channel="c")
         s.stream_delta(mirrored, "x", 1)
         assert hub.publishers["ip:10.0.0.1"][1] == 3  # the publication, stream.start, stream.delta
+
+
+class TestRights:
+    def test_a_resume_with_narrower_rights_drops_what_they_forbid(self) -> None:
+        hub = Channels()
+        s = _session(hub, "w")
+        for name in ("secret", "public"):
+            _feed(hub, s, {"type": "subscribe", "channel": name})
+        mirrored = start(s, channel="secret")
+        s.take_output()
+        calls = s.members.restrict(ChannelRules(("public",), ("public",)), s.streams.values())
+        assert [(c.kind, c.msg.channel) for c in calls] == [("unsubscribe", "secret")]
+        for call in calls:
+            hub.carry_out(s, call)
+        assert s.subscriptions == {"public"} and s not in hub.channels["secret"].subscribers
+        assert mirrored.channel is None  # it publishes there no more
+        (err,) = frames(s)
+        assert (err["code"], err["channel"]) == ("forbidden", "secret")
+        assert _feed(hub, s, {"type": "publish", "channel": "secret", "data": 1})[0]["code"] == "forbidden"
+        assert s.members.restrict(ChannelRules(("public",), ("public",))) == []  # the same rights: nothing

@@ -334,6 +334,39 @@ async def test_a_name_with_a_trailing_newline_is_no_name(server: Server) -> None
 
 
 
+# ------------------------------------------------------- 10. rights on resume
+
+
+async def test_resuming_with_narrower_rights_narrows_the_session(make_server: Any) -> None:
+    wide = make_jwt(SECRET, {"sub": "w"})
+    narrow = make_jwt(SECRET, {"sub": "w", "channels": {"subscribe": ["public"], "publish": ["public"]}})
+    async with make_server(jwt_secret=SECRET) as server:
+        async with connect(server.url + f"?token={wide}", compression=None) as ws:
+            c = RawClient(ws)
+            welcome = await c.hello()
+            seen: list[dict[str, Any]] = []
+            for name in ("secret", "public"):
+                await c.send({"type": "subscribe", "channel": name, "id": name})
+                seen += await c.recv_until(lambda f, n=name: f["type"] == "presence" and f["channel"] == n)
+            last_seq = max(f.get("seq", 0) for f in seen)
+        async with connect(server.url + f"?token={narrow}", compression=None) as ws:
+            c = RawClient(ws)
+            resumed = await c.hello(session=welcome["session"], last_seq=last_seq)
+            assert resumed["resumed"] is True
+            dropped = await c.recv_until(lambda f: f["type"] == "error")
+            assert (dropped[-1]["code"], dropped[-1]["channel"]) == ("forbidden", "secret")
+            await c.send({"type": "publish", "channel": "secret", "data": 1, "id": "p"})
+            assert (await c.recv())["code"] == "forbidden"
+            await c.send({"type": "subscribe", "channel": "secret", "id": "s"})
+            assert (await c.recv())["code"] == "forbidden"
+            await c.send({"type": "publish", "channel": "public", "data": 1, "id": "q"})
+            assert (await c.recv())["type"] == "ok"
+            session = server.sessions[welcome["session"]].session
+            assert session.subscriptions == {"public"}
+            assert session not in server.backplane.channels.channels["secret"].subscribers  # type: ignore[attr-defined]
+
+
+
 # ------------------------------------------ 11. the writer of a violation
 
 

@@ -169,9 +169,10 @@ class Backplane(abc.ABC):
     def session_opened(self, session: Session) -> None:
         """A new session was opened on this node."""
 
-    def session_resumed(self, session: Session) -> None:
+    def session_resumed(self, session: Session, *, rights_changed: bool = False) -> None:
         """A client resumed ``session`` here (its replay is taken): direct
-        messages held for it while it was away may follow."""
+        messages held for it while it was away may follow; ``rights_changed``:
+        its channel rights are now those of the resuming credential."""
 
     @abc.abstractmethod
     def session_ended(self, session: Session) -> None:

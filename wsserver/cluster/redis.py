@@ -303,7 +303,9 @@ class RedisBackplane(Backplane):
         self._dm_seen.pop(session.id, None)
         self.logs.ended(session)
 
-    def session_resumed(self, session: Session) -> None:
+    def session_resumed(self, session: Session, *, rights_changed: bool = False) -> None:
+        if rights_changed:  # an adopting node must know the narrower rights too
+            self.later(session.id, lambda pipe: self.logs.save_rules(pipe, session))
         if self.healthy:  # what waited in its queue while it was away
             self.spawn(self.take_direct_messages(session.id))
 

@@ -35,7 +35,6 @@ class SessionLogs:
     def register(self, pipe: Any, session: Session) -> None:
         """The session's hash: this node owns it (and what an adopter needs)."""
         bp = self._bp
-        rules = session.members.rules
         pipe.hset(
             skey(session.id),
             mapping={
@@ -44,10 +43,14 @@ class SessionLogs:
                 "agent": session.agent or "",
                 "public_id": session.public_id,
                 "subs": orjson.dumps(sorted(session.subscriptions)),
-                "rules": b"" if rules is None else orjson.dumps({"subscribe": rules.subscribe, "publish": rules.publish}),
+                "rules": _rules(session),
             },
         )
         pipe.sadd(f"wss:node:{bp.node}:sessions", session.id)
+
+    def save_rules(self, pipe: Any, session: Session) -> None:
+        """The session's channel rights changed (a resume with a narrower credential)."""
+        pipe.hset(skey(session.id), "rules", _rules(session))
 
     def reregister(self, pipe: Any, session: Session) -> None:
         """After Redis lost everything: the session, its agent name, its presence, its running streams."""
@@ -124,3 +127,8 @@ class SessionLogs:
         keys.append(f"{key}:dmb")  # (KEYS[7])
         script = bp.scripts["end"]
         bp.writes.later(session.id, lambda pipe: eval_in(pipe, script, keys, [bp.node, session.id]))
+
+
+def _rules(session: Session) -> bytes:
+    rules = session.members.rules
+    return b"" if rules is None else orjson.dumps({"subscribe": rules.subscribe, "publish": rules.publish})

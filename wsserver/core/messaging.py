@@ -25,8 +25,8 @@ out of its replay log.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -36,6 +36,9 @@ from ..wire.names import NAME_RULE, valid_name
 from .actions import MessagingCall
 from .limits import ChannelRules, MessagingLimits, TokenBucket
 from .outbox import Outbox
+
+if TYPE_CHECKING:
+    from .streams import Stream
 
 __all__ = ["ChannelSink", "Membership"]
 
@@ -267,6 +270,35 @@ class Membership:
         inbox.append((sender, data, size))
         self.inbox_bytes += size
         return True
+
+    def restrict(self, rules: ChannelRules | None, streams: Iterable[Stream] = ()) -> list[MessagingCall]:
+        """Take the channel rights of a resuming credential of the same identity.
+
+        Narrower rights are narrower at once: subscriptions they forbid are
+        dropped, each answered with ``error forbidden`` naming its ``channel``
+        (the unsubscribes returned tell the backplane), and of ``streams``
+        (the running ones) none mirrors into a channel they forbid publishing on.
+        """
+        if rules == self.rules:
+            return []
+        self.rules = rules
+        if rules is None:
+            return []
+        for stream in streams:
+            if stream.channel is not None and not rules.may_publish(stream.channel):
+                stream.channel = None
+        dropped = sorted(name for name in self.subscriptions if not rules.may_subscribe(name))
+        for name in dropped:
+            self.subscriptions.discard(name)
+            self.paused.discard(name)
+            self.channel_offsets.pop(name, None)
+            self.held.pop(name, None)
+            self._out.error(
+                ErrorCode.FORBIDDEN,
+                f"the subscription to {name!r} was dropped: the credential of this resume does not allow it",
+                channel=name,
+            )
+        return [MessagingCall("unsubscribe", Unsubscribe(type="unsubscribe", channel=name)) for name in dropped]
 
     def present(self) -> None:
         """A connection is attached again (its resume's replay is taken):

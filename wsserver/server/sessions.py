@@ -29,6 +29,7 @@ from .runtime import Attachable, SessionRuntime
 
 if TYPE_CHECKING:
     from .app import Server
+    from .auth import Identity
 
 __all__ = ["Sessions"]
 
@@ -102,12 +103,12 @@ class Sessions(Mapping[str, SessionRuntime]):
             if hello.snapshot:
                 session.snapshot()
                 telemetry.resumes.labels("ok").inc()
-                self._back(session)
+                self._back(session, identity)
                 return Opened(session, True)
             replay = session.replay_after(hello.last_seq or 0)
             if replay is not None:
                 telemetry.resumes.labels("ok").inc()
-                self._back(session)
+                self._back(session, identity)
                 return Opened(session, True, after=replay)
             message = (
                 f"cannot resume after seq {hello.last_seq or 0}: the session's "
@@ -138,11 +139,16 @@ class Sessions(Mapping[str, SessionRuntime]):
         live.attach(conn)
         return Opened(session, False, before=before)
 
-    def _back(self, session: Session) -> None:
-        """A resumed session, its replay taken: the direct messages that
-        waited while it was away follow the replay."""
+    def _back(self, session: Session, identity: Identity) -> None:
+        """A resumed session, its replay taken: the resuming credential's
+        channel rights apply from now on, and the direct messages that waited
+        while it was away follow the replay."""
+        backplane = self._server.backplane
+        changed = session.members.rules != identity.rules
+        for call in session.members.restrict(identity.rules, session.streams.values()):
+            backplane.call(session, call)  # (unsubscribes: carried out at once by every backplane)
         session.members.present()
-        self._server.backplane.session_resumed(session)
+        backplane.session_resumed(session, rights_changed=changed)
 
     def _new_session(
         self,
