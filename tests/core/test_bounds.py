@@ -5,19 +5,17 @@ limits and rights a steer or a resume must meet."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import orjson
 
 from tests.core.drive import feed, frames, make_session, start
+from tests.core.test_channels import feed as feed_channels
+from tests.core.test_channels import make, session
 from tests.helpers import FakeClock
-from wsserver.core.actions import MessagingCall, StartGeneration, StopGeneration
-from wsserver.core.channels import HISTORY_ENTRY_OVERHEAD, Channels
+from wsserver.core.actions import StartGeneration, StopGeneration
+from wsserver.core.channels import HISTORY_ENTRY_OVERHEAD
 from wsserver.core.limits import ChannelRules, GenerationQuota, MessagingLimits, StreamLimits, TokenBucket, TokenBudget
-from wsserver.core.session import Session
 from wsserver.core.streams import STREAM_OVERHEAD, StreamState, bounded, message_bytes
-from wsserver.providers import Providers, SimulatedProvider
-from wsserver.wire.messages import ChatMessage, decode_client
+from wsserver.wire.messages import ChatMessage
 
 TOOLS = [{"name": "get_weather"}]
 
@@ -159,37 +157,16 @@ class TestSteer:
 # ------------------------------------------------------------- messaging
 
 
-def _session(hub: Channels, agent: str | None = None, **kwargs: Any) -> Session:
-    s = Session(
-        f"id-{agent}",
-        providers=Providers([SimulatedProvider()], default="simulated"),
-        channels=hub,
-        agent=agent,
-        **kwargs,
-    )
-    if agent:
-        assert hub.claim_agent(agent, s)
-    return s
-
-
-def _feed(hub: Channels, s: Session, message: dict[str, Any]) -> list[dict[str, Any]]:
-    for action in s.handle(decode_client(orjson.dumps(message))):
-        if isinstance(action, MessagingCall):
-            hub.carry_out(s, action)
-    hub.take_deliveries()
-    return [orjson.loads(f) for f in s.take_output()]
-
-
 class TestInbox:
     def test_direct_messages_wait_while_away_bounded_and_follow_the_replay(self) -> None:
-        hub = Channels()
+        hub, _ = make()
         limits = MessagingLimits(inbox_messages=3, inbox_bytes=100)
-        agent = _session(hub, "agent", limits=limits, max_log_messages=4)
-        sender = _session(hub, "sender")
+        agent = session(hub, "agent", limits=limits, max_log_messages=4)
+        sender = session(hub, "sender")
         mine = start(agent)
         agent.take_output()
         agent.members.away = True
-        answers = [_feed(hub, sender, {"type": "send", "to": "agent", "data": "m" * 20, "id": f"d{i}"})[0] for i in range(5)]
+        answers = [feed_channels(sender, {"type": "send", "to": "agent", "data": "m" * 20, "id": f"d{i}"})[0] for i in range(5)]
         assert [a.get("code", a["type"]) for a in answers] == ["ok", "ok", "ok", "inbox_full", "inbox_full"]
         assert agent.log_first == 1 and agent.seq == 1  # nothing entered its log: its stream.start is there
         agent.stream_delta(mine, "own", 1)
@@ -198,46 +175,47 @@ class TestInbox:
         agent.members.present()
         out = [orjson.loads(f) for f in agent.take_output()]
         assert [(f["type"], f["seq"]) for f in out] == [("message", 3), ("message", 4), ("message", 5)]
-        assert _feed(hub, sender, {"type": "send", "to": "agent", "data": 1, "id": "n"})[0]["type"] == "ok"  # back
+        assert feed_channels(sender, {"type": "send", "to": "agent", "data": 1, "id": "n"})[0]["type"] == "ok"  # back
         assert agent.members.inbox is None and agent.members.inbox_bytes == 0
 
     def test_the_inbox_counts_bytes_too(self) -> None:
-        hub = Channels()
-        agent = _session(hub, "agent", limits=MessagingLimits(inbox_messages=100, inbox_bytes=50))
-        sender = _session(hub, "sender")
+        hub, _ = make()
+        agent = session(hub, "agent", limits=MessagingLimits(inbox_messages=100, inbox_bytes=50))
+        sender = session(hub, "sender")
         agent.members.away = True
-        assert _feed(hub, sender, {"type": "send", "to": "agent", "data": "x" * 40, "id": "a"})[0]["type"] == "ok"
-        assert _feed(hub, sender, {"type": "send", "to": "agent", "data": "x" * 40, "id": "b"})[0]["code"] == "inbox_full"
+        assert feed_channels(sender, {"type": "send", "to": "agent", "data": "x" * 40, "id": "a"})[0]["type"] == "ok"
+        assert feed_channels(sender, {"type": "send", "to": "agent", "data": "x" * 40, "id": "b"})[0]["code"] == "inbox_full"
 
 
 class TestChannelHistory:
     def test_all_histories_together_are_bounded_oldest_first(self) -> None:
         frame = len(b'{"type":"message","channel":"c0","offset":1,"from":"p","data":' + b"1" * 100 + b"}")
         entry = frame + HISTORY_ENTRY_OVERHEAD
-        hub = Channels(history_bytes=5 * entry)
+        hub, _ = make(history_bytes=5 * entry)
         for i in range(8):
             hub.publish(f"c{i}", "p", b"1" * 100)
         assert hub.held_bytes == 5 * entry and hub.held_entries == 5
         assert [name for name, c in hub.channels.items() if c.history] == ["c3", "c4", "c5", "c6", "c7"]
 
     def test_one_publishers_share_is_bounded_and_recovery_stays_exact(self) -> None:
-        hub = Channels(history_bytes=1 << 20, history_bytes_per_publisher=4000)
+        hub, _ = make(history_bytes=1 << 20, history_bytes_per_publisher=4000)
         for i in range(10):
             hub.publish("shared", "good", orjson.dumps(i), publisher="good")
         for _ in range(60):  # a flood, ~200 bytes a message
             hub.publish("flood", "bad", b'"' + b"z" * 100 + b'"', publisher="bad")
         assert hub.publishers["bad"][0] <= 4000
         assert len(hub.channels["shared"].history) == 10  # the others' history untouched
-        reader = _session(hub, "reader")
+        reader = session(hub, "reader")
         first = hub.channels["flood"].history[0][0]
-        out = _feed(hub, reader, {"type": "subscribe", "channel": "flood", "since": first - 1})
-        assert out[0]["recovered"] is True and [f["offset"] for f in out[1:]] == list(range(first, 61))
-        out = _feed(hub, reader, {"type": "subscribe", "channel": "flood", "since": first - 2})
+        out = feed_channels(reader, {"type": "subscribe", "channel": "flood", "since": first - 1})
+        assert out[0]["recovered"] is True and [f["offset"] for f in out[1:-1]] == list(range(first, 61))
+        assert out[-1] == {"type": "presence", "channel": "flood", "offset": 61, "joined": "reader"}
+        out = feed_channels(reader, {"type": "subscribe", "channel": "flood", "since": first - 2})
         assert out[0]["recovered"] is False  # gone from the front: said, never skipped silently
 
     def test_the_counts_follow_every_way_out_of_a_history(self) -> None:
         clock = FakeClock()
-        hub = Channels(history_size=3, history_ttl=10, clock=clock)
+        hub, _ = make(history_size=3, history_ttl=10, clock=clock)
         for _ in range(5):
             hub.publish("c", "p", b"1", publisher="p")
         assert hub.held_entries == 3 and hub.publishers["p"][1] == 3
@@ -246,9 +224,9 @@ class TestChannelHistory:
         assert hub.held_bytes == 0 and hub.held_entries == 0 and not hub.publishers and not hub.channels
 
     def test_a_sessions_publications_and_streams_count_against_its_account(self) -> None:
-        hub = Channels(history_bytes_per_publisher=10_000)
-        s = _session(hub, "p", account="ip:10.0.0.1")
-        _feed(hub, s, {"type": "publish", "channel": "c", "data": 1})
+        hub, _ = make(history_bytes_per_publisher=10_000)
+        s = session(hub, "p", account="ip:10.0.0.1")
+        feed_channels(s, {"type": "publish", "channel": "c", "data": 1})
         mirrored = start(s, channel="c")
         s.stream_delta(mirrored, "x", 1)
         assert hub.publishers["ip:10.0.0.1"][1] == 3  # the publication, stream.start, stream.delta
@@ -256,10 +234,10 @@ class TestChannelHistory:
 
 class TestRights:
     def test_a_resume_with_narrower_rights_drops_what_they_forbid(self) -> None:
-        hub = Channels()
-        s = _session(hub, "w")
+        hub, _ = make()
+        s = session(hub, "w")
         for name in ("secret", "public"):
-            _feed(hub, s, {"type": "subscribe", "channel": name})
+            feed_channels(s, {"type": "subscribe", "channel": name})
         mirrored = start(s, channel="secret")
         s.take_output()
         calls = s.members.restrict(ChannelRules(("public",), ("public",)), s.streams.values())
@@ -270,5 +248,5 @@ class TestRights:
         assert mirrored.channel is None  # it publishes there no more
         (err,) = frames(s)
         assert (err["code"], err["channel"]) == ("forbidden", "secret")
-        assert _feed(hub, s, {"type": "publish", "channel": "secret", "data": 1})[0]["code"] == "forbidden"
+        assert feed_channels(s, {"type": "publish", "channel": "secret", "data": 1})[0]["code"] == "forbidden"
         assert s.members.restrict(ChannelRules(("public",), ("public",))) == []  # the same rights: nothing

@@ -153,26 +153,24 @@ class Pressure:
         for k in range(agents):
             async with connect(self.url, compression=None) as ws:
                 await hello(ws, agent=f"away{k}")
-        async with connect(self.url, compression=None, max_queue=None) as ws:
-            await hello(ws)
-            data, i = "z" * 60 * 1024, 0
-            while self.more():
-                i += 1
-                await ws.send(dumps({"type": "send", "id": f"d{i}", "to": f"away{i % agents}", "data": data}))
-                reply = await until_ref(ws, f"d{i}")
-                self.count("dm:" + reply.get("code", reply["type"]))
-                await asyncio.sleep(0.011)  # within the publish rate
+        data = "z" * 60 * 1024
+        await self.paced("dm", lambda i: {"type": "send", "to": f"away{i % agents}", "data": data})
 
     async def publications(self, k: int) -> None:
+        data = "p" * 64_000
+        await self.paced("publish", lambda i: {"type": "publish", "channel": f"c{k}-{i}", "data": data})
+
+    async def paced(self, kind: str, request: Callable[[int], dict[str, Any]]) -> None:
+        """``request(i)`` over and over within the publish rate, counting the answers."""
         async with connect(self.url, compression=None, max_queue=None) as ws:
             await hello(ws)
-            data, i = "p" * 64_000, 0
+            i = 0
             while self.more():
                 i += 1
-                await ws.send(dumps({"type": "publish", "id": f"p{i}", "channel": f"c{k}-{i}", "data": data}))
-                reply = await until_ref(ws, f"p{i}")
-                self.count("publish:" + reply.get("code", reply["type"]))
-                await asyncio.sleep(0.011)  # within the publish rate
+                await ws.send(dumps({**request(i), "id": f"r{i}"}))
+                reply = await until_ref(ws, f"r{i}")
+                self.count(f"{kind}:" + reply.get("code", reply["type"]))
+                await asyncio.sleep(0.011)  # (100/s is the default publish_rate)
 
 
 async def run_pressure(seconds: float) -> dict[str, Any]:

@@ -18,25 +18,15 @@ from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed
 
 from tests.helpers import USER_HI, RawClient, until
+from tests.server.test_hardening import handshake_status
 from wsserver.config import ServerConfig
 from wsserver.server import Server
 from wsserver.server.auth import make_jwt
 
 SECRET = "s3cret-for-tests"
-
-
-async def handshake_status(url: str, **kwargs: Any) -> int:
-    """The HTTP status of a refused handshake (101 if it was accepted)."""
-    try:
-        async with asyncio.timeout(5):
-            ws = await connect(url, compression=None, **kwargs)
-    except InvalidStatus as exc:
-        return exc.response.status_code
-    await ws.close()
-    return 101
 
 
 async def raw_request(port: int, lines: list[str]) -> int:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..core.channels import Channels, Delivery
 from .backplane import Backplane, ClusterEvents
@@ -15,23 +15,17 @@ __all__ = ["MemoryBackplane"]
 
 
 class MemoryBackplane(Backplane):
-    """Every messaging call is answered at once by :class:`~wsserver.core.channels.Channels`."""
+    """Every messaging call is answered at once by :class:`~wsserver.core.channels.Channels`.
 
-    def __init__(
-        self,
-        *,
-        history_size: int = 1000,
-        history_ttl: float = 300.0,
-        history_bytes: int = 128 << 20,
-        history_bytes_per_publisher: int = 16 << 20,
-    ) -> None:
+    Args:
+        history: the channels' history bounds (``history_size``,
+            ``history_ttl``, ``history_bytes``, ``history_bytes_per_publisher``:
+            see :class:`~wsserver.core.channels.Channels`).
+    """
+
+    def __init__(self, **history: Any) -> None:
         super().__init__()
-        self.channels = Channels(
-            history_size=history_size,
-            history_ttl=history_ttl,
-            history_bytes=history_bytes,
-            history_bytes_per_publisher=history_bytes_per_publisher,
-        )
+        self.channels = Channels(**history)
 
     async def start(self, events: ClusterEvents) -> None:
         self.channels.on_output = events.deliveries_pending
