@@ -26,7 +26,6 @@ async def refused_hello(url: str, **fields: Any) -> str:
         return str((await c.recv()).get("code"))
 
 
-
 async def test_unauthenticated_hellos_claim_no_agent_name(redis_server: Any) -> None:
     r = redis_server.client()
     async with nodes(redis_server.url, jwt_secret=SECRET) as (a, b):
@@ -45,7 +44,6 @@ async def test_unauthenticated_hellos_claim_no_agent_name(redis_server: Any) -> 
     r.close()
 
 
-
 async def test_agent_names_expire_unless_their_node_refreshes_them(redis_server: Any) -> None:
     r = redis_server.client()
     async with nodes(redis_server.url, count=1, node_timeout=0.5) as (a,):
@@ -58,7 +56,6 @@ async def test_agent_names_expire_unless_their_node_refreshes_them(redis_server:
         # (a detached session still holds it until it expires: session_ttl)
         assert r.get("wss:agent:worker").decode() == welcome["session"]
     r.close()
-
 
 
 async def test_a_dm_flood_across_nodes_is_bounded_and_the_agent_resumes(redis_server: Any) -> None:
@@ -86,7 +83,6 @@ async def test_a_dm_flood_across_nodes_is_bounded_and_the_agent_resumes(redis_se
         await until(lambda: r.llen(f"{key}:dm") == 0)
         assert r.llen(f"{key}:dm") == 0 and r.get(f"{key}:dmb") is None  # in its log now: off the queue
     r.close()
-
 
 
 def _history_bytes(r: Any) -> int:
@@ -119,8 +115,6 @@ async def test_channel_history_in_redis_is_bounded_in_total_and_per_publisher(re
             total = int(r.get("wss:hist:bytes"))
             assert 0 < total <= 200_000 and r.pttl("wss:hist:bytes") > 0 and r.pttl("wss:hist:idx") > 0
     r.close()
-
-
 
 
 async def test_channel_history_in_redis_is_bounded_per_identity_by_default(redis_server: Any) -> None:

@@ -61,7 +61,6 @@ def big_generate(stream: str, **params: Any) -> dict[str, Any]:
     return {"type": "generate", "stream": stream, "messages": USER_HI, "params": {"reply_tokens": 1_000_000, **params}}
 
 
-
 # ---------------------------------------------------------- 1. retained text
 
 
@@ -102,7 +101,6 @@ class TestRetainedText:
             assert (await c.recv())["code"] == "unknown_stream"
 
 
-
 # ------------------------------------------------ 2. a steer is a generation
 
 
@@ -135,7 +133,6 @@ async def test_interrupt_with_input_passes_the_token_budget(make_server: Any) ->
         assert reply["code"] == "rate_limited" and reply["ref"] == "i"
 
 
-
 # --------------------------------------------------- 3. the interrupt chain
 
 
@@ -146,6 +143,15 @@ async def test_an_interrupt_chain_is_bounded_and_each_steer_stays_quick(server: 
         await c.hello()
         await bystander.hello()
         await bystander.send({"type": "generate", "messages": USER_HI, "params": {"reply_tokens": 100_000, "tokens_per_s": 100}})
+        times: list[float] = []
+
+        async def watch() -> None:  # the bystander's deltas as they arrive, while the chain runs
+            while True:
+                if (await bystander.recv())["type"] == "stream.delta":
+                    times.append(time.perf_counter())
+
+        watching = asyncio.ensure_future(watch())
+        await until(lambda: len(times) >= 3)
         await c.send(big_generate("c0", tokens_per_s=10))
         current, latencies, refused = "c0", [], None
         for i in range(1, 8):
@@ -162,13 +168,8 @@ async def test_an_interrupt_chain_is_bounded_and_each_steer_stays_quick(server: 
         assert max(latencies) < 1.0  # generous (bench-level: milliseconds)
         await c.send({"type": "cancel", "stream": current, "id": "c"})  # refused as a whole: it still ran
         assert (await c.recv_until(lambda f: f.get("ref") == "c"))[-1]["type"] == "ok"
-        times: list[float] = []
-        async with asyncio.timeout(10):
-            while len(times) < 30:
-                if (await bystander.recv())["type"] == "stream.delta":
-                    times.append(time.perf_counter())
-        assert max(b - a for a, b in zip(times, times[1:])) < 1.0  # nobody else stalled
-
+        watching.cancel()
+        assert len(times) >= 3 and max(b - a for a, b in zip(times, times[1:])) < 1.0  # nobody else stalled
 
 
 # ------------------------------------------- 4. direct messages while away
@@ -212,7 +213,6 @@ async def test_a_dm_flood_while_an_agent_is_away_never_costs_it_its_session(serv
     assert all(f["type"] == "stream.delta" for f in seen[:first_dm])  # the replay first, then what waited
 
 
-
 # ------------------------------------------------------ 5. channel history
 
 
@@ -229,7 +229,6 @@ async def test_channel_history_is_bounded_per_identity(make_server: Any) -> None
     assert held <= 16 << 20  # channel_history_bytes_per_identity (per IP when anonymous), by default
     newest = channels["flood:319"].history
     assert newest and newest[-1][0] == 1  # oldest forgotten first: the newest is there
-
 
 
 # ---------------------------------------------------------------- 7. JWT
@@ -257,7 +256,6 @@ async def test_a_deeply_nested_jwt_is_refused_without_a_traceback(
                 await c.recv()
             assert ws.close_code == 4401
     assert not errors_logged(caplog)
-
 
 
 # -------------------------------------------------------- 8. duplicated headers
@@ -288,7 +286,6 @@ async def test_a_duplicated_authorization_on_metrics_is_a_clean_400(
         lines = ["GET /metrics HTTP/1.1", "Host: x", "Authorization: Bearer m", "Authorization: Bearer m"]
         assert await raw_request(server.port, lines) == 400
     assert not errors_logged(caplog)
-
 
 
 async def test_a_duplicated_header_on_the_http_transport_is_a_clean_400(
@@ -323,7 +320,6 @@ async def test_a_name_with_a_trailing_newline_is_no_name(server: Server) -> None
             assert (reply["type"], reply.get("code"), reply["ref"]) == ("error", "bad_name", f"r{i}")
 
 
-
 # ------------------------------------------------------- 10. rights on resume
 
 
@@ -356,7 +352,6 @@ async def test_resuming_with_narrower_rights_narrows_the_session(make_server: An
             assert session not in server.backplane.channels.channels["secret"].subscribers  # type: ignore[attr-defined]
 
 
-
 # ------------------------------------------ 11. the writer of a violation
 
 
@@ -383,7 +378,6 @@ async def test_a_connection_closed_for_a_violation_leaks_no_task(
     await asyncio.sleep(0)
     assert len(asyncio.all_tasks()) <= baseline
     assert not [r for r in caplog.records if "Task was destroyed but it is pending" in r.getMessage()]
-
 
 
 # ---------------------------------------------------------------- 12. defaults
@@ -416,7 +410,6 @@ class TestDefaults:
         assert refused(Headers(), "203.0.113.9") is not None and refused(Headers(), "::ffff:127.0.0.1") is None
 
 
-
 # -------------------------------------------------------------------- 13. JWT
 
 
@@ -426,7 +419,6 @@ async def test_a_jwt_with_junk_appended_is_refused(make_server: Any) -> None:
         assert await handshake_status(server.url + f"?token={good}") == 101
         for forged in (good + "!!", good + "~", good + "A", good[:-1] + chr(ord(good[-1]) ^ 1)):
             assert await handshake_status(server.url + f"?token={forged}") == 401, forged
-
 
 
 async def test_the_metrics_token_is_compared_in_constant_time(make_server: Any, monkeypatch: Any) -> None:
