@@ -79,11 +79,22 @@ class TestAuthUnits:
         assert token_from_request("/", None) is None
 
     def test_origins(self) -> None:
-        assert origin_allowed(None, "example.com", [])
-        assert origin_allowed("https://example.com", "example.com", [])
-        assert origin_allowed("http://localhost:3000", "example.com", [])
+        assert origin_allowed(None, "example.com", [])  # not a browser
+        # the server's own page, reached by an address (or localhost)
+        assert origin_allowed("http://127.0.0.1:8765", "127.0.0.1:8765", [])
+        assert origin_allowed("http://localhost:8765", "localhost:8765", [])
+        assert origin_allowed("http://[::1]:8765", "[::1]:8765", [])
+        assert origin_allowed("http://192.168.1.5:8765", "192.168.1.5:8765", [])
+        # a DNS name agreeing with Host proves nothing (DNS rebinding) ...
+        assert not origin_allowed("http://evil.test:8765", "evil.test:8765", [])
+        assert not origin_allowed("https://example.com", "example.com", [])
+        # ... and other local pages are not the server's own
+        assert not origin_allowed("http://localhost:3000", "127.0.0.1:8765", [])
+        assert not origin_allowed("http://127.0.0.1:3000", "127.0.0.1:8765", [])
+        assert not origin_allowed("null", "127.0.0.1:8765", [])
         assert not origin_allowed("https://evil.test", "example.com", [])
         assert origin_allowed("https://app.test", "example.com", ["https://app.test"])
+        assert origin_allowed("https://example.com", "example.com", ["https://example.com"])
 
 
 class TestHandshake:

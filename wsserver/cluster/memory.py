@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..core.channels import Channels, Delivery
 from .backplane import Backplane, ClusterEvents
@@ -15,11 +15,17 @@ __all__ = ["MemoryBackplane"]
 
 
 class MemoryBackplane(Backplane):
-    """Every messaging call is answered at once by :class:`~wsserver.core.channels.Channels`."""
+    """Every messaging call is answered at once by :class:`~wsserver.core.channels.Channels`.
 
-    def __init__(self, *, history_size: int = 1000, history_ttl: float = 300.0) -> None:
+    Args:
+        history: the channels' history bounds (``history_size``,
+            ``history_ttl``, ``history_bytes``, ``history_bytes_per_publisher``:
+            see :class:`~wsserver.core.channels.Channels`).
+    """
+
+    def __init__(self, **history: Any) -> None:
         super().__init__()
-        self.channels = Channels(history_size=history_size, history_ttl=history_ttl)
+        self.channels = Channels(**history)
 
     async def start(self, events: ClusterEvents) -> None:
         self.channels.on_output = events.deliveries_pending
@@ -36,8 +42,8 @@ class MemoryBackplane(Backplane):
     def call(self, session: Session, call: MessagingCall) -> None:
         self.channels.carry_out(session, call)
 
-    def publish_nowait(self, channel: str, sender: str, data: bytes) -> None:
-        self.channels.publish(channel, sender, data)
+    def publish_nowait(self, channel: str, sender: str, data: bytes, publisher: str = "") -> None:
+        self.channels.publish(channel, sender, data, publisher)
 
     def take_deliveries(self) -> list[Delivery]:
         return self.channels.take_deliveries()

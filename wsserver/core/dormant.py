@@ -35,7 +35,7 @@ import orjson
 
 from .limits import ChannelRules
 from .session import Session
-from .streams import Reasoning, Stream, StreamState, request_fields, request_record
+from .streams import Reasoning, Stream, StreamState, request_fields, request_record, text_bytes
 
 __all__ = ["Parked", "can_park", "park", "read", "restore"]
 
@@ -158,20 +158,24 @@ def _stream(record: dict[str, Any], now: float) -> Stream:
     )
     answer = record["answer"]
     if isinstance(answer, str):
-        stream.parts = [answer] if answer else []
+        if answer:
+            stream.keep(answer)
         return stream
     text = ""  # text parts and reasoning blocks where they were, as message() rebuilds them
     for part in answer:
         if part["type"] == "reasoning":
             if stream.reasoning is None:
                 stream.reasoning = []
+            reasoning = part.get("text", "")
             stream.reasoning.append(
                 Reasoning(
-                    [part.get("text", "")], len(text), 0,
+                    [reasoning], len(text), 0,
                     signature=part.get("signature"), redacted=part.get("redacted"), done=True,
                 )
             )
+            stream.kept_bytes += text_bytes(reasoning) + len(part.get("signature") or "") + len(part.get("redacted") or "")
         else:
             text += part["text"]
-    stream.parts = [text] if text else []
+    if text:
+        stream.keep(text)  # (counted as it was, for the session's bound on ended streams)
     return stream

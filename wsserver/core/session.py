@@ -52,10 +52,10 @@ from ..wire.messages import (
 from .actions import Action, StartGeneration, StopGeneration
 from .conversation import check_generate
 from .generation import StreamEvents
-from .limits import ChannelRules, GenerationQuota, MessagingLimits
+from .limits import ChannelRules, GenerationQuota, MessagingLimits, StreamLimits
 from .messaging import ChannelSink, Membership
 from .outbox import Outbox
-from .streams import Stream, StreamBook, StreamState
+from .streams import Stream, StreamBook, StreamState, text_bytes
 
 __all__ = ["ANONYMOUS", "Observer", "ProviderCatalog", "Session"]
 
@@ -83,6 +83,7 @@ class Session(StreamEvents):
         session_id: the public session id (sent in ``welcome``).
         providers: resolves ``generate.provider``/``model``.
         max_streams: concurrent running streams allowed (``too_many_streams``).
+        stream_limits: what the streams may hold (:class:`~wsserver.core.limits.StreamLimits`).
         remember_ids: how many answered request ids are remembered for
             ``duplicate_request`` (oldest forgotten first).
         max_log_messages, max_log_bytes, coalesce, on_output: see :class:`Outbox`.
@@ -90,6 +91,7 @@ class Session(StreamEvents):
         channels: the backplane's channels (None: messaging is not enabled).
         public_id: ``from`` of an agent without a name; never the session id
             (random when not given).
+        account: whose channel-history bound its publications count against (default ``identity``).
     """
 
     # One per session, thousands per server: no per-instance __dict__.
@@ -109,6 +111,7 @@ class Session(StreamEvents):
         "public_id",
         "quota",
         "remember_ids",
+        "stream_limits",
     )
 
     def __init__(
@@ -117,6 +120,7 @@ class Session(StreamEvents):
         *,
         providers: ProviderCatalog,
         max_streams: int = 8,
+        stream_limits: StreamLimits = StreamLimits(),
         remember_ids: int = 10_000,
         max_log_messages: int = 10_000,
         max_log_bytes: int = 4 << 20,
@@ -131,10 +135,12 @@ class Session(StreamEvents):
         observer: Observer | None = None,
         quota: GenerationQuota | None = None,
         public_id: str | None = None,
+        account: str | None = None,
     ) -> None:
         self.id = session_id
         self.providers = providers
         self.max_streams = max_streams
+        self.stream_limits = stream_limits
         self.remember_ids = remember_ids
         self.clock = clock
         self.agent = agent
@@ -150,7 +156,7 @@ class Session(StreamEvents):
             on_output=on_output,
             observer=observer,
         )
-        self.book = StreamBook()
+        self.book = StreamBook(stream_limits.recent_bytes)
         self.members = Membership(
             agent if agent is not None else self.public_id,
             self.out,
@@ -158,6 +164,7 @@ class Session(StreamEvents):
             limits=limits,
             rules=rules,
             clock=clock,
+            account=identity if account is None else account,
         )
         self._answered: OrderedDict[str, str | None] = OrderedDict()
 
@@ -345,14 +352,10 @@ class Session(StreamEvents):
         if stream is None:
             self.out.error(ErrorCode.UNKNOWN_STREAM, f"stream {msg.stream!r} is unknown", ref=msg.id, stream=msg.stream)
             return None, []
-        if msg.input is not None and msg.new_stream is not None and self.book.used(msg.new_stream):
-            self.out.error(
-                ErrorCode.STREAM_EXISTS,
-                f"stream id {msg.new_stream!r} is already used in this session",
-                ref=msg.id,
-                stream=msg.new_stream,
-            )
-            return None, []
+        # (counted, not read again: the chain's size grows by what each steer adds)
+        size = 0 if msg.input is None else stream.input_bytes + stream.kept_bytes + text_bytes(msg.input)
+        if msg.input is not None and not self._steer_allowed(stream, msg, size):
+            return None, []  # refused as a whole: nothing is interrupted
         actions: list[Action] = []
         if stream.state is StreamState.RUNNING:
             self.stream_end(stream, "interrupted")
@@ -377,9 +380,24 @@ class Session(StreamEvents):
             tools=stream.tools,
             tool_choice=stream.tool_choice,
             steered_from=stream.id,
+            input_bytes=size,
         )
         actions.append(StartGeneration(steered))
         return new_id, actions
+
+    def _steer_allowed(self, stream: Stream, msg: Interrupt, size: int) -> bool:
+        """A steer starts a generation: the new id, the conversation's ``size``
+        and the identity's generation limits must allow it (else answered)."""
+        new, limit = msg.new_stream, self.stream_limits.conversation_bytes
+        if new is not None and self.book.used(new):
+            message = f"stream id {new!r} is already used in this session"
+            self.out.error(ErrorCode.STREAM_EXISTS, message, ref=msg.id, stream=new)
+        elif size > limit:
+            message = f"the conversation would be {size} bytes; the limit is {limit}"
+            self.out.error(ErrorCode.CONVERSATION_TOO_LARGE, message, ref=msg.id, stream=stream.id)
+        else:
+            return self._generation_allowed(msg.id)
+        return False
 
     def _ack(self, msg: Ack) -> None:
         out = self.out

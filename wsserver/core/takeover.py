@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from .session import Session
-from .streams import Reasoning, Stream, add_text
+from .streams import Reasoning, Stream, text_bytes
 
 __all__ = ["end_lost", "restore_log"]
 
@@ -59,9 +59,11 @@ def end_lost(session: Session, stream: Stream, frames: list[dict[str, Any]], err
     for msg in frames:
         kind = msg["type"]
         if kind == "stream.snapshot":
-            stream.parts, stream.reasoning, stream.calls = [msg["text"]], None, None
+            stream.parts, stream.reasoning, stream.calls, stream.kept_bytes = [], None, None, 0
+            stream.keep(msg["text"])
             if msg.get("reasoning"):
                 stream.reasoning = [Reasoning([msg["reasoning"]], 0, 0)]
+                stream.kept_bytes += text_bytes(msg["reasoning"])
             for call in msg.get("calls", ()):
                 stream.open_call(call["call"], call["name"])
                 stream.add_arguments(call["call"], call["arguments"])
@@ -73,7 +75,7 @@ def end_lost(session: Session, stream: Stream, frames: list[dict[str, Any]], err
             if msg["call"] not in (stream.calls or ()):
                 stream.open_call(msg["call"], msg["name"])
         elif part is None:
-            add_text(stream.parts, msg["text"])
+            stream.keep(msg["text"])
         elif part == "reasoning":
             stream.add_reasoning(msg["text"])
         elif msg.get("call") in (stream.calls or ()):  # (its stream.tool_call may be acked away)

@@ -35,7 +35,7 @@ from ..core.session import Session
 from ..providers import Providers, SimulatedProvider
 from ..wire.codec import encode
 from ..wire.errors import CloseCode, ErrorCode, ProtocolError
-from ..wire.messages import Hello, Shutdown
+from ..wire.messages import SUPPORTED_PROTOCOLS, Hello, Shutdown, decode_client
 from .auth import Authenticator, Identity
 from .connection import Connection
 from .fanout import Fanout
@@ -95,8 +95,17 @@ def create_backplane(config: ServerConfig) -> Backplane:
             node_timeout=config.node_timeout,
             history_size=config.channel_history,
             history_ttl=config.channel_history_ttl,
+            history_bytes=config.channel_history_bytes,
+            history_bytes_per_publisher=config.channel_history_bytes_per_identity,
+            inbox_messages=config.inbox_messages,
+            inbox_bytes=config.inbox_bytes,
         )
-    return MemoryBackplane(history_size=config.channel_history, history_ttl=config.channel_history_ttl)
+    return MemoryBackplane(
+        history_size=config.channel_history,
+        history_ttl=config.channel_history_ttl,
+        history_bytes=config.channel_history_bytes,
+        history_bytes_per_publisher=config.channel_history_bytes_per_identity,
+    )
 
 
 class Server:
@@ -139,6 +148,7 @@ class Server:
                 "max_id_length": 64,
                 "max_subscriptions": cfg.max_subscriptions,
                 "max_data_bytes": cfg.max_data_bytes,
+                "max_stream_bytes": cfg.max_stream_bytes,
             },
             "server": f"wsserver/{__version__}",
         }
@@ -304,6 +314,23 @@ class Server:
         raise ProtocolError(
             ErrorCode.UNAUTHORIZED, "a valid credential is required", ref=hello.id, close=CloseCode.UNAUTHORIZED
         )
+
+    def hello_admitted(self, text: str, identity: Identity | None) -> bool:
+        """Whether a connection's first frame is a hello the protocol will let
+        in: valid, of a supported protocol, authenticated. Only such a hello
+        may claim its agent name on a shared backplane, so refused hellos
+        lock no name out (the protocol answers them as usual)."""
+        try:
+            hello = decode_client(text)
+        except ProtocolError:
+            return False
+        if not isinstance(hello, Hello) or hello.protocol not in SUPPORTED_PROTOCOLS:
+            return False
+        try:
+            self.identify(hello, identity)
+        except ProtocolError:
+            return False
+        return True
 
     def protocol_for(self, conn: Attachable) -> ServerProtocol:
         """The protocol state machine of a new connection (or tunnel) ``conn``."""

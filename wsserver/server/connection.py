@@ -122,8 +122,7 @@ class Connection:
 
     __slots__ = (
         "_carry", "_done", "_flush_on_close", "_unsent", "_send_scheduled", "_writer", "busy", "close_with", "drained",
-        "identity", "ip",
-        "live", "proto", "reserved", "server", "tunnel", "wake", "ws",
+        "identity", "ip", "live", "proto", "reserved", "server", "tunnel", "wake", "ws",
     )
 
     def __init__(self, server: Server, ws: ServerConnection, identity: Identity | None) -> None:
@@ -137,8 +136,8 @@ class Connection:
         self.busy = False  # the writer is sending a batch
         self._send_scheduled = False
         self._flush_on_close = False
-        self._done = False  # the read loop has ended: no writer is started any more
         self._writer: asyncio.Task[None] | None = None
+        self._done = False  # the reader finished: no writer is made any more
         #: Frames taken for an inline write that the socket would not take
         #: without waiting: the writer sends them first (a resume's replay).
         self._carry: list[bytes] = []
@@ -160,16 +159,20 @@ class Connection:
         except ConnectionClosed:
             pass
         finally:
-            self._done = True
-            writer = self._writer
             if self._flush_on_close:  # a violation: send the error first
                 with contextlib.suppress(ConnectionClosed):
-                    if writer is not None:
-                        writer.cancel()
+                    if self._writer is not None:
+                        self._writer.cancel()
                     await self._flush()
             self.proto.release()
             if self.live is not None:
                 self.live.detach(self)  # a dropped socket never cancels anything
+            # No writer from now on, and the one there is ends here: a send
+            # scheduled before (or during the flush above, which may have made
+            # one) must not leave a task pending forever ("Task was destroyed
+            # but it is pending!" once the connection is collected).
+            self._done = True
+            writer = self._writer
             if writer is not None:
                 writer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -214,6 +217,8 @@ class Connection:
                         if route.connect is not None:
                             await self._tunnel(route, data)
                             return
+                        if server.hello_admitted(data, self.identity):  # only then may it claim an agent name
+                            route = await server.backplane.reserve_agent(hello)
                         self.reserved = route
             else:
                 data = await ws.recv()
@@ -287,6 +292,8 @@ class Connection:
         fanout.count(frames)  # (no delivery_seconds sample: an inline write does not wait)
 
     def _wake_writer(self) -> None:
+        if self._done:
+            return
         self.server.fanout.lagging.add(self)
         if self._writer is None:
             self.wake, self.drained = asyncio.Event(), asyncio.Event()

@@ -52,6 +52,8 @@ from websockets.exceptions import SecurityError
 from websockets.http11 import MAX_LINE_LENGTH, parse_headers
 from websockets.streams import StreamReader
 
+from .http import duplicated_header
+
 if TYPE_CHECKING:
     from websockets.asyncio.server import ServerConnection
 
@@ -134,6 +136,9 @@ def parse_head(head: bytes, ip: str) -> HttpRequest:
         raise HttpError(400, "bad_request", "invalid HTTP headers") from None
     else:  # pragma: no cover - fed to EOF, the parser cannot ask for more
         raise HttpError(400, "bad_request", "incomplete HTTP headers")
+    duplicated = duplicated_header(headers)  # (read as one value by the handlers: never guessed)
+    if duplicated is not None:
+        raise HttpError(400, "bad_request", f"duplicated {duplicated} header")
     return HttpRequest(method, target, version, headers, ip)
 
 

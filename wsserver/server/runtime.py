@@ -105,6 +105,7 @@ class SessionRuntime:
         log, and once idle the session is parked (:meth:`settle`)."""
         session = self.session
         session.paused.update(session.subscriptions)
+        session.members.away = True  # direct messages wait in its inbox
         sessions = self.server.sessions
         if sessions.active(session.id) is self:
             loop = asyncio.get_running_loop()

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..cluster.backplane import AdoptedSession, Route
 from ..core import dormant
-from ..core.limits import ChannelRules, GenerationQuota, MessagingLimits, TokenBucket, TokenBudget
+from ..core.limits import ChannelRules, GenerationQuota, MessagingLimits, StreamLimits, TokenBucket, TokenBudget
 from ..core.protocol import Opened
 from ..core.session import ANONYMOUS, Session
 from ..core.streams import Stream
@@ -40,6 +40,7 @@ from .runtime import Attachable, SessionRuntime
 
 if TYPE_CHECKING:
     from .app import Server
+    from .auth import Identity
 
 __all__ = ["Sessions"]
 
@@ -68,7 +69,11 @@ class Sessions(Mapping[str, SessionRuntime]):
             max_data_bytes=cfg.max_data_bytes,
             publish_rate=cfg.publish_rate,
             publish_burst=cfg.publish_rate * 2,
+            inbox_messages=cfg.inbox_messages,
+            inbox_bytes=cfg.inbox_bytes,
         )
+        # (the conversation an interrupt continues: no larger than one a client could send)
+        self.stream_limits = StreamLimits(cfg.max_stream_bytes, cfg.recent_streams_bytes, cfg.max_size)
         self._quotas: dict[str, GenerationQuota] = {}
 
     def __getitem__(self, session_id: str) -> SessionRuntime:
@@ -185,10 +190,12 @@ class Sessions(Mapping[str, SessionRuntime]):
             if hello.snapshot:
                 session.snapshot()
                 telemetry.resumes.labels("ok").inc()
+                self._back(session, identity)
                 return Opened(session, True)
             replay = session.replay_after(hello.last_seq or 0)
             if replay is not None:
                 telemetry.resumes.labels("ok").inc()
+                self._back(session, identity)
                 return Opened(session, True, after=replay)
             message = (
                 f"cannot resume after seq {hello.last_seq or 0}: the session's "
@@ -220,6 +227,17 @@ class Sessions(Mapping[str, SessionRuntime]):
         live.attach(conn)
         return Opened(session, False, before=before)
 
+    def _back(self, session: Session, identity: Identity) -> None:
+        """A resumed session, its replay taken: the resuming credential's
+        channel rights apply from now on, and the direct messages that waited
+        while it was away follow the replay."""
+        backplane = self._server.backplane
+        changed = session.members.rules != identity.rules
+        for call in session.members.restrict(identity.rules, session.streams.values()):
+            backplane.call(session, call)  # (unsubscribes: carried out at once by every backplane)
+        session.members.present()
+        backplane.session_resumed(session, rights_changed=changed)
+
     def _new_session(
         self,
         session_id: str,
@@ -242,6 +260,7 @@ class Sessions(Mapping[str, SessionRuntime]):
             session_id,
             providers=server.providers,
             max_streams=cfg.max_streams,
+            stream_limits=self.stream_limits,
             max_log_messages=cfg.replay_max_messages,
             max_log_bytes=cfg.replay_max_bytes,
             coalesce=cfg.coalesce,
@@ -250,6 +269,7 @@ class Sessions(Mapping[str, SessionRuntime]):
             identity=identity,
             observer=server.telemetry,
             quota=self._quota(quota_key),
+            account=quota_key,  # (per IP when anonymous)
             **fields,
         )
         if server.backplane.shared:

@@ -183,6 +183,8 @@ class SseConnection:
                     if route.connect is not None:
                         await self._open_tunnel(route, text)
                         continue
+                    if server.hello_admitted(text, self.identity):  # only then may it claim an agent name
+                        route = await server.backplane.reserve_agent(hello)
                     self.reserved = route
             actions = proto.receive_text(text)
             telemetry.messages_in.labels(proto.last_type).inc()
