@@ -38,13 +38,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller counts; the whole run takes < 2 min")
     p.add_argument("--scenario", action="append", choices=SCENARIOS,
-                   help="run only this scenario (repeatable); default: all six")
+                   help="run only this scenario (repeatable); default: all eight")
     p.add_argument("--set", action="append", default=[], metavar="[SCENARIO.]KEY=VALUE",
                    help="override a parameter, e.g. conns=4, fanout.subs=100,500 (see bench/scenarios.py)")
     p.add_argument("--servers", help="comma list of other servers to include (wsserver always runs): wsserver-sse,raw,sse,naive")
     p.add_argument("--out", type=Path, help="results folder (default bench/results, or bench/results/quick)")
     p.add_argument("--profile", action="store_true",
-                   help="also run wsserver once more under py-spy in streaming and fanout; writes profile-*.txt")
+                   help="also run wsserver once more under py-spy in streaming, fanout and service; "
+                        "writes profile-*.txt")
     p.add_argument("--keep-tmp", action="store_true", help="keep the scratch folder (logs, samples)")
     p.add_argument("--wsserver-args", default="", metavar="ARGS",
                    help="extra flags for `wsserver serve`, e.g. --wsserver-args=--no-coalesce")

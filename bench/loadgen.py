@@ -8,11 +8,12 @@ percentiles across processes. Times are ``time.monotonic()`` seconds, which
 on Linux is one clock for every process of the machine.
 
 Roles: ``stream`` (unpaced throughput or paced latency), ``fanout_sub``,
-``fanout_pub``, ``idle``, ``cancel``, ``replay``. ``kind`` is ``wsserver``
-(the real protocol), ``wsserver-sse`` (the real protocol over wsserver's HTTP
-transport: ``GET /v1/events`` + ``POST /v1/send``, aiohttp), ``ws`` (the
-baselines' ``{"op": ...}`` requests) or ``sse`` (aiohttp against the SSE
-baseline).
+``fanout_pub``, ``idle``, ``cancel``, ``replay``, ``churn`` (users arriving
+at a fixed rate, each on a new connection for one paced reply). ``kind`` is
+``wsserver`` (the real protocol), ``wsserver-sse`` (the real protocol over
+wsserver's HTTP transport: ``GET /v1/events`` + ``POST /v1/send``, aiohttp),
+``ws`` (the baselines' ``{"op": ...}`` requests) or ``sse`` (aiohttp against
+the SSE baseline).
 """
 
 from __future__ import annotations
@@ -765,7 +766,127 @@ async def role_replay(spec: dict[str, Any], stdin: Stdin) -> None:
     )
 
 
+# -------------------------------------------------------------------- churn
+
+
+async def role_churn(spec: dict[str, Any], stdin: Stdin) -> None:
+    """Users arrive at ``rate`` per second (the first ``offset`` s after go) for
+    ``duration_s``; each connects, says hello, asks for one reply of ``tokens``
+    tokens paced at ``token_rate``, reads it to its ``stream.end`` and closes.
+
+    Samples (files of doubles, in pairs: when, relative to go, and how long):
+    every token's latency against the provider's schedule (as in the paced
+    role) and every user's connect + hello time.
+    """
+    kind, rate, duration = spec["kind"], spec["rate"], spec["duration_s"]
+    n, token_rate, ttft = spec["tokens"], spec["token_rate"], spec["ttft_ms"] / 1000
+    host, port = spec["host"], spec["port"]
+    loop = asyncio.get_running_loop()
+    lat_t, lats = array("d"), array("d")
+    hello_t, hellos = array("d"), array("d")
+    counts = {"started": 0, "completed": 0, "failed": 0, "tokens": 0, "frames": 0, "live": 0, "live_max": 0}
+    errors: list[str] = []
+    reasons: dict[str, int] = {}
+    if kind == "wsserver":
+        hello = b'{"type":"hello","protocol":1}'
+        request = generate_request({"tokens": n, "rate": token_rate, "ttft_ms": spec["ttft_ms"]}, "s1")
+    else:
+        hello = b'{"op":"hello"}'
+        request = orjson.dumps({"op": "stream", "n": n, "rate": token_rate, "ttft_ms": spec["ttft_ms"]})
+    tasks: set[asyncio.Task[None]] = set()
+    emit("READY", {"conns": 0})
+    await stdin.line()  # go
+    cpu0 = cpu_s()
+    t_go = time.monotonic()
+
+    async def user() -> None:
+        t0 = time.monotonic()
+        counts["started"] += 1
+        counts["live"] += 1
+        counts["live_max"] = max(counts["live_max"], counts["live"])
+        conn = None
+        try:
+            conn = await connect(host, port, "/", SUBPROTOCOL if kind == "wsserver" else None, timeout=30)
+            conn.send(hello)
+            welcome = await conn.recv()
+            if not welcome.startswith(b'{"type":"welcome"'):
+                raise RuntimeError(f"expected welcome, got {welcome[:200]!r}")
+            hello_t.append(t0 - t_go)
+            hellos.append(conn.now - t0)
+            done = loop.create_future()
+            seen = [0]
+
+            def on_frame(data: bytes, s: int, e: int, op: int) -> None:
+                now = conn.now
+                if data.startswith(P_DELTA, s):
+                    counts["frames"] += 1
+                    k = len(TOKEN_RE.findall(orjson.loads(data[s:e])["text"])) or 1
+                    base = t_req + ttft
+                    at = now - t_go
+                    for j in range(seen[0], seen[0] + k):
+                        lat_t.append(at)
+                        lats.append(now - (base + j / token_rate))
+                    seen[0] += k
+                elif data.startswith(P_END, s):
+                    msg = orjson.loads(data[s:e])
+                    counts["tokens"] += msg["usage"]["output_tokens"]
+                    reasons[msg["reason"]] = reasons.get(msg["reason"], 0) + 1
+                    if not done.done():
+                        done.set_result(None)
+
+            conn.on_frame = on_frame
+            t_req = time.monotonic()
+            conn.send(request)
+            await asyncio.wait_for(done, n / token_rate + 60)
+            counts["completed"] += 1
+        except Exception as exc:  # counted and reported; the run goes on
+            counts["failed"] += 1
+            if len(errors) < 5:
+                errors.append(f"{type(exc).__name__}: {exc}"[:300])
+        finally:
+            counts["live"] -= 1
+            if conn is not None:
+                conn.close()
+
+    def arrive() -> None:
+        task = loop.create_task(user())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    k = 0
+    while True:  # one call_at per second's worth of arrivals: no drift, no burst
+        at = spec.get("offset", 0.0) + k / rate
+        if at >= duration:
+            break
+        loop.call_at(t_go + at, arrive)
+        k += 1
+        if k % max(1, int(rate)) == 0:
+            await asyncio.sleep(max(0.0, t_go + at - 0.5 - time.monotonic()))
+    await asyncio.sleep(max(0.0, t_go + duration - time.monotonic()))
+    timed_out = False
+    if tasks:
+        _, pending = await asyncio.wait(set(tasks), timeout=spec["run_timeout"])
+        timed_out = bool(pending)
+        for task in pending:
+            task.cancel()
+    emit(
+        "RESULT",
+        {
+            **{k: v for k, v in counts.items() if k != "live"},
+            "reasons": reasons,
+            "errors": errors,
+            "timed_out": timed_out,
+            "lat_file": save(spec, "lat", lats),
+            "lat_t_file": save(spec, "lat_t", lat_t),
+            "hello_file": save(spec, "hello", hellos),
+            "hello_t_file": save(spec, "hello_t", hello_t),
+            "client_cpu_s": cpu_s() - cpu0,
+        },
+    )
+
+
 ROLES = {
+    "churn": role_churn,
     "stream": role_stream,
     "fanout_sub": role_fanout_sub,
     "fanout_pub": role_fanout_pub,

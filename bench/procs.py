@@ -128,32 +128,49 @@ class ServerProc:
         await self.stop()
         raise BenchError(f"server {self.name} did not start:\n{tail}")
 
+    def processes(self) -> list[psutil.Process]:
+        """The server's process and its children (the workers of ``--workers``)."""
+        assert self.ps is not None
+        try:
+            return [self.ps, *self.ps.children(recursive=True)]
+        except psutil.Error:
+            return [self.ps]
+
     def cpu(self) -> float:
-        """CPU seconds (user + system) of all the server's threads.
+        """CPU seconds (user + system) of all the server's threads (its workers' too).
 
         From ``/proc/PID/task/*/schedstat`` (nanoseconds) where the kernel has
         it; psutil's ``cpu_times`` counts in 10 ms ticks, too coarse for
         sub-second phases.
         """
-        assert self.ps is not None
-        try:
-            total = 0
-            for task in os.listdir(f"/proc/{self.ps.pid}/task"):
-                with open(f"/proc/{self.ps.pid}/task/{task}/schedstat") as f:
-                    total += int(f.read().split()[0])
-            return total / 1e9
-        except (OSError, ValueError, IndexError):
-            t = self.ps.cpu_times()
-            return t.user + t.system
+        total = 0.0
+        for ps in self.processes():
+            try:
+                ns = 0
+                for task in os.listdir(f"/proc/{ps.pid}/task"):
+                    with open(f"/proc/{ps.pid}/task/{task}/schedstat") as f:
+                        ns += int(f.read().split()[0])
+                total += ns / 1e9
+            except (OSError, ValueError, IndexError):
+                with contextlib.suppress(psutil.Error):
+                    t = ps.cpu_times()
+                    total += t.user + t.system
+        return total
 
     def cpu_split(self) -> tuple[float, float]:
-        assert self.ps is not None
-        t = self.ps.cpu_times()
-        return t.user, t.system
+        user = system = 0.0
+        for ps in self.processes():
+            with contextlib.suppress(psutil.Error):
+                t = ps.cpu_times()
+                user, system = user + t.user, system + t.system
+        return user, system
 
     def rss(self) -> int:
-        assert self.ps is not None
-        return int(self.ps.memory_info().rss)
+        total = 0
+        for ps in self.processes():
+            with contextlib.suppress(psutil.Error):
+                total += int(ps.memory_info().rss)
+        return total
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None

@@ -119,6 +119,10 @@ def _bars(ax: Any, labels: list[str], values: list[float | None], title: str, un
         ax.text(v + top * 0.02, i, text, va="center", fontsize=7)
 
 
+def ms_or_none(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
 def _ticks():  # type: ignore[no-untyped-def]
     from matplotlib.ticker import FuncFormatter
 
@@ -217,6 +221,37 @@ def chart_scenario(result: dict[str, Any], path: Path) -> None:
         _bars(axes[0], labels, [r[1] for r in rows[0]], "streaming tokens/s", "tokens/s")
         _bars(axes[1], labels, [r[2] for r in rows[1]], "paced latency p99", "ms", None, True)
         _bars(axes[2], labels, [r[1] for r in rows[2]], "fan-out deliveries/s", "deliveries/s")
+    elif sc == "workers":
+        if not result["tables"]:
+            return  # skipped (no redis-server)
+        rows = [t["rows"] for t in result["tables"]]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.0))
+        labels = [r[0] for r in rows[0]]
+        _bars(axes[0], labels, [r[1] for r in rows[0]], "streaming tokens/s", "tokens/s")
+        _bars(axes[1], labels, [r[1] for r in rows[1]], "fan-out deliveries/s", "deliveries/s")
+    elif sc == "service":
+        res = result["servers"]
+        labels = [v["label"] for v in res.values()]
+        colors = _colors(labels)
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+        for (name, v), color in zip(res.items(), colors):
+            mids = [(w["start_s"] + w["end_s"]) / 2 for w in v["windows"]]
+            axes[0].plot(mids, [w["lat_p99_ms"] or 0 for w in v["windows"]], marker="o", ms=3, color=color,
+                         label=v["label"])
+            axes[1].plot([t for t, _ in v["rss_series"]], [r for _, r in v["rss_series"]], color=color,
+                         label=v["label"])
+        axes[0].set_title("token latency p99 per window, ms (lower is better)", fontsize=9)
+        axes[1].set_title("server RSS, MiB", fontsize=9)
+        for ax in axes[:2]:
+            ax.set_xlabel("s since the first user", fontsize=8)
+            ax.tick_params(labelsize=7)
+            ax.set_ylim(bottom=0)
+            ax.legend(fontsize=7)
+        gc = ((res.get("wsserver") or {}).get("metrics") or {}).get("gc", {})
+        gens = sorted(gc)
+        _bars(axes[2], [f"generation {g}" for g in gens], [ms_or_none(gc[g].get("max_s")) for g in gens],
+              "wsserver's longest GC pause (20 ms target)", "ms")
+        axes[2].axvline(20, color=FAIL, lw=1, ls="--")
     else:  # pragma: no cover
         return
     fig.suptitle(result["title"], fontsize=9.5)

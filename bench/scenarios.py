@@ -1,4 +1,5 @@
-"""The scenarios (the sixth, two nodes on Redis, is in cluster.py). Each returns a result dict (see ``report``) with its
+"""The scenarios (the sixth, two nodes on Redis, is in cluster.py; the seventh, as a service runs, in
+service.py; the eighth, one worker against two, in workers.py). Each returns a result dict (see ``report``) with its
 tables, its targets and every raw number, all measured in this invocation.
 
 Conventions: "ours ÷ this" columns divide wsserver's figure by the row's
@@ -67,6 +68,16 @@ DEFAULTS: dict[str, dict[str, dict[str, Any]]] = {
         "quick": {"conns": 20, "tokens": 500, "paced_streams": 200, "paced_rate": 20.0, "paced_tokens": 40,
                   "subs": 200, "messages": 100, "rounds": 1},
     },
+    "service": {
+        "full": {"rate": 100.0, "duration_s": 240.0, "tokens": 100, "token_rate": 20.0, "ttft_ms": 0.0,
+                 "window_s": 20.0, "procs": 2},
+        "quick": {"rate": 50.0, "duration_s": 20.0, "tokens": 100, "token_rate": 20.0, "ttft_ms": 0.0,
+                  "window_s": 5.0, "procs": 2},
+    },
+    "workers": {
+        "full": {"conns": 100, "tokens": 5000, "subs": 1000, "messages": 300, "procs": 2, "rounds": 2},
+        "quick": {"conns": 40, "tokens": 1000, "subs": 200, "messages": 100, "procs": 2, "rounds": 1},
+    },
 }
 SCENARIOS = list(DEFAULTS)
 SERVERS_FOR = {
@@ -76,6 +87,8 @@ SERVERS_FOR = {
     "idle": ["wsserver", "raw"],
     "control": ["wsserver", "raw", "naive"],
     "cluster": ["wsserver"],  # its own servers: see bench/cluster.py
+    "service": ["wsserver", "raw"],
+    "workers": ["wsserver"],  # its own servers: see bench/workers.py
 }
 
 
@@ -704,6 +717,18 @@ async def scenario_cluster(ctx: Ctx) -> dict[str, Any]:
     return await run(ctx)
 
 
+async def scenario_service(ctx: Ctx) -> dict[str, Any]:
+    from .service import scenario_service as run  # (it builds on this module)
+
+    return await run(ctx)
+
+
+async def scenario_workers(ctx: Ctx) -> dict[str, Any]:
+    from .workers import scenario_workers as run  # (it builds on this module)
+
+    return await run(ctx)
+
+
 RUNNERS: dict[str, Callable[[Ctx], Awaitable[dict[str, Any]]]] = {
     "streaming": scenario_streaming,
     "paced": scenario_paced,
@@ -711,4 +736,6 @@ RUNNERS: dict[str, Callable[[Ctx], Awaitable[dict[str, Any]]]] = {
     "idle": scenario_idle,
     "control": scenario_control,
     "cluster": scenario_cluster,
+    "service": scenario_service,
+    "workers": scenario_workers,
 }

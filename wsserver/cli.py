@@ -87,6 +87,19 @@ async def serve_until_signalled(config: ServerConfig, ready: Callable[[str], Non
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     config = from_args(args)
+    if config.workers < 1:
+        raise SystemExit(f"wsserver: setting workers: at least 1, got {config.workers}")
+    if config.workers > 1:
+        if not config.redis_url:
+            raise SystemExit(
+                f"wsserver: --workers {config.workers} needs the Redis backplane (--redis URL or "
+                "WSSERVER_REDIS_URL): the workers share sessions and channels through it, so that a "
+                "client may resume through any of them"
+            )
+        from .server.workers import supervise
+
+        argv: list[str] = args.argv
+        return int(asyncio.run(supervise(config, argv[argv.index("serve") + 1 :])))
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -306,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # (the workers of --workers get them too)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

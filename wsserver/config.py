@@ -46,7 +46,9 @@ class ServerConfig:
     provider: str = _opt("simulated", "default provider for generate requests")
     model: str | None = _opt(None, "default model (the provider's own default when unset)")
     max_streams: int = _opt(8, "concurrent streams per session (too_many_streams beyond)")
-    max_size: int = _opt(1 << 20, "largest client message in bytes; larger closes with 1009")
+    max_size: int = _opt(
+        1 << 20, "largest client message in bytes (1009 beyond); also the largest conversation an interrupt continues"
+    )
     max_queue: int = _opt(16, "incoming frames buffered per connection before TCP backpressure")
     write_limit: int = _opt(1 << 15, "write buffer high-water mark per connection, bytes")
     ping_interval: float = _opt(20.0, "WebSocket keepalive ping interval in s (0 = off)")
@@ -58,11 +60,25 @@ class ServerConfig:
     session_ttl: float = _opt(120.0, "seconds a session outlives its connection (resume window)")
     replay_max_messages: int = _opt(10_000, "replay log bound per session, in frames")
     replay_max_bytes: int = _opt(4 << 20, "replay log bound per session, in bytes")
+    max_stream_bytes: int = _opt(
+        1 << 20, "output one stream keeps (text, reasoning, tool calls), bytes; at it the stream ends 'length'"
+    )
+    recent_streams_bytes: int = _opt(
+        4 << 20, "what a session keeps of its ended streams (for interrupt), bytes; oldest forgotten first"
+    )
     max_subscriptions: int = _opt(100, "channel subscriptions per session (too_many_subscriptions beyond)")
     publish_rate: float = _opt(100.0, "publish + send per session per second (burst 2x; rate_limited beyond)")
     max_data_bytes: int = _opt(64 * 1024, "largest publish/send data, encoded (message_too_large beyond)")
+    inbox_messages: int = _opt(100, "direct messages held for an agent that is away (inbox_full beyond)")
+    inbox_bytes: int = _opt(1 << 20, "bytes of direct messages held for an agent that is away (inbox_full beyond)")
     channel_history: int = _opt(1000, "messages each channel keeps for recovery by offset")
     channel_history_ttl: float = _opt(300.0, "seconds a channel message stays recoverable")
+    channel_history_bytes: int = _opt(
+        128 << 20, "bytes the histories of all channels keep together (oldest forgotten first)"
+    )
+    channel_history_bytes_per_identity: int = _opt(
+        16 << 20, "bytes one identity's publications keep in all channel histories (per IP when anonymous)"
+    )
     slow_consumer_bytes: int = _opt(
         4 << 20, "close a connection with 1013 when this much output waits for it (slow consumer)"
     )
@@ -110,7 +126,9 @@ class ServerConfig:
     )
     jwt_secret: str | None = _opt(None, "HS256 secret for JWT credentials; turns authentication on", secret=True)
     allowed_origins: tuple[str, ...] = _opt(
-        (), "browser Origin allowed besides same-host and localhost (repeatable; '*' = any)", flag="--allowed-origin"
+        (),
+        "browser Origin allowed besides the server's own page on an IP address or localhost (repeatable; '*' = any)",
+        flag="--allowed-origin",
     )
     channel_subscribe: tuple[str, ...] = _opt(("*",), "channel patterns clients may subscribe to (repeatable)")
     channel_publish: tuple[str, ...] = _opt(("*",), "channel patterns clients may publish on (repeatable)")
@@ -119,12 +137,16 @@ class ServerConfig:
     token_rate: float = _opt(0.0, "output tokens per identity per minute (0 = off)")
     abuse_threshold: int = _opt(100, "close with 1008 after this many refused messages in 10 s (min 50)")
     max_connections: int = _opt(10_000, "open connections in total (503 beyond)")
-    max_connections_per_ip: int = _opt(0, "open connections per client IP (503 beyond; 0 = off)")
+    max_connections_per_ip: int = _opt(
+        256, "open connections per client IP (503 beyond; 0 = off; behind a proxy all share its IP)"
+    )
     open_timeout: float = _opt(10.0, "seconds for the opening handshake")
     drain_timeout: float = _opt(30.0, "on SIGTERM, seconds running streams may take to finish")
     reconnect_ms: int = _opt(1000, "shutdown.reconnect_ms: when clients should reconnect after a drain")
-    metrics: bool = _opt(True, "serve Prometheus metrics at /metrics")
-    metrics_token: str | None = _opt(None, "require 'Authorization: Bearer TOKEN' for /metrics", secret=True)
+    metrics: bool = _opt(True, "serve Prometheus metrics at /metrics (without a token: to loopback peers only)")
+    metrics_token: str | None = _opt(
+        None, "require 'Authorization: Bearer TOKEN' for /metrics (then from any address)", secret=True
+    )
     log_format: str = _opt("text", "log format", choices=("text", "json"))
     log_content: bool = _opt(False, "log prompt and completion text (debugging only)")
     loop: str = _opt("auto", "event loop", choices=("auto", "asyncio", "uvloop"))
@@ -138,6 +160,11 @@ class ServerConfig:
     )
     node_id: str | None = _opt(None, "this node's name on the backplane (default: random)")
     node_timeout: float = _opt(3.0, "a node whose heartbeat is older than this many s is declared lost")
+    workers: int = _opt(
+        1, "server processes on one port (SO_REUSEPORT), sharing the Redis backplane of --redis (required above 1); "
+        "a worker that dies is restarted (command line only)"
+    )
+    reuse_port: bool = _opt(False, "listen with SO_REUSEPORT, so that several processes share the port (--workers does)")
     conformance_echo: bool = _opt(
         False, "testing only: also echo every message on WebSocket path /_echo (Autobahn conformance runs)"
     )

@@ -6,7 +6,9 @@ send for the same tokens) with one ``await ws.send()`` each and an
 shared/notes/sse-baseline.md); paced streams sleep to the same schedule as
 wsserver's simulated provider. Fan-out: ``broadcast()`` or a per-connection
 ``await send()`` loop (``mode`` of the ``pub`` request). Replay: N stored
-frames, one ``await send()`` each.
+frames, one ``await send()`` each. ``{"op": "gc"}`` answers the pauses of its
+garbage collector so far (count, total and longest by generation), for the
+service scenario's context.
 
 ``python -m bench.baselines.raw_ws --tokens FILE [--port 0]``
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gc
 import time
 
 import orjson
@@ -31,6 +34,19 @@ SUBSCRIBED = b'{"type":"subscribed"}'
 OK = b'{"type":"ok"}'
 channels: dict[str, dict[ServerConnection, None]] = {}
 offsets: dict[str, int] = {}
+#: Collections by generation: [count, total seconds, longest seconds].
+gc_pauses = [[0, 0.0, 0.0] for _ in range(3)]
+_gc_started = [0.0]
+
+
+def time_gc(phase: str, info: dict[str, int]) -> None:
+    if phase == "start":
+        _gc_started[0] = time.perf_counter()
+        return
+    pause, stats = time.perf_counter() - _gc_started[0], gc_pauses[info["generation"]]
+    stats[0] += 1
+    stats[1] += pause
+    stats[2] = max(stats[2], pause)
 
 
 @functools.cache
@@ -111,6 +127,8 @@ async def handler(ws: ServerConnection) -> None:
                     await send(frame, text=True)
             elif op == "hello":
                 await ws.send(WELCOME, text=True)
+            elif op == "gc":
+                await ws.send(orjson.dumps({"type": "gc", "gc": gc_pauses}), text=True)
     except ConnectionClosed:
         pass
     finally:
@@ -121,6 +139,7 @@ async def handler(ws: ServerConnection) -> None:
 
 
 async def main(port: int) -> None:
+    gc.callbacks.append(time_gc)
     sock = sh.listen(port)
     async with serve(
         handler,

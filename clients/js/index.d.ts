@@ -27,11 +27,11 @@ export declare const NO_RECONNECT_CODES: ReadonlySet<number>;
 export type ErrorCode =
   | "bad_json" | "bad_message" | "unknown_type" | "binary_frame" | "not_hello" | "duplicate_hello"
   | "unsupported_protocol" | "not_implemented" | "duplicate_request" | "too_many_streams"
-  | "stream_exists" | "unknown_stream" | "provider_unavailable"
+  | "stream_exists" | "unknown_stream" | "provider_unavailable" | "conversation_too_large"
   | "bad_tool_schema" | "duplicate_tool" | "unknown_tool" | "unknown_tool_call" | "misplaced_content" | "bad_image"
   | "not_waiting" | "unknown_call" | "call_answered" | "call_forbidden" | "approval_required" | "busy"
   | "resume_failed" | "rate_limited"
-  | "unauthorized" | "forbidden" | "bad_name" | "agent_name_taken" | "unknown_agent"
+  | "unauthorized" | "forbidden" | "bad_name" | "agent_name_taken" | "unknown_agent" | "inbox_full"
   | "too_many_subscriptions" | "message_too_large" | "backplane_unavailable"
   | "provider_error" | "provider_timeout" | "expired" | "shutdown" | "node_lost" | "internal"
   | "connection_lost" | "timeout";
@@ -75,6 +75,8 @@ export declare class WsServerError extends Error {
   readonly field?: string;
   /** For unsupported_protocol. */
   readonly supported?: number[];
+  /** For a subscription the server dropped (forbidden after a resume with narrower rights). */
+  readonly channel?: string;
 }
 export declare class RateLimitedError extends WsServerError {
   readonly retryAfterMs?: number;

@@ -240,7 +240,9 @@ async def test_metrics_and_readyz_show_the_backplane(redis_server: Any) -> None:
 
 
 async def test_a_relayed_client_that_stops_reading_is_closed_as_a_slow_consumer(redis_server: Any) -> None:
-    async with nodes(redis_server.url, slow_consumer_bytes=64 * 1024, close_timeout=0.5) as (a, b):
+    # (max_stream_bytes: an answer that outgrows the kernel's socket buffers)
+    slow = {"slow_consumer_bytes": 64 * 1024, "close_timeout": 0.5, "max_stream_bytes": 1 << 30}
+    async with nodes(redis_server.url, **slow) as (a, b):
         async with client(a) as (_, welcome):
             pass
         async with connect(b.url, compression=None, max_queue=1, close_timeout=0.5) as ws:

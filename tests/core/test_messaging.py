@@ -13,7 +13,7 @@ class RemoteChannels:
     def __init__(self) -> None:
         self.published: list[tuple[str, str, bytes]] = []
 
-    def publish_nowait(self, channel: str, sender: str, data: bytes) -> None:
+    def publish_nowait(self, channel: str, sender: str, data: bytes, publisher: str = "") -> None:
         self.published.append((channel, sender, data))
 
 

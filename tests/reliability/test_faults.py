@@ -312,8 +312,10 @@ async def test_slow_reader_gets_every_token_in_fewer_frames() -> None:
 
 
 async def test_stalled_reader_is_closed_1013_and_resumes_intact() -> None:
-    # a log big enough for the whole 1M-token stream (~6 MB, ~20k frames)
-    big_log = {"replay_max_messages": 100_000, "replay_max_bytes": 64 << 20}
+    # a log big enough for the whole 1M-token stream (~6 MB, ~20k frames), and
+    # an answer allowed that long (within max_stream_bytes it all fits in the
+    # kernel's socket buffers: nothing stalls)
+    big_log = {"replay_max_messages": 100_000, "replay_max_bytes": 64 << 20, "max_stream_bytes": 64 << 20}
     async with make(slow_consumer_bytes=256 * 1024, close_timeout=1.0, **big_log) as server:
         client = Tracker(server)
         await client.open(rcvbuf=4096)

@@ -79,11 +79,22 @@ class TestAuthUnits:
         assert token_from_request("/", None) is None
 
     def test_origins(self) -> None:
-        assert origin_allowed(None, "example.com", [])
-        assert origin_allowed("https://example.com", "example.com", [])
-        assert origin_allowed("http://localhost:3000", "example.com", [])
+        assert origin_allowed(None, "example.com", [])  # not a browser
+        # the server's own page, reached by an address (or localhost)
+        assert origin_allowed("http://127.0.0.1:8765", "127.0.0.1:8765", [])
+        assert origin_allowed("http://localhost:8765", "localhost:8765", [])
+        assert origin_allowed("http://[::1]:8765", "[::1]:8765", [])
+        assert origin_allowed("http://192.168.1.5:8765", "192.168.1.5:8765", [])
+        # a DNS name agreeing with Host proves nothing (DNS rebinding) ...
+        assert not origin_allowed("http://evil.test:8765", "evil.test:8765", [])
+        assert not origin_allowed("https://example.com", "example.com", [])
+        # ... and other local pages are not the server's own
+        assert not origin_allowed("http://localhost:3000", "127.0.0.1:8765", [])
+        assert not origin_allowed("http://127.0.0.1:3000", "127.0.0.1:8765", [])
+        assert not origin_allowed("null", "127.0.0.1:8765", [])
         assert not origin_allowed("https://evil.test", "example.com", [])
         assert origin_allowed("https://app.test", "example.com", ["https://app.test"])
+        assert origin_allowed("https://example.com", "example.com", ["https://example.com"])
 
 
 class TestHandshake:
@@ -276,6 +287,21 @@ class TestObservability:
         assert during["wsserver_frames_out_total"] >= 5  # start, deltas (maybe merged), end, error, pong
         assert during["wsserver_bytes_out_total"] > before.get("wsserver_bytes_out_total", 0)
         assert "wsserver_delivery_seconds_count" in during  # sampled only when a socket lags
+
+    async def test_gc_pauses_are_timed_by_generation(self, make_server: Any) -> None:
+        import gc
+
+        async with make_server() as server:
+            gc.collect(0)
+            gc.collect(2)
+            _, _, body = await asyncio.to_thread(http_get, f"http://127.0.0.1:{server.port}/metrics")
+            samples = [s for family in text_string_to_metric_families(body.decode()) for s in family.samples]
+            counts = {s.labels["generation"]: s.value for s in samples if s.name == "wsserver_gc_pause_seconds_count"}
+            longest = {s.labels["generation"]: s.value for s in samples if s.name == "wsserver_gc_pause_max_seconds"}
+            assert counts["0"] >= 1 and counts["2"] >= 1, counts
+            assert longest["2"] > 0, longest
+            assert server.telemetry.gc in gc.callbacks
+        assert server.telemetry.gc not in gc.callbacks  # removed when the server closes
 
     async def test_metrics_token_and_off(self, make_server: Any) -> None:
         async with make_server(metrics_token="m") as server:

@@ -32,7 +32,7 @@ async def raw(server: Server, **kwargs: Any) -> AsyncIterator[RawClient]:
 
 async def test_500_subscribers_get_every_publication_in_offset_order(make_server: Any) -> None:
     n_subs, n_msgs = 500, 40
-    async with make_server(publish_rate=0, message_rate=0) as server:
+    async with make_server(publish_rate=0, message_rate=0, max_connections_per_ip=0) as server:
         conns: list[ClientConnection] = []
         try:
             for _ in range(n_subs):

@@ -901,7 +901,8 @@ async def test_a_stalled_reader_closed_as_slow_consumer_is_aborted_after_close_t
     # connection (and every frame queued for it) forever.
     import socket
 
-    async with make_server(slow_consumer_bytes=256 * 1024, close_timeout=1.0) as server:
+    # (one stream's answer unbounded: within max_stream_bytes all of it fits in the kernel's socket buffers)
+    async with make_server(slow_consumer_bytes=256 * 1024, close_timeout=1.0, max_stream_bytes=1 << 30) as server:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: stalls fast
         sock.setblocking(False)

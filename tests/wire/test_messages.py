@@ -170,6 +170,20 @@ class TestCodec:
                 assert exc.code in (ErrorCode.BAD_MESSAGE, ErrorCode.UNKNOWN_TYPE)
 
 
+def test_names_match_in_full() -> None:
+    # Regression: re.match with "^…$" accepted "planner\n" ("$" matches before
+    # a trailing newline), a name of its own shown as "planner" to others.
+    from wsserver.wire.names import valid_name
+
+    assert valid_name("planner") and valid_name("team:a.b-c_1") and valid_name("x" * 128)
+    for name in ("planner\n", "planner\n\n", "\nplanner", "plan ner", "", "x" * 129, "é"):
+        assert not valid_name(name), repr(name)
+    for name in ("s1\n", "s1\r"):  # the schema's pattern (pydantic: a Rust regex) agrees
+        with pytest.raises(ProtocolError) as exc:
+            decode_client(json.dumps({"type": "cancel", "stream": name}))
+        assert exc.value.field == "stream"
+
+
 def test_schema_is_up_to_date() -> None:
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gen_schema.py"), "--check"],

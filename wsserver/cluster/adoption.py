@@ -1,10 +1,11 @@
 """Node loss: heartbeats, and adopting the sessions of a node that stopped.
 
 Each node beats into the sorted set ``wss:nodes`` (scored with Redis's own
-clock) every ``node_timeout / 4``. When a node is ``node_timeout`` late, the
-first node to notice takes the lock ``wss:adopt:{node}`` and claims the lost
-node's sessions one script each (ownership moves only from the lost node);
-the others wait for it. An adopted session is rebuilt from its hash, its log
+clock) every ``node_timeout / 4``, and refreshes the agent names of its live
+sessions every ``node_timeout`` (they expire otherwise). When a node is
+``node_timeout`` late, the first node to notice takes the lock
+``wss:adopt:{node}`` and claims the lost node's sessions one script each
+(ownership moves only from the lost node); the others wait for it. An adopted session is rebuilt from its hash, its log
 and the requests of its running streams (:class:`AdoptedSession`), and the
 server runs it detached: its streams end with ``error node_lost`` after
 every frame the lost node had written (agent runs that waited for tool
@@ -55,12 +56,17 @@ class NodeWatch:
         """Heartbeat, and adopt the sessions of nodes whose heartbeat stopped."""
         bp, events = self._bp, self._bp.events
         interval = max(0.1, self.node_timeout / 4)
+        clock = asyncio.get_running_loop().time
+        refreshed = clock()
         while True:
             await asyncio.sleep(interval)
             if not bp.healthy:
                 continue
             try:
                 dropped, lost = await self.heartbeat()
+                if clock() - refreshed >= self.node_timeout:  # agent names expire unless refreshed
+                    refreshed = clock()
+                    await bp.refresh_agents()
                 if dropped:
                     # Another node may have declared this one lost (a pause
                     # longer than node_timeout) and adopted its sessions:

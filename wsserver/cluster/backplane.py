@@ -187,6 +187,11 @@ class Backplane(abc.ABC):
     def session_opened(self, session: Session) -> None:
         """A new session was opened on this node."""
 
+    def session_resumed(self, session: Session, *, rights_changed: bool = False) -> None:
+        """A client resumed ``session`` here (its replay is taken): direct
+        messages held for it while it was away may follow; ``rights_changed``:
+        its channel rights are now those of the resuming credential."""
+
     @abc.abstractmethod
     def session_ended(self, session: Session) -> None:
         """A session ended (expired, replaced, shut down): it leaves its
@@ -227,8 +232,9 @@ class Backplane(abc.ABC):
         (no such routed call) or ``forbidden`` (it was routed to another session)."""
 
     @abc.abstractmethod
-    def publish_nowait(self, channel: str, sender: str, data: bytes) -> None:
-        """Publish a stream's frame into ``channel``, in order, without waiting."""
+    def publish_nowait(self, channel: str, sender: str, data: bytes, publisher: str = "") -> None:
+        """Publish a stream's frame into ``channel``, in order, without waiting
+        (``publisher``: whose channel-history bound it counts against)."""
 
     @abc.abstractmethod
     def take_deliveries(self) -> list[Delivery]:

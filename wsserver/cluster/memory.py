@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -31,11 +31,17 @@ __all__ = ["MemoryBackplane"]
 
 
 class MemoryBackplane(Backplane):
-    """Every messaging call is answered at once by :class:`~wsserver.core.channels.Channels`."""
+    """Every messaging call is answered at once by :class:`~wsserver.core.channels.Channels`.
 
-    def __init__(self, *, history_size: int = 1000, history_ttl: float = 300.0) -> None:
+    Args:
+        history: the channels' history bounds (``history_size``,
+            ``history_ttl``, ``history_bytes``, ``history_bytes_per_publisher``:
+            see :class:`~wsserver.core.channels.Channels`).
+    """
+
+    def __init__(self, **history: Any) -> None:
         super().__init__()
-        self.channels = Channels(history_size=history_size, history_ttl=history_ttl)
+        self.channels = Channels(**history)
         #: Calls routed to agents, by route id.
         self.routes: dict[str, _Routed] = {}
         self.events: ClusterEvents | None = None
@@ -79,8 +85,8 @@ class MemoryBackplane(Backplane):
         self.events.call_result(routed.requester, routed.stream, routed.call, orjson.loads(answer.encoded), session.name)
         return "ok"
 
-    def publish_nowait(self, channel: str, sender: str, data: bytes) -> None:
-        self.channels.publish(channel, sender, data)
+    def publish_nowait(self, channel: str, sender: str, data: bytes, publisher: str = "") -> None:
+        self.channels.publish(channel, sender, data, publisher)
 
     def take_deliveries(self) -> list[Delivery]:
         return self.channels.take_deliveries()

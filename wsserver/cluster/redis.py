@@ -19,11 +19,15 @@ Keys (``{sid}`` a session id, ``{c}`` a channel, ``{n}`` a node)::
     wss:s:{sid}:run           SET  ids of the session's running streams
     wss:s:{sid}:req           HASH running stream id -> its request (for an adopting node)
     wss:s:{sid}:dm            LIST direct messages and routed calls not yet in the session's log
+    wss:s:{sid}:dmb           their bytes (direct messages are bounded while the session is away)
     wss:s:{sid}:res           HASH "{stream} {call}" -> an agent's result for a run, until it is in the log
     wss:call:{route}          HASH a call routed to an agent: requester stream call agent answered
-    wss:claim:{sid}           a new session's agent claim, until it is registered
-    wss:agent:{name}          STRING the session holding the agent name
+    wss:claim:{sid}           a new session's agent claim, until it is registered (10 s)
+    wss:agent:{name}          STRING the session holding the agent name; expires
+                              AGENT_TTL_BEATS x node_timeout after its node last refreshed it
     wss:c:{c}:e / :o / :h / :m  epoch, offset counter, history STREAM, members HASH
+    wss:hist:idx, :bytes      every channel's history entries in bytes, oldest first
+    wss:hist:p:{p}, :pb:{p}   those of one publisher
     pub/sub  wss:c:{c}        "{offset} {frame}" of every channel publication
     pub/sub  wss:n:{n}        control messages to a node (tunnels, direct messages)
     pub/sub  wss:p:{tunnel}   frames from the owner back to the tunnelling node
@@ -66,9 +70,15 @@ if TYPE_CHECKING:
     from ..core.actions import AnswerCall, MessagingCall, RouteCall
     from ..core.session import Session
 
-__all__ = ["RedisBackplane"]
+__all__ = ["AGENT_TTL_BEATS", "RedisBackplane"]
 
 logger = logging.getLogger("wsserver.backplane")
+
+#: An agent name's key expires this many ``node_timeout`` after its node last
+#: refreshed it (every ``node_timeout``, for its live sessions): a name
+#: outlives neither its session nor its node by much, and nothing claimed is
+#: left behind for good.
+AGENT_TTL_BEATS = 20
 
 
 class RedisBackplane(Backplane):
@@ -80,6 +90,10 @@ class RedisBackplane(Backplane):
             the same name takes its sessions back.
         node_timeout: seconds without a heartbeat before a node is lost.
         history_size, history_ttl: what each channel keeps for recovery.
+        history_bytes, history_bytes_per_publisher: what the histories of
+            all channels may hold together, and of one publisher's messages.
+        inbox_messages, inbox_bytes: the direct messages Redis holds for an
+            agent that is away (``inbox_full`` beyond).
     """
 
     shared = True
@@ -92,6 +106,10 @@ class RedisBackplane(Backplane):
         node_timeout: float = 3.0,
         history_size: int = 1000,
         history_ttl: float = 300.0,
+        history_bytes: int = 128 << 20,
+        history_bytes_per_publisher: int = 16 << 20,
+        inbox_messages: int = 100,
+        inbox_bytes: int = 1 << 20,
     ) -> None:
         super().__init__()
         self.url = url
@@ -110,11 +128,21 @@ class RedisBackplane(Backplane):
             "alive": register(lua.ALIVE),
             "route_call": register(lua.ROUTE_CALL),
             "answer_call": register(lua.ANSWER_CALL),
+            "refresh_agents": register(lua.REFRESH_AGENTS),
         }
+        self.inbox = (inbox_messages, inbox_bytes)
+        #: Expiry of an agent name's key, in ms (refreshed every node_timeout).
+        self.agent_ttl_ms = int(AGENT_TTL_BEATS * node_timeout * 1000)
         #: What this node's server is told (set by :meth:`start`).
         self.events: ClusterEvents
         self.writes = WriteQueue(self)
-        self.channels = RedisChannels(self, history_size=history_size, history_ttl=history_ttl)
+        self.channels = RedisChannels(
+            self,
+            history_size=history_size,
+            history_ttl=history_ttl,
+            history_bytes=history_bytes,
+            history_bytes_per_publisher=history_bytes_per_publisher,
+        )
         self.watch = NodeWatch(self, node_timeout)
         self.logs = SessionLogs(self)
         self.pubsub = PubSub(self)
@@ -122,8 +150,6 @@ class RedisBackplane(Backplane):
         #: This node's sessions by agent name (uniqueness across nodes is Redis's).
         self._agents: dict[str, Session] = {}
         #: Direct messages handed to a session and not yet trimmed off its queue, by id.
-        self._dm_seen: dict[str, set[str]] = {}
-        self._dm_draining: dict[str, bool] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watcher: asyncio.Task[None] | None = None
         self._recovering: asyncio.Task[None] | None = None
@@ -278,8 +304,14 @@ class RedisBackplane(Backplane):
     def session_ended(self, session: Session) -> None:
         self.channels.leave_all(session)
         self._release_agent(session)
-        self._dm_seen.pop(session.id, None)
+        self.calls.forget(session.id)
         self.logs.ended(session)
+
+    def session_resumed(self, session: Session, *, rights_changed: bool = False) -> None:
+        if rights_changed:  # an adopting node must know the narrower rights too
+            self.later(session.id, lambda pipe: self.logs.save_rules(pipe, session))
+        if self.healthy:  # what waited in its queue while it was away
+            self.spawn(self.take_direct_messages(session.id))
 
     # ----------------------------------------------------------- agent names
 
@@ -287,7 +319,15 @@ class RedisBackplane(Backplane):
         return name in self._agents
 
     def claim_agent(self, name: str, session: Session) -> None:
-        self._agents[name] = session  # shared uniqueness was settled by route()
+        self._agents[name] = session  # shared uniqueness was settled by reserve_agent()
+
+    async def refresh_agents(self) -> None:
+        """Keep the agent names of this node's live sessions from expiring."""
+        if not self._agents:
+            return
+        keys = [f"wss:agent:{name}" for name in self._agents]
+        args = [self.agent_ttl_ms, *(session.id for session in self._agents.values())]
+        await self.scripts["refresh_agents"](keys=keys, args=args)
 
     def _release_agent(self, session: Session) -> None:
         agent = session.agent
@@ -298,7 +338,11 @@ class RedisBackplane(Backplane):
             self.later(session.id, lambda pipe: eval_in(pipe, script, keys, args))
 
     async def route(self, hello: dict[str, Any]) -> Route:
-        """Find the session's owner: here, another live node (tunnel), or a lost one (adopt)."""
+        """Find the session's owner: here, another live node (tunnel), or a lost one (adopt).
+
+        Served here, the hello's agent name is not claimed yet: that waits
+        until the hello is known to be valid and authenticated (the server
+        calls :meth:`reserve_agent` then), so a refused hello locks no name."""
         if not self.healthy:
             return LOCAL
         sid = hello.get("session")
@@ -315,7 +359,7 @@ class RedisBackplane(Backplane):
                     await self.watch.adopt_node(owner_name)
                     if local(sid) is not None:
                         break
-            return await self.reserve_agent(hello)
+            return LOCAL
         except DOWN as exc:
             self.down(exc)
         return LOCAL
@@ -334,7 +378,7 @@ class RedisBackplane(Backplane):
         if not self.healthy:
             return Route(session_id=new_id)  # degraded: only this node's names are checked
         try:
-            claimed = await self.scripts["claim_agent"](keys=[f"wss:agent:{agent}"], args=[new_id])
+            claimed = await self.scripts["claim_agent"](keys=[f"wss:agent:{agent}"], args=[new_id, self.agent_ttl_ms])
         except DOWN as exc:
             self.down(exc)
             return Route(session_id=new_id)
@@ -361,8 +405,8 @@ class RedisBackplane(Backplane):
             elif isinstance(msg, Send):
                 head = orjson.dumps({"id": secrets.token_hex(8), "from": session.name})[:-1]
                 payload = head + b',"data":' + (call.encoded or b"null") + b"}"
-                found = await self.scripts["send"](keys=[f"wss:agent:{msg.to}"], args=[payload])
-                session.members.sent(msg, bool(found))
+                found = await self.scripts["send"](keys=[f"wss:agent:{msg.to}"], args=[payload, *self.inbox])
+                session.members.sent(msg, bool(found), full=found == 2)
         except BaseException as exc:  # answered, whatever happened: the connection goes on
             if isinstance(exc, DOWN) and not isinstance(exc, ConnectionError):
                 self.down(exc)  # (a ConnectionError of ours: the flusher saw it already)
@@ -374,8 +418,8 @@ class RedisBackplane(Backplane):
             if not isinstance(exc, Exception):
                 raise
 
-    def publish_nowait(self, channel: str, sender: str, data: bytes) -> None:
-        self.channels.publish_nowait(channel, sender, data)
+    def publish_nowait(self, channel: str, sender: str, data: bytes, publisher: str = "") -> None:
+        self.channels.publish_nowait(channel, sender, data, publisher)
 
     def take_deliveries(self) -> list[Delivery]:
         return self.channels.take_deliveries()
@@ -384,40 +428,8 @@ class RedisBackplane(Backplane):
         self.channels.sweep()
 
     async def take_direct_messages(self, sid: str) -> None:
-        """Hand the session the direct messages waiting for it in Redis.
-
-        They stay in its queue until the frames carrying them are in its log
-        (the append script trims the queue), so an ``ok`` to a ``send`` is
-        never lost to a crash in between; ids keep a second pass from
-        delivering one twice. One pass at a time per session, in order.
-        """
-        if sid in self._dm_draining:
-            self._dm_draining[sid] = True  # again after the running pass
-            return
-        self._dm_draining[sid] = False
-        try:
-            while True:
-                session = self.events.local_session(sid)
-                if session is None:
-                    return  # not (or no longer) ours: the new owner takes them when it adopts
-                items = await self.redis.lrange(f"{skey(sid)}:dm", 0, 999)
-                seen = self._dm_seen.setdefault(sid, set())
-                messages = [orjson.loads(item) for item in items]
-                seen.intersection_update(dm["id"] for dm in messages)  # trimmed ones are forgotten
-                for dm in messages:
-                    if dm["id"] not in seen:
-                        seen.add(dm["id"])
-                        if dm.get("kind") == "tool_call":
-                            session.members.deliver_tool_call(dm["from"], dm["call"], dm["name"], dm["arguments"])
-                        else:
-                            session.members.deliver_direct(dm["from"], dm["data"])
-                if not self._dm_draining.get(sid):
-                    return
-                self._dm_draining[sid] = False
-        except DOWN as exc:
-            self.down(exc)
-        finally:
-            self._dm_draining.pop(sid, None)
+        """Hand the session the direct messages and routed calls queued for it (:meth:`RoutedCalls.take_queued`)."""
+        await self.calls.take_queued(sid)
 
     # ---------------------------------------------------------- routed calls
 

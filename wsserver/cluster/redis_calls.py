@@ -1,4 +1,5 @@
-"""Calls of agent runs routed to agents through Redis.
+"""Calls of agent runs routed to agents through Redis, and the queue of a
+session's direct messages and routed calls (:meth:`RoutedCalls.take_queued`).
 
 A run's call for an agent is one script (:data:`~.redis_scripts.ROUTE_CALL`):
 it records the call under its route id (whose run made it, the agent's
@@ -32,6 +33,55 @@ __all__ = ["RoutedCalls"]
 class RoutedCalls:
     def __init__(self, backplane: RedisBackplane) -> None:
         self._bp = backplane
+        #: Ids of the queued items handed to each session (a second pass skips them).
+        self._seen: dict[str, set[str]] = {}
+        #: Sessions whose queue is being drained (True: drain again after this pass).
+        self._draining: dict[str, bool] = {}
+
+    def forget(self, sid: str) -> None:
+        self._seen.pop(sid, None)
+
+    async def take_queued(self, sid: str) -> None:
+        """Hand the session the direct messages and routed calls waiting for it in Redis.
+
+        They stay in its queue until the frames carrying them are in its log
+        (the append script trims the queue), so an ``ok`` to a ``send`` is
+        never lost to a crash in between; ids keep a second pass from
+        delivering one twice. One pass at a time per session, in order.
+        While the session is away they stay there (bounded by the send
+        script), and its resume takes them (``RedisBackplane.session_resumed``).
+        """
+        bp = self._bp
+        if sid in self._draining:
+            self._draining[sid] = True  # again after the running pass
+            return
+        self._draining[sid] = False
+        try:
+            while True:
+                session = bp.events.local_session(sid)
+                if session is None:
+                    return  # not (or no longer) ours: the new owner takes them when it adopts
+                items = await bp.redis.lrange(f"{skey(sid)}:dm", 0, 999)
+                session = bp.events.local_session(sid)
+                if session is None or session.members.away:
+                    return  # (away: its resume takes them; gone: its new owner does)
+                seen = self._seen.setdefault(sid, set())
+                messages = [orjson.loads(item) for item in items]
+                seen.intersection_update(dm["id"] for dm in messages)  # trimmed ones are forgotten
+                for dm in messages:
+                    if dm["id"] not in seen:
+                        seen.add(dm["id"])
+                        if dm.get("kind") == "tool_call":
+                            session.members.deliver_tool_call(dm["from"], dm["call"], dm["name"], dm["arguments"])
+                        else:
+                            session.members.deliver_direct(dm["from"], dm["data"])
+                if not self._draining.get(sid):
+                    return
+                self._draining[sid] = False
+        except DOWN as exc:
+            bp.down(exc)
+        finally:
+            self._draining.pop(sid, None)
 
     async def route(self, session: Session, call: RouteCall) -> bool:
         bp = self._bp

@@ -35,12 +35,25 @@ class RedisChannels:
 
     Args:
         history_size, history_ttl: what each channel keeps for recovery.
+        history_bytes, history_bytes_per_publisher: what all histories may
+            hold together, and the messages of one publisher in them (the
+            channel script trims them, oldest first).
     """
 
-    def __init__(self, backplane: RedisBackplane, *, history_size: int, history_ttl: float) -> None:
+    def __init__(
+        self,
+        backplane: RedisBackplane,
+        *,
+        history_size: int,
+        history_ttl: float,
+        history_bytes: int = 128 << 20,
+        history_bytes_per_publisher: int = 16 << 20,
+    ) -> None:
         self._bp = backplane
         self.history_size = history_size
         self.history_ttl = history_ttl
+        self.history_bytes = history_bytes
+        self.history_bytes_per_publisher = history_bytes_per_publisher
         #: This node's subscribed sessions per channel, in subscription order.
         self.local: dict[str, dict[Session, None]] = {}
         self._deliveries: list[Delivery] = []
@@ -70,20 +83,29 @@ class RedisChannels:
     # ------------------------------------------------------------ operations
 
     def args(
-        self, name: str, op: str, a6: Any = "", a7: Any = "", a8: Any = "", joined: str = "", presence: bytes = b"}"
+        self,
+        name: str,
+        op: str,
+        a6: Any = "",
+        a7: Any = "",
+        a8: Any = "",
+        joined: str = "",
+        presence: bytes = b"}",
+        publisher: str = "",
     ) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of the channel script (see :mod:`~wsserver.cluster.redis_scripts`)."""
         keys = [f"wss:c:{name}:e", f"wss:c:{name}:o", f"wss:c:{name}:h", f"wss:c:{name}:m"]
         epoch = secrets.token_hex(4)  # used only if the channel has none yet
         head = presence_parts(name)[0]
         args = [op, self.history_ttl, self.history_size, pubsub_name(name), epoch, a6, a7, a8, head, joined, presence]
+        args += [self.history_bytes, self.history_bytes_per_publisher, publisher]
         return keys, args
 
-    def publish_nowait(self, channel: str, sender: str, data: bytes) -> None:
+    def publish_nowait(self, channel: str, sender: str, data: bytes, publisher: str = "") -> None:
         """A stream's frame into ``channel``: published in order, not awaited
         (dropped during an outage, like the stream's other watchers' view)."""
         head, tail = channel_message_parts(channel, sender, data)
-        keys, args = self.args(channel, "pub", head, tail)
+        keys, args = self.args(channel, "pub", head, tail, publisher=publisher)
         bp = self._bp
         if bp.healthy:
             script = bp.scripts["channel"]
@@ -91,7 +113,7 @@ class RedisChannels:
 
     async def publish(self, session: Session, msg: Publish, encoded: bytes) -> None:
         head, tail = channel_message_parts(msg.channel, session.name, encoded)
-        keys, args = self.args(msg.channel, "pub", head, tail)
+        keys, args = self.args(msg.channel, "pub", head, tail, publisher=session.members.account)
         offset = await self._bp.scripts["channel"](keys=keys, args=args)
         session.members.published(msg, int(offset))
 

@@ -41,7 +41,6 @@ class SessionLogs:
     def register(self, pipe: Any, session: Session) -> None:
         """The session's hash: this node owns it (and what an adopter needs)."""
         bp = self._bp
-        rules = session.members.rules
         pipe.hset(
             skey(session.id),
             mapping={
@@ -50,17 +49,21 @@ class SessionLogs:
                 "agent": session.agent or "",
                 "public_id": session.public_id,
                 "subs": orjson.dumps(sorted(session.subscriptions)),
-                "rules": b"" if rules is None else orjson.dumps({"subscribe": rules.subscribe, "publish": rules.publish}),
+                "rules": _rules(session),
             },
         )
         pipe.sadd(f"wss:node:{bp.node}:sessions", session.id)
+
+    def save_rules(self, pipe: Any, session: Session) -> None:
+        """The session's channel rights changed (a resume with a narrower credential)."""
+        pipe.hset(skey(session.id), "rules", _rules(session))
 
     def reregister(self, pipe: Any, session: Session) -> None:
         """After Redis lost everything: the session, its agent name, its presence, its running streams."""
         self.register(pipe, session)
         key = skey(session.id)
         if session.agent is not None:
-            pipe.set(f"wss:agent:{session.agent}", session.id)
+            pipe.set(f"wss:agent:{session.agent}", session.id, px=self._bp.agent_ttl_ms)
         for name in session.subscriptions:
             pipe.hincrby(f"wss:c:{name}:m", session.name, 1)
         for stream in session.streams.values():
@@ -71,7 +74,7 @@ class SessionLogs:
         """Queue the append script for ``entries`` of ``session`` (the owner check included)."""
         bp = self._bp
         key = skey(session.id)
-        keys = [key, f"{key}:log", f"{key}:run", f"{key}:req", f"{key}:dm", f"{key}:res"]
+        keys = [key, f"{key}:log", f"{key}:run", f"{key}:req", f"{key}:dm", f"{key}:res", f"{key}:dmb"]
         args: list[Any] = [bp.node, session.acked, session.log_first]
         for seq, frame in entries:
             op, stream_id, request = "", "", b""
@@ -129,5 +132,11 @@ class SessionLogs:
         self._registering.pop(session.id, None)
         key = skey(session.id)
         keys = [key, f"{key}:log", f"{key}:run", f"{key}:req", f"{key}:dm", f"{key}:res", f"wss:node:{bp.node}:sessions"]
+        keys.append(f"{key}:dmb")  # (KEYS[8])
         script = bp.scripts["end"]
         bp.writes.later(session.id, lambda pipe: eval_in(pipe, script, keys, [bp.node, session.id]))
+
+
+def _rules(session: Session) -> bytes:
+    rules = session.members.rules
+    return b"" if rules is None else orjson.dumps({"subscribe": rules.subscribe, "publish": rules.publish})

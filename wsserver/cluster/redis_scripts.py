@@ -7,6 +7,8 @@ between them.
 
 from __future__ import annotations
 
+from ..core.channels import HISTORY_ENTRY_OVERHEAD
+
 __all__ = [
     "ALIVE",
     "ANSWER_CALL",
@@ -16,6 +18,7 @@ __all__ = [
     "CLAIM_SESSION",
     "END",
     "HEARTBEAT",
+    "REFRESH_AGENTS",
     "RELEASE_AGENT",
     "ROUTE_CALL",
     "SEND",
@@ -23,10 +26,21 @@ __all__ = [
 
 # One channel operation: ARGV = op, history ttl (s), history size, pub/sub
 # channel, an epoch for a new channel, three op-specific values, the head of
-# a presence event, the joined flag (sub), the tail of a presence event.
-#   pub:   ARGV[6], ARGV[7] = the message around its offset
+# a presence event, the joined flag (sub), the tail of a presence event, the
+# bytes all histories may hold, the bytes one publisher's messages may hold,
+# the publisher (pub).
+#   pub:   ARGV[6], ARGV[7] = the message around its offset, ARGV[14] = the publisher
 #   leave: ARGV[6] = the member leaving
 #   sub:   ARGV[6] = the member, ARGV[7] = since, ARGV[8] = epoch, ARGV[10] = '1' to join
+#
+# Histories in bytes: every entry appended is also indexed, oldest first, in
+# wss:hist:idx (all channels; its bytes in wss:hist:bytes) and, for a
+# publication, in wss:hist:p:{publisher} (bytes in wss:hist:pb:{publisher}).
+# Past a bound (or past the ttl) the oldest index entry goes, and its
+# channel's history is trimmed up to its offset (MINID: always from the
+# front, so a history stays contiguous), unless that channel has a new epoch
+# since. The counters count what was appended and not yet let go by its
+# index: at least what the histories hold, however they were trimmed.
 CHANNEL = """
 local op = ARGV[1]
 local ttl_ms = math.floor(tonumber(ARGV[2]) * 1000)
@@ -40,23 +54,55 @@ if not epoch then
   redis.call('SET', KEYS[1], epoch)
   redis.call('DEL', KEYS[2], KEYS[3])
 end
-local function append(frame_head, frame_tail)
+local function let_go(index, counter, used, limit)  -- at most 64 entries per call
+  for _ = 1, 64 do
+    local oldest = redis.call('XRANGE', index, '-', '+', 'COUNT', 1)[1]
+    if not oldest then return used end
+    local born = tonumber(string.match(oldest[1], '^(%d+)'))
+    if used <= limit and born >= now_ms - ttl_ms then return used end
+    local f = oldest[2]  -- h, history key, e, epoch key, v, epoch, o, offset, n, bytes
+    redis.call('XDEL', index, oldest[1])
+    if redis.call('GET', f[4]) == f[6] then
+      redis.call('XTRIM', f[2], 'MINID', (tonumber(f[8]) + 1) .. '-0')
+    end
+    used = redis.call('DECRBY', counter, tonumber(f[10]))
+  end
+  return used
+end
+local function index(off, bytes, publisher)
+  local entry = {'h', KEYS[3], 'e', KEYS[1], 'v', epoch, 'o', off, 'n', bytes}
+  redis.call('XADD', 'wss:hist:idx', '*', unpack(entry))
+  local used = redis.call('INCRBY', 'wss:hist:bytes', bytes)
+  redis.call('PEXPIRE', 'wss:hist:idx', ttl_ms)
+  redis.call('PEXPIRE', 'wss:hist:bytes', ttl_ms)
+  if publisher ~= '' then
+    local pidx, pbytes = 'wss:hist:p:' .. publisher, 'wss:hist:pb:' .. publisher
+    redis.call('XADD', pidx, '*', unpack(entry))
+    local mine = redis.call('INCRBY', pbytes, bytes)
+    redis.call('PEXPIRE', pidx, ttl_ms)
+    redis.call('PEXPIRE', pbytes, ttl_ms)
+    let_go(pidx, pbytes, mine, tonumber(ARGV[13]))
+  end
+  let_go('wss:hist:idx', 'wss:hist:bytes', used, tonumber(ARGV[12]))
+end
+local function append(frame_head, frame_tail, publisher)
   local off = redis.call('INCR', KEYS[2])
   local frame = frame_head .. off .. frame_tail
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', size, off .. '-0', 'f', frame, 't', now_ms)
   redis.call('PEXPIRE', KEYS[3], ttl_ms)
   redis.call('PUBLISH', pubch, off .. ' ' .. frame)
+  index(off, #frame + @OVERHEAD@, publisher)
   return off
 end
 local function presence()  -- ARGV[9], ARGV[11]: the event around its offset (built by the codec)
-  return append(ARGV[9], ARGV[11])
+  return append(ARGV[9], ARGV[11], '')
 end
 if op == 'pub' then
   if redis.call('HLEN', KEYS[4]) == 0 then
     redis.call('PEXPIRE', KEYS[1], ttl_ms)
     redis.call('PEXPIRE', KEYS[2], ttl_ms)
   end
-  return append(ARGV[6], ARGV[7])
+  return append(ARGV[6], ARGV[7], ARGV[14])
 elseif op == 'leave' then
   local n = redis.call('HINCRBY', KEYS[4], ARGV[6], -1)
   if n <= 0 then
@@ -98,27 +144,49 @@ elseif op == 'sub' then
   return {epoch, offset, recovered, missed, members}
 end
 return redis.error_reply('unknown op ' .. op)
-"""
+""".replace("@OVERHEAD@", str(HISTORY_ENTRY_OVERHEAD))
 
+# A direct message: 0 no such agent, 1 queued, 2 its queue is full. The queue
+# (:dm, its bytes in :dmb) is drained into the session's log while a client
+# is attached; while the agent is away it holds at most ARGV[2] messages and
+# ARGV[3] bytes (each message counts its stored form: the data, sender and id).
 SEND = """
 local sid = redis.call('GET', KEYS[1])
 if not sid then return 0 end
-local owner = redis.call('HGET', 'wss:s:' .. sid, 'owner')
+local key = 'wss:s:' .. sid
+local owner = redis.call('HGET', key, 'owner')
 if not owner then return 0 end
-redis.call('RPUSH', 'wss:s:' .. sid .. ':dm', ARGV[1])
+local size = #ARGV[1]
+if redis.call('LLEN', key .. ':dm') >= tonumber(ARGV[2])
+   or tonumber(redis.call('GET', key .. ':dmb') or '0') + size > tonumber(ARGV[3]) then
+  return 2
+end
+redis.call('RPUSH', key .. ':dm', ARGV[1])
+redis.call('INCRBY', key .. ':dmb', size)
 redis.call('PUBLISH', 'wss:n:' .. owner, '{"op":"dm","sid":' .. cjson.encode(sid) .. '}')
 return 1
 """
 
+# An agent name for a new session (ARGV[1]); ARGV[2]: the name's expiry in
+# ms, which the node running the session keeps refreshing (REFRESH_AGENTS).
 CLAIM_AGENT = """
 local cur = redis.call('GET', KEYS[1])
 if cur and cur ~= ARGV[1] and (redis.call('EXISTS', 'wss:s:' .. cur) == 1
                                or redis.call('EXISTS', 'wss:claim:' .. cur) == 1) then
   return 0
 end
-redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SET', 'wss:claim:' .. ARGV[1], '1', 'PX', 10000)  -- held until the session is registered
 return 1
+"""
+
+# Keep the agent names of a node's live sessions: ARGV[1] the expiry in ms,
+# then a session id per key; a name another session holds now is left alone.
+REFRESH_AGENTS = """
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[i + 1] then redis.call('PEXPIRE', key, ARGV[1]) end
+end
+return 0
 """
 
 # A batch of one session's sequenced frames. Written only by the session's
@@ -128,6 +196,8 @@ return 1
 # step, 'r' + a call id: a run's tool result, 'e' stream.end, 'm' direct
 # message or routed call), stream id, the stream's request (for 's' and 'r').
 # After 'r', an agent's result waiting in KEYS[6] is in the log: it goes.
+# Direct messages and routed calls in the log leave the session's queue
+# (KEYS[5]) and their bytes its count (KEYS[7]).
 APPEND = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 local last = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
@@ -155,13 +225,18 @@ for i = 4, #ARGV - 4, 5 do
 end
 redis.call('HSET', KEYS[1], 'seq', last, 'acked', ARGV[2])
 redis.call('XTRIM', KEYS[2], 'MINID', ARGV[3] .. '-0')
-if dms > 0 then redis.call('LTRIM', KEYS[5], dms, -1) end  -- in the log now: off the queue
+if dms > 0 then  -- in the log now: off the queue
+  local bytes = 0
+  for _, item in ipairs(redis.call('LRANGE', KEYS[5], 0, dms - 1)) do bytes = bytes + #item end
+  redis.call('LTRIM', KEYS[5], dms, -1)
+  if redis.call('DECRBY', KEYS[7], bytes) <= 0 then redis.call('DEL', KEYS[7]) end
+end
 return 1
 """
 
 END = """
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[8])
 redis.call('SREM', KEYS[7], ARGV[2])
 return 1
 """
@@ -180,6 +255,7 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return 1 end
 redis.call('HSET', KEYS[2], 'requester', ARGV[1], 'stream', ARGV[2], 'call', ARGV[3], 'agent', sid)
 redis.call('PEXPIRE', KEYS[2], ARGV[5])
 redis.call('RPUSH', 'wss:s:' .. sid .. ':dm', ARGV[4])
+redis.call('INCRBY', 'wss:s:' .. sid .. ':dmb', #ARGV[4])  -- (counted as the log's APPEND uncounts it)
 redis.call('PUBLISH', 'wss:n:' .. owner, '{"op":"dm","sid":' .. cjson.encode(sid) .. '}')
 return 1
 """

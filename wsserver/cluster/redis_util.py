@@ -5,17 +5,14 @@ stored form of a running stream's request."""
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from ..wire.messages import ChatMessage, GenerateParams, Tool, ToolChoiceName
+from ..core.streams import Stream, request_fields, request_record
 from .backplane import LostStream
-
-if TYPE_CHECKING:
-    from ..core.streams import Stream
 
 __all__ = ["DOWN", "decode_request", "encode_request", "eval_in", "redacted", "skey", "suppress_down"]
 
@@ -37,22 +34,12 @@ def eval_in(pipe: Any, script: Any, keys: list[str], args: list[Any]) -> None:
 
 def encode_request(stream: Stream) -> bytes:
     """What an adopting node needs to continue a running stream (an interrupt)
-    or a run waiting for tool results: its provider and model, the rich
-    messages, the params, the channel, the tools and tool_choice (wire JSON,
-    as a client would send them), its thread, and where it is: its state, the
-    next index, the run so far."""
-    request: dict[str, Any] = {
-        "provider": stream.provider,
-        "model": stream.model,
-        "messages": [m.model_dump(mode="json", by_alias=True, exclude_none=True) for m in stream.messages],
-        "params": stream.params.model_dump(mode="json", by_alias=True, exclude_none=True),
-        "channel": stream.channel,
-    }
-    if stream.tools:
-        request["tools"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in stream.tools]
-    if stream.tool_choice is not None:
-        choice = stream.tool_choice
-        request["tool_choice"] = choice if isinstance(choice, str) else choice.model_dump(mode="json")
+    or a run waiting for tool results: its request
+    (:func:`~wsserver.core.streams.request_record`: provider and model, the rich
+    messages, the params, the channel, the tools and tool_choice, as a client
+    would send them), its thread, and where it is: its state, the next index,
+    the run so far."""
+    request = request_record(stream)
     if stream.thread is not None:
         request["thread"] = stream.thread
     if stream.queued_after is not None:
@@ -68,15 +55,8 @@ def decode_request(raw: bytes | None) -> LostStream:
     if raw is None:
         return LostStream()
     request = orjson.loads(raw)
-    choice = request.get("tool_choice")
     return LostStream(
-        provider=request.get("provider", "?"),
-        model=request.get("model", "?"),
-        messages=tuple(ChatMessage.model_validate(m) for m in request.get("messages", ())),
-        params=GenerateParams.model_validate(request.get("params", {})),
-        channel=request.get("channel"),
-        tools=tuple(Tool.model_validate(t) for t in request.get("tools", ())),
-        tool_choice=choice if choice is None or isinstance(choice, str) else ToolChoiceName.model_validate(choice),
+        **request_fields(request),
         thread=request.get("thread"),
         state=request.get("state", "running"),
         queued_after=request.get("queued_after"),

@@ -13,6 +13,12 @@ traffic too: they take an offset and enter the history. A session is a
 member of a channel from its first ``subscribe`` until it unsubscribes or
 ends; a detached session stays present until it expires.
 
+History is bounded per channel (messages, age) and in bytes: all channels
+together (``history_bytes``) and per publisher (``history_bytes_per_publisher``:
+the identity a publication counts against). Past a bound the oldest entries
+go first, always from the front of a channel's history, so what a channel
+still holds stays contiguous and recovery by offset stays exact.
+
 :meth:`Channels.carry_out` answers a session's
 :class:`~wsserver.core.actions.MessagingCall` at once (the memory backplane
 has nothing to wait for). Nothing here touches a socket; time and the epoch
@@ -35,10 +41,13 @@ if TYPE_CHECKING:
     from .actions import MessagingCall
     from .session import Session
 
-__all__ = ["Channel", "Channels", "Delivery"]
+__all__ = ["HISTORY_ENTRY_OVERHEAD", "Channel", "Channels", "Delivery"]
 
 #: A frame for the attached ones among the sessions: (channel, offset, frame, sessions).
 Delivery = tuple[str, int, bytes, list["Session"]]
+
+#: Bytes counted per history entry beyond its frame (the tuples that hold it).
+HISTORY_ENTRY_OVERHEAD = 160
 
 
 @dataclass(eq=False)
@@ -47,8 +56,8 @@ class Channel:
     epoch: str
     #: Offset of the newest message (0 before the first).
     offset: int = 0
-    #: (offset, time, frame) of the newest messages, oldest first.
-    history: deque[tuple[int, float, bytes]] = field(default_factory=deque)
+    #: (offset, time, frame, publisher) of the newest messages, oldest first.
+    history: deque[tuple[int, float, bytes, str]] = field(default_factory=deque)
     #: Subscribed sessions, in subscription order.
     subscribers: dict[Session, None] = field(default_factory=dict)
     #: Subscribed sessions per name (several sessions may share an agent
@@ -66,6 +75,10 @@ class Channels:
     Args:
         history_size, history_ttl: each channel keeps at most this many
             messages, none older than this many seconds.
+        history_bytes: what the histories of all channels may hold together.
+        history_bytes_per_publisher: what the messages of one publisher may
+            hold in all histories together (presence events count only in
+            the total).
         clock: wall-clock-like time in seconds (for history age).
         new_epoch: makes a channel's epoch.
         on_output: called when a delivery becomes pending (the transport's
@@ -77,12 +90,24 @@ class Channels:
         *,
         history_size: int = 1000,
         history_ttl: float = 300.0,
+        history_bytes: int = 128 << 20,
+        history_bytes_per_publisher: int = 16 << 20,
         clock: Callable[[], float] = time.monotonic,
         new_epoch: Callable[[], str] = lambda: secrets.token_hex(4),
         on_output: Callable[[], Any] | None = None,
     ) -> None:
         self.history_size = history_size
         self.history_ttl = history_ttl
+        self.history_bytes = history_bytes
+        self.history_bytes_per_publisher = history_bytes_per_publisher
+        #: What all histories hold (frames and HISTORY_ENTRY_OVERHEAD each), and how many entries.
+        self.held_bytes = 0
+        self.held_entries = 0
+        #: Every entry appended, oldest first: (channel, offset); entries gone
+        #: from their channel already are skipped (and compacted away).
+        self._order: deque[tuple[Channel, int]] = deque()
+        #: Per publisher: [bytes held, entries held, its entries oldest first].
+        self.publishers: dict[str, list[Any]] = {}
         self.clock = clock
         self.new_epoch = new_epoch
         self.on_output = on_output
@@ -133,7 +158,7 @@ class Channels:
                 first = channel.history[0][0] if channel.history else channel.offset + 1
                 if first <= since + 1:
                     recovered = True
-                    missed = [frame for offset, _, frame in channel.history if offset > since]
+                    missed = [entry[2] for entry in channel.history if entry[0] > since]
         joined = session not in channel.subscribers
         if joined:
             channel.subscribers[session] = None
@@ -166,29 +191,32 @@ class Channels:
         session.subscriptions.clear()
         self.release_agent(session)
 
-    def publish(self, name: str, sender: str, data: bytes) -> int:
-        """Publish ``data`` (already JSON) on channel ``name``; returns its offset."""
+    def publish(self, name: str, sender: str, data: bytes, publisher: str = "") -> int:
+        """Publish ``data`` (already JSON) on channel ``name``; returns its offset.
+
+        ``publisher``: whose history bound the message counts against."""
         channel = self.channel(name)
         offset = channel.offset + 1
-        self._append(channel, offset, channel_message(name, offset, sender, data))
+        self._append(channel, offset, channel_message(name, offset, sender, data), publisher)
         return offset
 
-    def publish_nowait(self, channel: str, sender: str, data: bytes) -> None:
+    def publish_nowait(self, channel: str, sender: str, data: bytes, publisher: str = "") -> None:
         """A stream's frame into ``channel`` (see :class:`~wsserver.core.messaging.ChannelSink`)."""
-        self.publish(channel, sender, data)
+        self.publish(channel, sender, data, publisher)
 
     def publish_presence(self, channel: Channel, *, joined: str | None = None, left: str | None = None) -> int:
         offset = channel.offset + 1
         self._append(channel, offset, presence(channel.name, offset, joined=joined, left=left))
         return offset
 
-    def _append(self, channel: Channel, offset: int, frame: bytes) -> None:
+    def _append(self, channel: Channel, offset: int, frame: bytes, publisher: str = "") -> None:
         channel.offset = offset
         frame = compact(frame)  # kept in the history
         history = channel.history
-        history.append((offset, self.clock(), frame))
+        history.append((offset, self.clock(), frame, publisher))
+        self._count(channel, offset, len(frame) + HISTORY_ENTRY_OVERHEAD, publisher)
         if len(history) > self.history_size:
-            history.popleft()
+            self._drop_front(channel)
         if channel.subscribers:
             deliveries = self._deliveries
             deliveries.append((channel.name, offset, frame, list(channel.subscribers)))
@@ -204,7 +232,50 @@ class Channels:
         horizon = self.clock() - self.history_ttl
         history = channel.history
         while history and history[0][1] < horizon:
-            history.popleft()
+            self._drop_front(channel)
+
+    # ----------------------------------------------------- history in bytes
+
+    def _count(self, channel: Channel, offset: int, size: int, publisher: str) -> None:
+        """A new history entry: count it, then enforce the byte bounds (oldest first)."""
+        self.held_bytes += size
+        self.held_entries += 1
+        order = self._order
+        order.append((channel, offset))
+        if publisher:
+            use = self.publishers.get(publisher)
+            if use is None:
+                use = self.publishers[publisher] = [0, 0, deque()]
+            use[0] += size
+            use[1] += 1
+            use[2].append((channel, offset))
+            while use[0] > self.history_bytes_per_publisher and use[2]:
+                self._evict(*use[2].popleft())
+            if len(use[2]) > 2 * use[1] + 64:
+                use[2] = deque(entry for entry in use[2] if _held(*entry))
+        while self.held_bytes > self.history_bytes and order:
+            self._evict(*order.popleft())
+        if len(order) > 2 * self.held_entries + 64:  # entries gone by age or count: compact
+            self._order = deque(entry for entry in order if _held(*entry))
+
+    def _evict(self, channel: Channel, offset: int) -> None:
+        """Forget ``channel``'s history up to ``offset`` (the oldest entries of a bound)."""
+        history = channel.history
+        while history and history[0][0] <= offset:
+            self._drop_front(channel)
+
+    def _drop_front(self, channel: Channel) -> None:
+        """Every entry leaves a history here (age, count or bytes), so the counts stay exact."""
+        _, _, frame, publisher = channel.history.popleft()
+        size = len(frame) + HISTORY_ENTRY_OVERHEAD
+        self.held_bytes -= size
+        self.held_entries -= 1
+        if publisher:
+            use = self.publishers[publisher]
+            use[0] -= size
+            use[1] -= 1
+            if not use[1]:
+                del self.publishers[publisher]
 
     def sweep(self) -> int:
         """Forget channels with no subscriber and no history left; returns how many."""
@@ -231,10 +302,18 @@ class Channels:
             self.unsubscribe(msg.channel, session)  # type: ignore[union-attr]
         elif call.kind == "publish":
             assert isinstance(msg, Publish) and call.encoded is not None
-            session.members.published(msg, self.publish(msg.channel, session.name, call.encoded))
+            members = session.members
+            members.published(msg, self.publish(msg.channel, session.name, call.encoded, members.account))
         else:
             assert isinstance(msg, Send)
             recipient = self.agents.get(msg.to)
-            if recipient is not None:
-                recipient.members.deliver_direct(session.name, msg.data)
-            session.members.sent(msg, recipient is not None)
+            accepted = recipient is not None and recipient.members.deliver_direct(
+                session.name, msg.data, len(call.encoded or b"")
+            )
+            session.members.sent(msg, recipient is not None, full=not accepted)
+
+
+def _held(channel: Channel, offset: int) -> bool:
+    """The entry ``offset`` of ``channel`` is still in its history (entries leave from the front)."""
+    history = channel.history
+    return bool(history) and history[0][0] <= offset

@@ -21,6 +21,12 @@ Frames, in the order the events come:
 ``index`` counts every delta-like frame of a stream (deltas of every part and
 ``stream.tool_call``); it is assigned when the frame is sequenced, after
 coalescing.
+
+A stream's output (text, reasoning, tool call arguments) is bounded by
+``StreamLimits.answer_bytes``: the delta that reaches the bound is cut there
+and the stream ends with ``length`` (a tool call cut in its arguments is
+dropped from the message, as for ``max_tokens``); its runner then stops
+reading the provider, which closes the upstream.
 """
 
 from __future__ import annotations
@@ -30,13 +36,13 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel
 
 from ..wire.errors import ErrorCode
-from ..wire.messages import ErrorInfo, StreamEnd, ToolCall
-from .streams import Stream, StreamState
+from ..wire.messages import ErrorInfo, Interrupt, StreamEnd, ToolCall
+from .streams import Stream, StreamState, bounded
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
-    from .limits import GenerationQuota
+    from .limits import GenerationQuota, StreamLimits
     from .messaging import Membership
     from .outbox import Outbox
     from .session import Observer
@@ -49,7 +55,8 @@ NATURAL_ENDS = frozenset({"complete", "length", "tool_calls"})
 
 
 class StreamEvents:
-    """The provider events of a session's streams (a part of ``Session``)."""
+    """The provider events of a session's streams, and the limits on starting
+    one (a part of ``Session``)."""
 
     __slots__ = ()
 
@@ -61,6 +68,35 @@ class StreamEvents:
     clock: Callable[[], float]
     observer: Observer | None
     quota: GenerationQuota | None
+    stream_limits: StreamLimits
+
+    # --------------------------------------------- starting a generation
+
+    def generation_allowed(self, ref: str | None) -> bool:
+        """Whether the identity's generation limits allow one more (else answered ``rate_limited``)."""
+        if self.quota is None:
+            return True
+        wait, what = self.quota.wait(self.clock())
+        if wait:
+            self.out.rate_limited(f"over this identity's limit of {what}", ref, wait)
+            return False
+        return True
+
+    def steer_allowed(self, stream: Stream, msg: Interrupt, size: int) -> bool:
+        """A steer starts a generation: the new id, the conversation's ``size``
+        and the identity's generation limits must allow it (else answered)."""
+        new, limit = msg.new_stream, self.stream_limits.conversation_bytes
+        if new is not None and self.book.used(new):
+            message = f"stream id {new!r} is already used in this session"
+            self.out.error(ErrorCode.STREAM_EXISTS, message, ref=msg.id, stream=new)
+        elif size > limit:
+            message = f"the conversation would be {size} bytes; the limit is {limit}"
+            self.out.error(ErrorCode.CONVERSATION_TOO_LARGE, message, ref=msg.id, stream=stream.id)
+        else:
+            return self.generation_allowed(msg.id)
+        return False
+
+    # ------------------------------------------------------ provider events
 
     def stream_delta(self, stream: Stream, text: str, tokens: int | None = None) -> None:
         """The provider produced answer ``text``."""
@@ -68,25 +104,32 @@ class StreamEvents:
             return
         if stream.first_token_at is None:
             stream.first_token_at = self.clock()
-        stream.parts.append(text)
-        if tokens is None:
+        text, nbytes, full = bounded(text, self.stream_limits.answer_bytes - stream.kept_bytes)
+        if tokens is None or full:
             stream.exact_count = False
-            stream.counted_tokens += 1
-        else:
-            stream.counted_tokens += tokens
-        self.out.push_delta(stream, text)
-        if stream.channel is not None:
-            self._mirror_delta(stream, {"text": text})
+        stream.counted_tokens += 1 if tokens is None else tokens
+        if text:
+            stream.keep(text, nbytes)
+            self.out.push_delta(stream, text)
+            if stream.channel is not None:
+                self._mirror_delta(stream, {"text": text})
+        if full:
+            self.stream_end(stream, "length")
 
     def stream_reasoning(self, stream: Stream, text: str, tokens: int | None = None) -> None:
         """The provider produced reasoning ``text``."""
         if stream.state is not StreamState.RUNNING or not text:
             return
-        stream.add_reasoning(text)
+        text, _, full = bounded(text, self.stream_limits.answer_bytes - stream.kept_bytes)
         self._count(stream, tokens)
-        self.out.push_part(stream, text, "reasoning", None)
-        if stream.channel is not None:
-            self._mirror_delta(stream, {"text": text, "part": "reasoning"})
+        if text:
+            stream.add_reasoning(text)
+            self.out.push_part(stream, text, "reasoning", None)
+            if stream.channel is not None:
+                self._mirror_delta(stream, {"text": text, "part": "reasoning"})
+        if full:
+            stream.exact_count = False
+            self.stream_end(stream, "length")
 
     def stream_reasoning_done(self, stream: Stream, signature: str | None = None, redacted: str | None = None) -> None:
         """The provider closed a reasoning block (no frame: ``stream.end.message``
@@ -112,11 +155,16 @@ class StreamEvents:
         raises ValueError: a provider's bug)."""
         if stream.state is not StreamState.RUNNING or not text:
             return
-        stream.add_arguments(call, text)
+        text, _, full = bounded(text, self.stream_limits.answer_bytes - stream.kept_bytes)
         self._count(stream, tokens)
-        self.out.push_part(stream, text, "tool_call", call)
-        if stream.channel is not None:
-            self._mirror_delta(stream, {"text": text, "part": "tool_call", "call": call})
+        if text:
+            stream.add_arguments(call, text)
+            self.out.push_part(stream, text, "tool_call", call)
+            if stream.channel is not None:
+                self._mirror_delta(stream, {"text": text, "part": "tool_call", "call": call})
+        if full:
+            stream.exact_count = False
+            self.stream_end(stream, "length")
 
     def _count(self, stream: Stream, tokens: int | None, *, exact: bool = False) -> None:
         if stream.first_token_at is None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import fnmatch
 from dataclasses import dataclass
 
-__all__ = ["ChannelRules", "GenerationQuota", "MessagingLimits", "TokenBucket", "TokenBudget"]
+__all__ = ["ChannelRules", "GenerationQuota", "MessagingLimits", "StreamLimits", "TokenBucket", "TokenBudget"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,11 +28,27 @@ class ChannelRules:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamLimits:
+    """What a session's streams may hold, in UTF-8 bytes."""
+
+    #: One stream's output (text, reasoning, tool calls): it ends with reason ``length`` there.
+    answer_bytes: int = 1 << 20
+    #: The ended streams a session keeps for ``interrupt``, together (oldest forgotten first).
+    recent_bytes: int = 4 << 20
+    #: The conversation an ``interrupt`` continues (``conversation_too_large`` beyond).
+    conversation_bytes: int = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
 class MessagingLimits:
     max_subscriptions: int = 100
     max_data_bytes: int = 64 * 1024
     publish_rate: float = 100.0  # publications and direct messages per second
     publish_burst: float = 200.0
+    #: Direct messages held for a session that is away (no connection), and
+    #: their encoded ``data`` in bytes; a send beyond either is ``inbox_full``.
+    inbox_messages: int = 100
+    inbox_bytes: int = 1 << 20
 
 
 class TokenBucket:

@@ -13,12 +13,20 @@ While a call on a channel is under way, live traffic of that channel is
 order, so nothing overtakes a ``subscribed`` or the publisher's own ``ok``;
 each offset is let through once (:meth:`Membership.admit`), so a late second
 copy of a publication is dropped.
+
+Direct messages for a session that is *away* (no connection attached: the
+transport says so through :attr:`Membership.away`) wait in its *inbox*,
+bounded by count and bytes (``inbox_full`` to the sender beyond), and are
+sequenced only when the session is back (:meth:`Membership.present`), after
+its resume's replay: a flood of them never pushes the session's own frames
+out of its replay log.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
@@ -29,6 +37,9 @@ from .actions import MessagingCall
 from .limits import ChannelRules, MessagingLimits, TokenBucket
 from .outbox import Outbox
 
+if TYPE_CHECKING:
+    from .streams import Stream
+
 __all__ = ["ChannelSink", "Membership"]
 
 
@@ -38,7 +49,7 @@ class ChannelSink(Protocol):
     Called inside the core's own calls: it must queue, not do I/O.
     """
 
-    def publish_nowait(self, channel: str, sender: str, data: bytes) -> None: ...
+    def publish_nowait(self, channel: str, sender: str, data: bytes, publisher: str = "") -> None: ...
 
 
 class Membership:
@@ -47,14 +58,20 @@ class Membership:
     Args:
         name: what others see as ``from`` (the agent name, else a public id).
         sink: the backplane; None when messaging is not enabled.
+        account: whom this session's publications count against in the
+            channels' history bounds (its identity, or its IP when anonymous).
     """
 
     __slots__ = (
         "_bucket",
         "_clock",
         "_out",
+        "account",
+        "away",
         "channel_offsets",
         "held",
+        "inbox",
+        "inbox_bytes",
         "limits",
         "name",
         "paused",
@@ -72,8 +89,10 @@ class Membership:
         limits: MessagingLimits,
         rules: ChannelRules | None,
         clock: Callable[[], float],
+        account: str = "",
     ) -> None:
         self.name = name
+        self.account = account
         self._out = out
         self.sink = sink
         self.limits = limits
@@ -91,6 +110,16 @@ class Membership:
         #: The last offset queued per channel (a copy of a publication that
         #: arrives late, twice, is dropped).
         self.channel_offsets: dict[str, int] = {}
+        #: No connection is attached (set by the transport): direct messages
+        #: wait in the inbox, (sender, data, encoded size) oldest first.
+        self.away = False
+        self.inbox: deque[tuple[str, Any, int]] | None = None  # made on first need
+        self.inbox_bytes = 0
+
+    @property
+    def bucket(self) -> TokenBucket:
+        """The publish and send rate limit's bucket."""
+        return self._bucket
 
     # ------------------------------------------------------------ requests
 
@@ -203,10 +232,19 @@ class Membership:
             self._out.push(None, Ok, {"ref": msg.id, "offset": offset})
         self.release(msg.channel)
 
-    def sent(self, msg: Send, delivered: bool) -> None:
-        """Answer a send: ``ok``, or ``unknown_agent`` when no live session holds ``to``."""
+    def sent(self, msg: Send, delivered: bool, full: bool = False) -> None:
+        """Answer a send: ``ok``; ``unknown_agent`` when no live session holds
+        ``to``; ``inbox_full`` when it is away and its inbox is full."""
         if not delivered:
             self._out.error(ErrorCode.UNKNOWN_AGENT, f"no agent named {msg.to!r} is connected", ref=msg.id)
+        elif full:
+            limits = self.limits
+            self._out.error(
+                ErrorCode.INBOX_FULL,
+                f"agent {msg.to!r} is away and holds {limits.inbox_messages} messages or "
+                f"{limits.inbox_bytes} bytes for it already; send again after it is back",
+                ref=msg.id,
+            )
         elif msg.id is not None:
             self._out.push(None, Ok, {"ref": msg.id})
 
@@ -219,9 +257,61 @@ class Membership:
             self.release(channel)  # type: ignore[arg-type]
         self._out.error(ErrorCode.BACKPLANE_UNAVAILABLE, message, ref=call.msg.id, retry_after_ms=1000)
 
-    def deliver_direct(self, sender: str, data: Any) -> None:
-        """A direct message for this session: sequenced, so it is in the replay log."""
-        self._out.push(None, Message, {"from_": sender, "data": data})
+    def deliver_direct(self, sender: str, data: Any, size: int = 0) -> bool:
+        """A direct message for this session (``size``: its encoded ``data``).
+
+        Sequenced at once, so it is in the replay log; while the session is
+        away it waits in the inbox instead. False: the inbox is full.
+        """
+        if not self.away:
+            self._out.push(None, Message, {"from_": sender, "data": data})
+            return True
+        inbox = self.inbox
+        if inbox is None:
+            inbox = self.inbox = deque()
+        limits = self.limits
+        if len(inbox) >= limits.inbox_messages or self.inbox_bytes + size > limits.inbox_bytes:
+            return False
+        inbox.append((sender, data, size))
+        self.inbox_bytes += size
+        return True
+
+    def restrict(self, rules: ChannelRules | None, streams: Iterable[Stream] = ()) -> list[MessagingCall]:
+        """Take the channel rights of a resuming credential of the same identity.
+
+        Narrower rights are narrower at once: subscriptions they forbid are
+        dropped, each answered with ``error forbidden`` naming its ``channel``
+        (the unsubscribes returned tell the backplane), and of ``streams``
+        (the running ones) none mirrors into a channel they forbid publishing on.
+        """
+        if rules == self.rules:
+            return []
+        self.rules = rules
+        if rules is None:
+            return []
+        for stream in streams:
+            if stream.channel is not None and not rules.may_publish(stream.channel):
+                stream.channel = None
+        dropped = sorted(name for name in self.subscriptions if not rules.may_subscribe(name))
+        for name in dropped:
+            self.subscriptions.discard(name)
+            self.paused.discard(name)
+            self.channel_offsets.pop(name, None)
+            self.held.pop(name, None)
+            self._out.error(
+                ErrorCode.FORBIDDEN,
+                f"the subscription to {name!r} was dropped: the credential of this resume does not allow it",
+                channel=name,
+            )
+        return [MessagingCall("unsubscribe", Unsubscribe(type="unsubscribe", channel=name)) for name in dropped]
+
+    def present(self) -> None:
+        """A connection is attached again (its resume's replay is taken):
+        the direct messages that waited are sequenced now, in order."""
+        self.away = False
+        inbox, self.inbox, self.inbox_bytes = self.inbox, None, 0
+        for sender, data, _ in inbox or ():
+            self._out.push(None, Message, {"from_": sender, "data": data})
 
     def deliver_tool_call(self, sender: str, call: str, name: str, arguments: dict[str, Any]) -> None:
         """A run's call routed to this session's agent (``tool_call``): sequenced, like a direct message."""
@@ -260,4 +350,4 @@ class Membership:
     def mirror(self, channel: str, data: dict[str, Any]) -> None:
         """Publish a frame of one of this session's streams into ``channel``."""
         if self.sink is not None:
-            self.sink.publish_nowait(channel, self.name, orjson.dumps(data))
+            self.sink.publish_nowait(channel, self.name, orjson.dumps(data), self.account)

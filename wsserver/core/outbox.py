@@ -26,8 +26,6 @@ push).
 
 from __future__ import annotations
 
-import itertools
-from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -36,6 +34,7 @@ from pydantic import BaseModel
 from ..wire.codec import compact, encode, encode_delta, encode_tool_call
 from ..wire.errors import ErrorCode
 from ..wire.messages import Error
+from .framelog import FrameLog
 from .streams import Stream
 
 __all__ = ["Outbox"]
@@ -103,9 +102,10 @@ class Outbox:
         # The replay log (see :attr:`log`): the frames, oldest first, and the
         # seq of the first. Frames only, no (seq, frame) tuples: a tuple per
         # frame is a GC-tracked object per token, and their growth alone made
-        # the cyclic GC run ~30 times a second under load. An empty tuple
-        # until the first frame (an empty deque takes 760 bytes).
-        self._log: deque[bytes] | tuple[()] = ()
+        # the cyclic GC run ~30 times a second under load; and in chunks the
+        # collector does not visit (core/framelog.py). An empty tuple until
+        # the first frame.
+        self._log: FrameLog | tuple[()] = ()
         self._log_first = 1
         self.log_bytes = 0
         #: With a shared backplane: (seq, frame) sequenced but not yet written
@@ -184,8 +184,8 @@ class Outbox:
         out: list[bytes] = []
         seq = self.seq
         log, log_bytes = self._log, self.log_bytes
-        if not isinstance(log, deque):
-            log = self._log = deque()
+        if not isinstance(log, FrameLog):
+            log = self._log = FrameLog()
         journal = self.journal
         for item in pending:
             if item[0] == _RAW:
@@ -242,7 +242,7 @@ class Outbox:
             log = self._log
             drop = min(len(log), seq - self._log_first + 1)
             if drop > 0:
-                assert isinstance(log, deque)
+                assert isinstance(log, FrameLog)
                 for _ in range(drop):
                     self.log_bytes -= len(log.popleft())
                 self._log_first += drop
@@ -261,7 +261,8 @@ class Outbox:
             return None  # trimmed by the bounds
         if not log or self.seq <= last_seq:  # the log ends at self.seq
             return []
-        return list(itertools.islice(log, last_seq + 1 - first, None))
+        assert isinstance(log, FrameLog)
+        return list(log.frames_from(last_seq + 1 - first))
 
     @property
     def log_first(self) -> int:
@@ -278,7 +279,7 @@ class Outbox:
     def restore(self, seq: int, acked: int, first: int, frames: list[bytes]) -> None:
         """Take over a replay log kept elsewhere: ``frames`` are seqs ``first`` on."""
         self.seq, self.acked = seq, min(acked, seq)
-        self._log = deque(frames) if frames else ()
+        self._log = FrameLog(frames) if frames else ()
         self._log_first = first if frames else seq + 1
         self.log_bytes = sum(map(len, frames))
 

@@ -55,7 +55,7 @@ from ..wire.messages import (
     ToolResult,
     WaitingCall,
 )
-from .actions import Action, AnswerCall, ArmTimer, RouteCall, StartGeneration
+from .actions import Action, AnswerCall, ArmTimer, RouteCall, StartGeneration, StopGeneration
 from .conversation import check_content
 from .streams import Stream, StreamState
 
@@ -63,7 +63,7 @@ if TYPE_CHECKING:
     from .messaging import Membership
     from .outbox import Outbox
     from .streams import StreamBook
-    from ..wire.messages import Approve
+    from ..wire.messages import Approve, Generate
 
 __all__ = ["AGENT_TIMEOUT_MS", "AgentRuns", "Run", "RunCall", "continue_thread", "error_result", "route_id"]
 
@@ -253,6 +253,37 @@ class AgentRuns:
         actions = list(self.deferred)
         self.deferred.clear()
         return actions
+
+    # ------------------------------------------------------------- threads
+
+    def busy_thread(self, msg: Generate) -> tuple[list[Stream], str] | None:
+        """The streams of ``msg.thread`` not yet ended, and what ``on_busy``
+        does about them (``parallel`` when there are none); None when the
+        generate is refused (answered ``busy``)."""
+        busy = self.book.in_thread(msg.thread) if msg.thread is not None else []
+        on_busy = (msg.on_busy or "parallel") if busy else "parallel"
+        if on_busy == "reject":
+            text = f"thread {msg.thread!r} is busy with stream {busy[-1].id!r}"
+            self.out.error(ErrorCode.BUSY, text, ref=msg.id, stream=busy[-1].id)
+            return None
+        return busy, on_busy
+
+    def follow_thread(
+        self, busy: list[Stream], on_busy: str, sent: tuple[ChatMessage, ...], actions: list[Action]
+    ) -> tuple[tuple[ChatMessage, ...], str | None, str | None]:
+        """A new stream's ``(messages, steered_from, queued_after)`` behind the
+        ``busy`` streams of its thread: ``interrupt`` ends them (their stops
+        go into ``actions``) and the newest one that had started goes on with
+        the new input; ``queue`` waits behind the last."""
+        if on_busy == "interrupt":
+            source = next((b for b in reversed(busy) if b.state is not StreamState.QUEUED), busy[-1])
+            for other in busy:
+                self.stream_end(other, "interrupted")
+                actions.append(StopGeneration(other.id))
+            return continue_thread(source, sent), source.id, None
+        if on_busy == "queue":
+            return sent, None, busy[-1].id
+        return sent, None, None
 
     # --------------------------------------------------------------- steps
 

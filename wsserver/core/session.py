@@ -52,13 +52,13 @@ from ..wire.messages import (
     Usage,
 )
 from .actions import Action, StartGeneration, StopGeneration
-from .runs import AgentRuns, Run, continue_thread
+from .runs import AgentRuns, Run
 from .conversation import check_generate
 from .generation import StreamEvents
-from .limits import ChannelRules, GenerationQuota, MessagingLimits
+from .limits import ChannelRules, GenerationQuota, MessagingLimits, StreamLimits
 from .messaging import ChannelSink, Membership
 from .outbox import Outbox
-from .streams import Stream, StreamBook, StreamState
+from .streams import Stream, StreamBook, StreamState, text_bytes
 
 __all__ = ["ANONYMOUS", "Observer", "ProviderCatalog", "Session"]
 
@@ -86,6 +86,7 @@ class Session(StreamEvents, AgentRuns):
         session_id: the public session id (sent in ``welcome``).
         providers: resolves ``generate.provider``/``model``.
         max_streams: concurrent running streams allowed (``too_many_streams``).
+        stream_limits: what the streams may hold (:class:`~wsserver.core.limits.StreamLimits`).
         remember_ids: how many answered request ids are remembered for
             ``duplicate_request`` (oldest forgotten first).
         max_log_messages, max_log_bytes, coalesce, on_output: see :class:`Outbox`.
@@ -93,6 +94,7 @@ class Session(StreamEvents, AgentRuns):
         channels: the backplane's channels (None: messaging is not enabled).
         public_id: ``from`` of an agent without a name; never the session id
             (random when not given).
+        account: whose channel-history bound its publications count against (default ``identity``).
     """
 
     # One per session, thousands per server: no per-instance __dict__.
@@ -115,6 +117,7 @@ class Session(StreamEvents, AgentRuns):
         "public_id",
         "quota",
         "remember_ids",
+        "stream_limits",
     )
 
     def __init__(
@@ -123,6 +126,7 @@ class Session(StreamEvents, AgentRuns):
         *,
         providers: ProviderCatalog,
         max_streams: int = 8,
+        stream_limits: StreamLimits = StreamLimits(),
         remember_ids: int = 10_000,
         max_log_messages: int = 10_000,
         max_log_bytes: int = 4 << 20,
@@ -137,10 +141,12 @@ class Session(StreamEvents, AgentRuns):
         observer: Observer | None = None,
         quota: GenerationQuota | None = None,
         public_id: str | None = None,
+        account: str | None = None,
     ) -> None:
         self.id = session_id
         self.providers = providers
         self.max_streams = max_streams
+        self.stream_limits = stream_limits
         self.remember_ids = remember_ids
         self.clock = clock
         self.agent = agent
@@ -156,7 +162,7 @@ class Session(StreamEvents, AgentRuns):
             on_output=on_output,
             observer=observer,
         )
-        self.book = StreamBook()
+        self.book = StreamBook(stream_limits.recent_bytes)
         self.members = Membership(
             agent if agent is not None else self.public_id,
             self.out,
@@ -164,6 +170,7 @@ class Session(StreamEvents, AgentRuns):
             limits=limits,
             rules=rules,
             clock=clock,
+            account=identity if account is None else account,
         )
         self._answered: OrderedDict[str, str | None] = OrderedDict()
         #: Actions of transitions the streams made by themselves (see :meth:`defer`),
@@ -204,6 +211,11 @@ class Session(StreamEvents, AgentRuns):
     @property
     def has_output(self) -> bool:
         return bool(self.out.pending)
+
+    @property
+    def answered(self) -> OrderedDict[str, str | None]:
+        """Request ids answered (oldest first), with the stream each one started."""
+        return self._answered
 
     @property
     def backlog(self) -> int:
@@ -270,13 +282,11 @@ class Session(StreamEvents, AgentRuns):
         if problem is not None:
             self.reject(problem)
             return None, []
-        busy = self.book.in_thread(msg.thread) if msg.thread is not None else []
-        on_busy = (msg.on_busy or "parallel") if busy else "parallel"
-        if on_busy == "reject":
-            text = f"thread {msg.thread!r} is busy with stream {busy[-1].id!r}"
-            self.out.error(ErrorCode.BUSY, text, ref=ref, stream=busy[-1].id)
+        found = self.busy_thread(msg)
+        if found is None:
             return None, []
-        if not self._generation_allowed(ref):
+        busy, on_busy = found
+        if not self.generation_allowed(ref):
             return None, []
         try:
             provider, model = self.providers.resolve(msg.provider, msg.model)
@@ -288,15 +298,7 @@ class Session(StreamEvents, AgentRuns):
             return None, []
         actions: list[Action] = []
         sent = tuple(msg.messages)
-        messages, steered_from, queued_after = sent, None, None
-        if on_busy == "interrupt":  # the newest stream that had started goes on with the new input
-            source = next((b for b in reversed(busy) if b.state is not StreamState.QUEUED), busy[-1])
-            for other in busy:
-                self.stream_end(other, "interrupted")
-                actions.append(StopGeneration(other.id))
-            messages, steered_from = continue_thread(source, sent), source.id
-        elif on_busy == "queue":
-            queued_after = busy[-1].id
+        messages, steered_from, queued_after = self.follow_thread(busy, on_busy, sent, actions)
         stream = self._start_stream(
             stream_id,
             ref=ref,
@@ -317,15 +319,6 @@ class Session(StreamEvents, AgentRuns):
         if queued_after is None:
             actions.append(StartGeneration(stream))
         return stream_id, actions
-
-    def _generation_allowed(self, ref: str | None) -> bool:
-        if self.quota is None:
-            return True
-        wait, what = self.quota.wait(self.clock())
-        if wait:
-            self.out.rate_limited(f"over this identity's limit of {what}", ref, wait)
-            return False
-        return True
 
     def _claim_stream_id(self, wanted: str | None, ref: str | None, freeing: int = 0) -> str | None:
         """The id for a new stream, or None after answering why there is none
@@ -386,14 +379,10 @@ class Session(StreamEvents, AgentRuns):
         if stream is None:
             self.out.error(ErrorCode.UNKNOWN_STREAM, f"stream {msg.stream!r} is unknown", ref=msg.id, stream=msg.stream)
             return None, []
-        if msg.input is not None and msg.new_stream is not None and self.book.used(msg.new_stream):
-            self.out.error(
-                ErrorCode.STREAM_EXISTS,
-                f"stream id {msg.new_stream!r} is already used in this session",
-                ref=msg.id,
-                stream=msg.new_stream,
-            )
-            return None, []
+        # (counted, not read again: the chain's size grows by what each steer adds)
+        size = 0 if msg.input is None else stream.input_bytes + stream.kept_bytes + text_bytes(msg.input)
+        if msg.input is not None and not self.steer_allowed(stream, msg, size):
+            return None, []  # refused as a whole: nothing is interrupted
         actions: list[Action] = []
         if stream.state is not StreamState.ENDED:  # running, waiting for tool results, or queued
             self.stream_end(stream, "interrupted")
@@ -422,6 +411,7 @@ class Session(StreamEvents, AgentRuns):
             thread=stream.thread,
             client_messages=(*(stream.client_messages or stream.messages), words),
             run=Run(stream.run.max_steps) if stream.run is not None else None,
+            input_bytes=size,
         )
         actions.append(StartGeneration(steered))
         return new_id, actions

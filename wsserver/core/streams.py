@@ -26,6 +26,13 @@ several model steps: the answer fields above are the current step's, the
 :class:`~wsserver.core.runs.Run` keeps what earlier steps added to the
 conversation (their assistant messages and the tool results), and a snapshot
 or a steer sees the whole run.
+
+What a stream keeps is counted in UTF-8 bytes: ``input_bytes`` (its
+request's messages, counted once when it is made) and ``kept_bytes`` (its
+output: answer text, reasoning, tool call names and arguments, counted
+where each is kept; :meth:`Stream.keep` for the text). The session ends a
+stream whose output reaches its bound (``length``), and the book forgets the
+oldest ended streams beyond a bound of bytes (:meth:`Stream.retained`).
 """
 
 from __future__ import annotations
@@ -50,17 +57,61 @@ from ..wire.messages import (
     Tool,
     ToolCall,
     ToolChoice,
+    ToolChoiceName,
     Usage,
 )
 
 if TYPE_CHECKING:
     from .runs import Run
 
-__all__ = ["RECENT_STREAMS", "Call", "Reasoning", "Stream", "StreamBook", "StreamState", "content_chars", "text_of"]
+__all__ = [
+    "RECENT_STREAMS_BYTES",
+    "STREAM_OVERHEAD",
+    "Call",
+    "Reasoning",
+    "Stream",
+    "StreamBook",
+    "StreamState",
+    "add_text",
+    "bounded",
+    "content_chars",
+    "message_bytes",
+    "request_fields",
+    "request_record",
+    "text_bytes",
+    "text_of",
+]
 
-#: Ended streams kept so that an interrupt racing the natural end still finds
-#: the conversation to continue.
-RECENT_STREAMS = 64
+#: Bytes of ended streams a session keeps by default, so that an interrupt
+#: racing the natural end still finds the conversation to continue.
+RECENT_STREAMS_BYTES = 4 << 20
+#: Bytes counted for each stream beyond its messages and its output (the
+#: objects themselves), so that many small streams are bounded too.
+STREAM_OVERHEAD = 1024
+
+
+#: More text fragments than this are joined into one string at once (see
+#: :func:`add_text`; the merging keeps far fewer on its own).
+PARTS_MAX = 32
+
+
+def add_text(parts: list[str], text: str) -> None:
+    """Append ``text`` to ``parts``, merged so that few fragments are kept.
+
+    A stream's answer was one str per token, each a reference the garbage
+    collector follows on every full collection, for every running stream.
+    Here the last fragment is merged into the one before it while it is at
+    least as long (a binary counter: fragments stay longer than the ones
+    after them, so there are about log2(characters) of them, and each
+    character is copied about that many times in all, never the whole
+    answer per token).
+    """
+    parts.append(text)
+    while len(parts) > 1 and len(parts[-1]) >= len(parts[-2]):
+        last = parts.pop()
+        parts[-1] += last
+    if len(parts) > PARTS_MAX:  # (fragments of shrinking lengths: not expected)
+        parts[:] = ["".join(parts)]
 
 
 class StreamState(enum.IntEnum):
@@ -145,21 +196,40 @@ class Stream:
     output_tokens: int | None = None  # as reported by the provider
     counted_tokens: int = 0  # sum of the deltas' token counts
     exact_count: bool = True  # every delta carried its token count
+    #: UTF-8 bytes of the request's messages (counted when the stream is made).
+    input_bytes: int = -1
+    #: UTF-8 bytes of the output kept so far: text, reasoning, tool calls.
+    kept_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.input_bytes < 0:
+            self.input_bytes = sum(map(message_bytes, self.messages))
 
     @property
     def text(self) -> str:
         return "".join(self.parts)
 
+    def keep(self, text: str, nbytes: int | None = None) -> None:
+        """Keep answer ``text`` (``nbytes``: its UTF-8 length, if known)."""
+        add_text(self.parts, text)
+        self.kept_bytes += text_bytes(text) if nbytes is None else nbytes
+
+    def retained(self) -> int:
+        """Bytes this stream holds: its messages, its output, the objects."""
+        return STREAM_OVERHEAD + self.input_bytes + self.kept_bytes
+
     # ------------------------------------------------------------ reasoning
 
     def add_reasoning(self, text: str) -> None:
         """Reasoning text: it continues the last block unless that one is finished."""
-        self._block().parts.append(text)
+        add_text(self._block().parts, text)
+        self.kept_bytes += text_bytes(text)
 
     def end_reasoning(self, signature: str | None, redacted: str | None) -> None:
         """The provider closed the reasoning block (or sent a redacted one, a block of its own)."""
         block = self._block(fresh=redacted is not None)
         block.signature, block.redacted, block.done = signature, redacted, True
+        self.kept_bytes += len(signature or "") + len(redacted or "")
 
     def _block(self, *, fresh: bool = False) -> Reasoning:
         """The block reasoning goes to: the last one, unless it is finished (or ``fresh``)."""
@@ -190,12 +260,14 @@ class Stream:
         if call in calls:
             raise ValueError(f"tool call {call!r} opened twice")
         calls[call] = Call(call, name)
+        self.kept_bytes += len(call) + len(name)
 
     def add_arguments(self, call: str, text: str) -> None:
         found = self.calls.get(call) if self.calls is not None else None
         if found is None:
             raise ValueError(f"arguments for tool call {call!r}, which was never opened")
-        found.parts.append(text)
+        add_text(found.parts, text)
+        self.kept_bytes += text_bytes(text)
 
     def finished_calls(self, *, drop_broken: bool = False) -> list[ToolCall] | str:
         """The calls, their arguments parsed, once the provider finished the
@@ -348,6 +420,44 @@ def text_of(message: ChatMessage, part: str = "text") -> str:
     return "".join(p.text for p in content if p.type == part)  # type: ignore[union-attr]
 
 
+def text_bytes(text: str) -> int:
+    """UTF-8 length of ``text`` (without encoding it when it is ASCII: the hot path)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def bounded(text: str, room: int) -> tuple[str, int, bool]:
+    """``text`` within ``room`` bytes: ``(the part that fits, its UTF-8 length,
+    whether the room is full)``; cut after the last whole character."""
+    nbytes = text_bytes(text)
+    if nbytes < room:
+        return text, nbytes, False
+    if room <= 0:
+        return "", 0, True
+    if text.isascii():
+        return text[:room], min(room, nbytes), True
+    cut = text.encode("utf-8", "surrogatepass")[:room].decode("utf-8", "ignore")
+    return cut, text_bytes(cut), True
+
+
+def message_bytes(message: ChatMessage) -> int:
+    """What a message of a conversation weighs, in bytes: its text, reasoning
+    (and signatures), image URLs, tool calls and the id of the call it answers."""
+    content = message.content
+    if isinstance(content, str):
+        size = text_bytes(content)
+    else:
+        size = 0
+        for part in content:
+            if part.type == "image":
+                size += len(part.url)
+            else:
+                size += text_bytes(part.text)
+                size += len(getattr(part, "signature", None) or "") + len(getattr(part, "redacted", None) or "")
+    for call in message.tool_calls or ():
+        size += len(call.id) + len(call.name) + len(orjson.dumps(call.arguments))
+    return size + len(message.tool_call_id or "")
+
+
 def content_chars(message: ChatMessage) -> int:
     """The characters of a message, roughly as a model reads them (an image
     counts as :data:`IMAGE_CHARS`, a tool call as its arguments' JSON)."""
@@ -361,17 +471,59 @@ def content_chars(message: ChatMessage) -> int:
     return chars
 
 
+def request_record(stream: Stream) -> dict[str, Any]:
+    """A stream's request as JSON-ready data (wire JSON, as a client would send
+    it): what whoever keeps it elsewhere needs to continue the conversation
+    (an interrupt) — the Redis backplane for an adopting node, a parked session."""
+    record: dict[str, Any] = {
+        "provider": stream.provider,
+        "model": stream.model,
+        "messages": [m.model_dump(mode="json", by_alias=True, exclude_none=True) for m in stream.messages],
+        "params": stream.params.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "channel": stream.channel,
+    }
+    if stream.tools:
+        record["tools"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in stream.tools]
+    if stream.tool_choice is not None:
+        choice = stream.tool_choice
+        record["tool_choice"] = choice if isinstance(choice, str) else choice.model_dump(mode="json")
+    return record
+
+
+def request_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """The request of :func:`request_record`, as the fields of a :class:`Stream`."""
+    choice = record.get("tool_choice")
+    return {
+        "provider": record.get("provider", "?"),
+        "model": record.get("model", "?"),
+        "messages": tuple(ChatMessage.model_validate(m) for m in record.get("messages", ())),
+        "params": GenerateParams.model_validate(record.get("params", {})),
+        "channel": record.get("channel"),
+        "tools": tuple(Tool.model_validate(t) for t in record.get("tools", ())),
+        "tool_choice": choice if choice is None or isinstance(choice, str) else ToolChoiceName.model_validate(choice),
+    }
+
+
 class StreamBook:
-    """A session's streams: running ones by id, every id used, the recently ended."""
+    """A session's streams: running ones by id, every id used, the recently ended.
 
-    __slots__ = ("_auto_ids", "_recent", "ids_used", "running")
+    Args:
+        max_recent_bytes: what the recently ended streams may hold together
+            (:meth:`Stream.retained`); the oldest are forgotten first, the
+            newest is always kept.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_auto_ids", "_recent", "ids_used", "max_recent_bytes", "recent_bytes", "running")
+
+    def __init__(self, max_recent_bytes: int = RECENT_STREAMS_BYTES) -> None:
         #: Running streams by id.
         self.running: dict[str, Stream] = {}
         self.ids_used: set[str] = set()
         self._auto_ids = itertools.count(1)
         self._recent: OrderedDict[str, Stream] | None = None  # made at the first end
+        self.max_recent_bytes = max_recent_bytes
+        #: What the recently ended streams hold, in bytes.
+        self.recent_bytes = 0
 
     def used(self, stream_id: str) -> bool:
         return stream_id in self.ids_used
@@ -397,8 +549,14 @@ class StreamBook:
         if recent is None:
             recent = self._recent = OrderedDict()
         recent[stream.id] = stream
-        if len(recent) > RECENT_STREAMS:
-            recent.popitem(last=False)
+        self.recent_bytes += stream.retained()
+        while self.recent_bytes > self.max_recent_bytes and len(recent) > 1:
+            self.recent_bytes -= recent.popitem(last=False)[1].retained()
+
+    @property
+    def recent(self) -> list[Stream]:
+        """The recently ended streams, oldest first."""
+        return list(self._recent.values()) if self._recent is not None else []
 
     def in_thread(self, thread: str) -> list[Stream]:
         """The streams of ``thread`` not yet ended, oldest first."""

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from .session import Session
-from .streams import Reasoning, Stream
+from .streams import Reasoning, Stream, text_bytes
 
 __all__ = ["end_lost", "restore_log"]
 
@@ -66,9 +66,14 @@ def end_lost(session: Session, stream: Stream, frames: list[dict[str, Any]], err
     for msg in frames:
         kind = msg["type"]
         if kind == "stream.snapshot":
-            stream.parts, stream.reasoning, stream.calls = [msg["text"].removeprefix(text)], None, None
-            if msg.get("reasoning", "").removeprefix(reasoning):
-                stream.reasoning = [Reasoning([msg["reasoning"].removeprefix(reasoning)], 0, 0)]
+            stream.parts, stream.reasoning, stream.calls, stream.kept_bytes = [], None, None, 0
+            rest = msg["text"].removeprefix(text)
+            if rest:
+                stream.keep(rest)
+            rest = msg.get("reasoning", "").removeprefix(reasoning)
+            if rest:
+                stream.reasoning = [Reasoning([rest], 0, 0)]
+                stream.kept_bytes += text_bytes(rest)
             for call in msg.get("calls", ()):
                 if call["call"] not in done:
                     stream.open_call(call["call"], call["name"])
@@ -81,7 +86,7 @@ def end_lost(session: Session, stream: Stream, frames: list[dict[str, Any]], err
             if msg["call"] not in (stream.calls or ()):
                 stream.open_call(msg["call"], msg["name"])
         elif part is None:
-            stream.parts.append(msg["text"])
+            stream.keep(msg["text"])
         elif part == "reasoning":
             stream.add_reasoning(msg["text"])
         elif msg.get("call") in (stream.calls or ()):  # (its stream.tool_call may be acked away)

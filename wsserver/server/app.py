@@ -35,7 +35,7 @@ from ..core.session import Session
 from ..providers import Providers, SimulatedProvider
 from ..wire.codec import encode
 from ..wire.errors import CloseCode, ErrorCode, ProtocolError
-from ..wire.messages import SUBPROTOCOL, Hello, Shutdown
+from ..wire.messages import SUPPORTED_PROTOCOLS, Hello, Shutdown, decode_client
 from .auth import Authenticator, Identity
 from .connection import Connection
 from .fanout import Fanout
@@ -95,13 +95,17 @@ def create_backplane(config: ServerConfig) -> Backplane:
             node_timeout=config.node_timeout,
             history_size=config.channel_history,
             history_ttl=config.channel_history_ttl,
+            history_bytes=config.channel_history_bytes,
+            history_bytes_per_publisher=config.channel_history_bytes_per_identity,
+            inbox_messages=config.inbox_messages,
+            inbox_bytes=config.inbox_bytes,
         )
-    return MemoryBackplane(history_size=config.channel_history, history_ttl=config.channel_history_ttl)
-
-
-def _select_subprotocol(connection: ServerConnection, offered: Any) -> str | None:
-    # Accept clients that offer no subprotocol (unlike websockets' default).
-    return SUBPROTOCOL if SUBPROTOCOL in offered else None
+    return MemoryBackplane(
+        history_size=config.channel_history,
+        history_ttl=config.channel_history_ttl,
+        history_bytes=config.channel_history_bytes,
+        history_bytes_per_publisher=config.channel_history_bytes_per_identity,
+    )
 
 
 class Server:
@@ -144,6 +148,7 @@ class Server:
                 "max_id_length": 64,
                 "max_subscriptions": cfg.max_subscriptions,
                 "max_data_bytes": cfg.max_data_bytes,
+                "max_stream_bytes": cfg.max_stream_bytes,
             },
             "server": f"wsserver/{__version__}",
         }
@@ -162,7 +167,6 @@ class Server:
             self._handle,
             cfg.host,
             cfg.port,
-            select_subprotocol=_select_subprotocol,
             process_request=self.http.process_request,
             compression="deflate" if cfg.compression else None,
             max_size=cfg.max_size,
@@ -175,8 +179,10 @@ class Server:
             server_header=f"wsserver/{__version__}",
             # every TCP connection starts at a Front: /v1/ is the HTTP transport, the rest websockets'
             create_connection=self.sse.front,  # type: ignore[arg-type]
+            reuse_port=cfg.reuse_port or None,
         )
         self.spawn(self.fanout.watch())
+        self.telemetry.gc.install()
         logger.info("listening on ws://%s:%d/", cfg.host, self.port)
 
     @property
@@ -212,7 +218,7 @@ class Server:
             conn.send_soon()
         self.sse.shutdown(notice)
         deadline = loop.time() + timeout
-        while loop.time() < deadline and any(live.tasks for live in self.sessions.values()):
+        while loop.time() < deadline and any(live.tasks for live in self.sessions.running()):
             await asyncio.sleep(0.05)  # (runs that wait for tool results need no time to finish)
         self._end_all()
         flushed = loop.time() + 1.0  # let the writers send those stream.end frames
@@ -233,10 +239,11 @@ class Server:
         for task in list(self._tasks):
             task.cancel()
         self.sse.close_all(CloseCode.GOING_AWAY, "server shutdown")
+        self.telemetry.gc.remove()
         self._ws_server.close()
         await self._ws_server.wait_closed()
         self._ws_server = None
-        tasks = [t for live in self.sessions.values() for t in live.tasks.values()]
+        tasks = [t for live in self.sessions.running() for t in live.tasks.values()]
         self._end_all()
         if tasks:
             _, stuck = await asyncio.wait(tasks, timeout=STOP_GRACE_S)
@@ -308,6 +315,23 @@ class Server:
             ErrorCode.UNAUTHORIZED, "a valid credential is required", ref=hello.id, close=CloseCode.UNAUTHORIZED
         )
 
+    def hello_admitted(self, text: str, identity: Identity | None) -> bool:
+        """Whether a connection's first frame is a hello the protocol will let
+        in: valid, of a supported protocol, authenticated. Only such a hello
+        may claim its agent name on a shared backplane, so refused hellos
+        lock no name out (the protocol answers them as usual)."""
+        try:
+            hello = decode_client(text)
+        except ProtocolError:
+            return False
+        if not isinstance(hello, Hello) or hello.protocol not in SUPPORTED_PROTOCOLS:
+            return False
+        try:
+            self.identify(hello, identity)
+        except ProtocolError:
+            return False
+        return True
+
     def protocol_for(self, conn: Attachable) -> ServerProtocol:
         """The protocol state machine of a new connection (or tunnel) ``conn``."""
         cfg = self.config
@@ -331,7 +355,7 @@ class Server:
         return live.session if live is not None else None
 
     def local_sessions(self) -> list[Session]:
-        return [live.session for live in self.sessions.values()]
+        return [live.session for live in self.sessions.values()]  # (parked ones are woken)
 
     def adopt(self, adopted: AdoptedSession) -> Session:
         return self.sessions.adopt(adopted)

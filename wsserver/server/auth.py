@@ -11,8 +11,12 @@ Authentication is off until a key or a secret is configured:
 
 HS256 verification is a few lines over :mod:`hmac`; a JWT library would add
 a dependency for one algorithm we need (and ``alg`` confusion is avoided by
-accepting exactly one). Channel patterns are :func:`fnmatch.fnmatchcase`
-patterns (``team:*``).
+accepting exactly one). Its parts are read strictly: base64url without
+padding and in its one canonical spelling (junk appended to a signature, or
+the same bytes spelled otherwise, is refused), JSON by orjson, whose depth
+limit makes a deeply nested token a refusal rather than a ``RecursionError``.
+Whatever a credential holds, verifying it never raises. Channel patterns are
+:func:`fnmatch.fnmatchcase` patterns (``team:*``).
 """
 
 from __future__ import annotations
@@ -21,11 +25,15 @@ import base64
 import binascii
 import hashlib
 import hmac
+import ipaddress
 import json
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
+
+import orjson
 
 from ..core.limits import ChannelRules
 from ..core.session import ANONYMOUS
@@ -49,8 +57,22 @@ class Identity:
     rules: ChannelRules
 
 
+_B64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def _b64decode(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    """Strict base64url without padding (RFC 7515); anything else raises ValueError.
+
+    The standard decoder skips characters outside the alphabet and ignores
+    the unused low bits of the last character, so one signature would have
+    many spellings, junk appended included.
+    """
+    if len(part) % 4 == 1 or _B64URL.fullmatch(part) is None:
+        raise ValueError("not base64url")
+    data = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+    if base64.urlsafe_b64encode(data).rstrip(b"=") != part.encode():
+        raise ValueError("not the canonical base64url spelling")
+    return data
 
 
 class Authenticator:
@@ -76,7 +98,7 @@ class Authenticator:
 
     def verify(self, token: str) -> Identity | None:
         """The identity a credential proves, or None. Never says why."""
-        raw = token.encode()
+        raw = token.encode("utf-8", "surrogateescape")  # (a header's non-ASCII bytes come escaped)
         for key in self._keys:
             if hmac.compare_digest(raw, key):
                 return Identity("key:" + hashlib.sha256(key).hexdigest()[:12], self.rules)
@@ -88,10 +110,10 @@ class Authenticator:
         assert self._secret is not None
         head, body, sig = token.split(".")
         try:
-            header = json.loads(_b64decode(head))
-            claims = json.loads(_b64decode(body))
             signature = _b64decode(sig)
-        except (ValueError, binascii.Error):
+            header = orjson.loads(_b64decode(head))
+            claims = orjson.loads(_b64decode(body))
+        except (ValueError, binascii.Error, RecursionError):  # (orjson's JSONDecodeError is a ValueError)
             return None
         if not isinstance(header, dict) or header.get("alg") != "HS256" or not isinstance(claims, dict):
             return None
@@ -150,19 +172,35 @@ def token_from_request(path: str, authorization: str | None) -> str | None:
     return None
 
 
-_LOCAL = {"localhost", "127.0.0.1", "[::1]", "::1"}
-
-
 def origin_allowed(origin: str | None, host: str | None, allowed: Sequence[str]) -> bool:
-    """No Origin (non-browser clients) is allowed; a browser Origin must match
-    the Host, a local host, or the allowlist (exact ``scheme://host[:port]``)."""
+    """Whether a WebSocket (or other cross-origin) request may come from a
+    page of ``origin``, sent to ``host`` (the ``Host`` header).
+
+    No ``Origin`` (servers, Node, CLI clients) is allowed. A browser's must be
+    in ``allowed`` (exact ``scheme://host[:port]``; ``*`` allows any), or be
+    the server's own page reached by an address rather than a name: an
+    ``http(s)`` Origin equal to the Host, whose host is an IP address or
+    ``localhost``. An Origin equal to a Host that is a DNS name proves
+    nothing: under DNS rebinding a page of ``evil.example`` reaches a server
+    on 127.0.0.1 as ``evil.example``, Origin and Host agreeing; an address
+    (or ``localhost``, which browsers resolve to loopback themselves) cannot
+    be rebound. Other local pages (another port: a dev server, anything a
+    local user runs) are not the server's own either: ``--allowed-origin``.
+    """
     if origin is None:
         return True
     if origin in allowed or "*" in allowed:
         return True
+    if not host:
+        return False
     parts = urlsplit(origin)
-    origin_host = parts.hostname or ""
-    netloc = parts.netloc
-    if host and netloc.lower() == host.lower():
+    if parts.scheme not in ("http", "https") or parts.netloc.lower() != host.lower():
+        return False
+    name = parts.hostname or ""
+    if name == "localhost":
         return True
-    return origin_host in _LOCAL or f"[{origin_host}]" in _LOCAL
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True

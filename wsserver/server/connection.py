@@ -38,6 +38,7 @@ from ..core.actions import CloseConnection
 from ..core.protocol import ConnState
 from ..wire.codec import TunnelClose
 from ..wire.errors import CloseCode
+from ..wire.messages import SUBPROTOCOL
 from .auth import token_from_request
 from .runtime import SessionRuntime, carry_out
 
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from .app import Server
     from .auth import Identity
 
-__all__ = ["MAX_BACKLOG", "Connection", "hello_of"]
+__all__ = ["MAX_BACKLOG", "Connection", "WebSocket", "hello_of"]
 
 logger = logging.getLogger("wsserver.server")
 
@@ -55,6 +56,51 @@ logger = logging.getLogger("wsserver.server")
 #: requests but never reads the answers thus meets TCP backpressure instead
 #: of growing the server's memory.
 MAX_BACKLOG = 1024
+
+
+class WebSocket(ServerConnection):
+    """websockets' server connection, without the reference cycles it leaves
+    behind when it closes.
+
+    A closed ``ServerConnection`` is kept alive by cycles: the protocol and
+    its parser generator, the connection and its transport (through the
+    pause and resume callbacks of the incoming-message queue), the protocol
+    and the subprotocol callback ``serve()`` binds to it, and, when the
+    connection was dropped, the tracebacks of the errors it keeps. Without
+    them refcounting frees a closed connection at once (about 60 objects);
+    with them only a full collection of the cyclic garbage collector does,
+    after they have piled up in its oldest generation, and under connection
+    churn those collections took 100-300 ms each while the event loop, and
+    every stream, waited. (websockets itself breaks its keepalive task's
+    cycle in ``connection_lost`` for the same reason.)
+    """
+
+    def __init__(self, protocol: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(protocol, *args, **kwargs)
+        # A plain function, not a method bound to the protocol: no cycle.
+        protocol.select_subprotocol = select_subprotocol
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        protocol = self.protocol
+        protocol.parser = None  # its generator's frame holds the protocol (EOF is seen already)
+        self.recv_messages.pause = self.recv_messages.resume = _nothing  # bound to the transport
+        # A dropped connection's errors (kept as the cause of ConnectionClosed)
+        # hold, through their tracebacks, the frames of the parser and the
+        # transport: the message is kept, the frames are let go.
+        for error in (protocol.parser_exc, self.connection_exc):
+            if error is not None:
+                error.__traceback__ = None
+
+
+def select_subprotocol(offered: Any) -> str | None:
+    """``wsserver.v1`` if the client offers it; clients that offer no
+    subprotocol are accepted too (websockets' default refuses them)."""
+    return SUBPROTOCOL if SUBPROTOCOL in offered else None
+
+
+def _nothing() -> None:
+    return None
 
 
 def client_ip(connection: ServerConnection) -> str:
@@ -75,8 +121,8 @@ class Connection:
     """The pump of one WebSocket connection."""
 
     __slots__ = (
-        "_carry", "_flush_on_close", "_unsent", "_send_scheduled", "_writer", "busy", "close_with", "drained", "identity", "ip",
-        "live", "proto", "reserved", "server", "tunnel", "wake", "ws",
+        "_carry", "_done", "_flush_on_close", "_unsent", "_send_scheduled", "_writer", "busy", "close_with", "drained",
+        "identity", "ip", "live", "proto", "reserved", "server", "tunnel", "wake", "ws",
     )
 
     def __init__(self, server: Server, ws: ServerConnection, identity: Identity | None) -> None:
@@ -91,6 +137,7 @@ class Connection:
         self._send_scheduled = False
         self._flush_on_close = False
         self._writer: asyncio.Task[None] | None = None
+        self._done = False  # the reader finished: no writer is made any more
         #: Frames taken for an inline write that the socket would not take
         #: without waiting: the writer sends them first (a resume's replay).
         self._carry: list[bytes] = []
@@ -112,15 +159,20 @@ class Connection:
         except ConnectionClosed:
             pass
         finally:
-            writer = self._writer
             if self._flush_on_close:  # a violation: send the error first
                 with contextlib.suppress(ConnectionClosed):
-                    if writer is not None:
-                        writer.cancel()
+                    if self._writer is not None:
+                        self._writer.cancel()
                     await self._flush()
             self.proto.release()
             if self.live is not None:
                 self.live.detach(self)  # a dropped socket never cancels anything
+            # No writer from now on, and the one there is ends here: a send
+            # scheduled before (or during the flush above, which may have made
+            # one) must not leave a task pending forever ("Task was destroyed
+            # but it is pending!" once the connection is collected).
+            self._done = True
+            writer = self._writer
             if writer is not None:
                 writer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -165,6 +217,8 @@ class Connection:
                         if route.connect is not None:
                             await self._tunnel(route, data)
                             return
+                        if server.hello_admitted(data, self.identity):  # only then may it claim an agent name
+                            route = await server.backplane.reserve_agent(hello)
                         self.reserved = route
             else:
                 data = await ws.recv()
@@ -207,6 +261,8 @@ class Connection:
         slow-consumer limit would count it against a client that reads).
         """
         self._send_scheduled = False
+        if self._done:  # (a violation's error is flushed by run() itself)
+            return
         ws = self.ws
         session = self.proto.session
         # (a shared backplane: the writer writes the frames to it before it sends them)
@@ -236,6 +292,8 @@ class Connection:
         fanout.count(frames)  # (no delivery_seconds sample: an inline write does not wait)
 
     def _wake_writer(self) -> None:
+        if self._done:
+            return
         self.server.fanout.lagging.add(self)
         if self._writer is None:
             self.wake, self.drained = asyncio.Event(), asyncio.Event()

@@ -79,7 +79,7 @@ class Fanout:
             direct = []
             if not shared:  # one node: the fan-out hot path, per subscriber as little as possible
                 for session in sessions:
-                    live = lives.get(session.id)
+                    live = lives.active(session.id)
                     conn = live.conn if live is not None else None
                     if conn is None or channel in session.paused:
                         continue
@@ -92,7 +92,7 @@ class Fanout:
                     members = session.members
                     if members.held and members.hold(channel, offset, frame):
                         continue  # a subscribe or publish of its own on the backplane is under way
-                    live = lives.get(session.id)
+                    live = lives.active(session.id)
                     conn = live.conn if live is not None else None
                     if conn is None or channel in members.paused or not members.admit(channel, offset):
                         continue  # (admit: each offset once, in order; a late copy is dropped)
@@ -106,7 +106,8 @@ class Fanout:
     # ------------------------------------------------------------- monitor
 
     async def watch(self) -> None:
-        """Every 0.25 s: close slow consumers (1013) and forget idle channels.
+        """Every 0.25 s: close slow consumers (1013), forget idle channels, end
+        detached sessions whose time is up.
 
         Only lagging connections are looked at: output backs up only behind
         a busy writer or a paused socket, and both put the connection there.
@@ -146,4 +147,5 @@ class Fanout:
             waiting = looked  # (closed connections are forgotten with the rest)
             server.backplane.sweep()
             server.sessions.prune_quotas()
+            server.sessions.expire_due(asyncio.get_running_loop().time())
             self.count_output()

@@ -30,10 +30,12 @@ Where it leaks: ``serve(create_connection=…)`` is documented as a
 which is an asyncio protocol but no ``ServerConnection``, so websockets'
 ``Server`` knows a connection only once it is handed over: its
 ``close()`` does not see the HTTP transport's streams (the app closes them
-itself), and ``select_subprotocol`` is called with the Front (which
-carries websockets' ``protocol`` for the check it makes), not with the
-``ServerConnection``. A request line that is slow to come counts against ``open_timeout``
-here and then, once handed over, websockets' handshake has its own.
+itself), and no ``select_subprotocol`` is given to ``serve()`` (its wrapper
+would check the connection it made, the Front): the
+:class:`~wsserver.server.connection.WebSocket` made at the hand-over picks
+the subprotocol. A request line that is slow to come counts against
+``open_timeout`` here and then, once handed over, websockets' handshake has
+its own.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ from websockets.datastructures import Headers
 from websockets.exceptions import SecurityError
 from websockets.http11 import MAX_LINE_LENGTH, parse_headers
 from websockets.streams import StreamReader
+
+from .http import duplicated_header
 
 if TYPE_CHECKING:
     from websockets.asyncio.server import ServerConnection
@@ -132,6 +136,9 @@ def parse_head(head: bytes, ip: str) -> HttpRequest:
         raise HttpError(400, "bad_request", "invalid HTTP headers") from None
     else:  # pragma: no cover - fed to EOF, the parser cannot ask for more
         raise HttpError(400, "bad_request", "incomplete HTTP headers")
+    duplicated = duplicated_header(headers)  # (read as one value by the handlers: never guessed)
+    if duplicated is not None:
+        raise HttpError(400, "bad_request", f"duplicated {duplicated} header")
     return HttpRequest(method, target, version, headers, ip)
 
 

@@ -29,7 +29,7 @@ from ..providers.base import (
     UsageReport,
 )
 from ..core.session import Session
-from ..core.streams import Stream
+from ..core.streams import Stream, StreamState
 
 __all__ = ["run_generation"]
 
@@ -66,6 +66,8 @@ async def run_generation(session: Session, stream: Stream, provider: Provider) -
                     usage(stream, event.input_tokens, event.output_tokens)  # type: ignore[union-attr]
                 elif kind is Finish:
                     reason = event.reason  # type: ignore[union-attr]
+                if stream.state is not StreamState.RUNNING:
+                    break  # ended by the session (its output bound): stop reading, close the upstream
         finally:
             await events.aclose()  # type: ignore[attr-defined]
     except asyncio.CancelledError:

@@ -3,8 +3,7 @@
 :class:`SessionRuntime` wraps one :class:`~wsserver.core.session.Session`
 (the pure core) with what takes time: a task per running generation (a
 step of an agent run), the timers of calls a run waits on, the connection
-attached to it (if any), and the ``session_ttl`` timer that runs while none
-is. :func:`carry_out` carries out the actions the core returns after one
+attached to it (if any), and its expiry (``session_ttl``) while none is. :func:`carry_out` carries out the actions the core returns after one
 client message; the actions of transitions a stream makes by itself (a run's
 next step, a call to route, a queued stream that starts) are pulled from the
 core when its ``on_actions`` wake-up says so.
@@ -13,7 +12,8 @@ core when its ``on_actions`` wake-up says so.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import logging
 
@@ -41,6 +41,8 @@ __all__ = ["Attachable", "SessionRuntime", "carry_out"]
 
 logger = logging.getLogger("wsserver.streams")
 
+T = TypeVar("T")
+
 
 class Attachable(Protocol):
     """A connection a session can be attached to (a WebSocket, or a tunnel from another node)."""
@@ -63,18 +65,30 @@ class SessionRuntime:
     and their frames are sequenced straight into the replay log;
     ``session_ttl`` after the last detach the session ends (streams stopped
     with ``error expired``, upstreams closed) and its memory is released.
+    Once detached and idle it is parked (:meth:`Sessions.park`) until then.
+    Expiry is a sweep every 0.25 s over a heap of deadlines
+    (:meth:`Sessions.expire_due`), not a timer per session.
     """
 
-    __slots__ = ("_actions_scheduled", "_drain_scheduled", "_expiry", "conn", "server", "session", "tasks", "timers")
+    __slots__ = (
+        "_actions_scheduled", "_drain_scheduled", "calls", "conn", "quota_key", "server", "session", "tasks", "timers",
+        "until",
+    )
 
-    def __init__(self, server: Server, session: Session) -> None:
+    def __init__(self, server: Server, session: Session, quota_key: str) -> None:
         self.server = server
         self.session = session
+        #: Whose generation limits the session draws on (kept when it is parked).
+        self.quota_key = quota_key
         self.tasks: dict[str, asyncio.Task[None]] = {}
         #: Timers of calls a run waits on, by (stream, call).
         self.timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        #: Backplane calls of this session under way (their answers come to this object).
+        self.calls = 0
         self.conn: Attachable | None = None
-        self._expiry: asyncio.TimerHandle | None = None
+        #: While detached: when the session expires (loop time; the sweep of
+        #: :meth:`Sessions.expire_due` ends it). 0 while attached.
+        self.until = 0.0
         self._drain_scheduled = False
         self._actions_scheduled = False
         session.out.on_output = self.wake
@@ -109,9 +123,7 @@ class SessionRuntime:
             self.server.backplane.write_log_nowait(self.session)
 
     def attach(self, conn: Attachable) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
+        self.until = 0.0
         old, self.conn = self.conn, conn
         conn.live = self
         if old is not None and old is not conn:
@@ -124,18 +136,30 @@ class SessionRuntime:
         self.conn = None
         self.start_detached()
 
-    def start_detached(self) -> None:
-        """No connection: subscriptions pause, the expiry clock runs, output goes to the log."""
+    def start_detached(self, until: float | None = None) -> None:
+        """No connection: subscriptions pause, the expiry clock runs (until
+        loop time ``until``, else for ``session_ttl``), output goes to the
+        log, and once idle the session is parked (:meth:`settle`)."""
         session = self.session
         session.paused.update(session.subscriptions)
-        if self.server.sessions.get(session.id) is self:
+        session.members.away = True  # direct messages wait in its inbox
+        sessions = self.server.sessions
+        if sessions.active(session.id) is self:
             loop = asyncio.get_running_loop()
-            self._expiry = loop.call_later(self.server.config.session_ttl, self.expire)
+            if until is None:  # (else: woken from parking, its deadline is in the heap already)
+                until = loop.time() + self.server.config.session_ttl
+                sessions.expire_at(session.id, until)
+            self.until = until
+            loop.call_soon(self.settle)
         if session.has_output:
             self.wake()
 
+    def settle(self) -> None:
+        """Detached and idle (no stream running, no backplane call under way): parked, kept as bytes."""
+        if self.until and self.conn is None and not self.tasks and not self.calls and not self.timers:
+            self.server.sessions.park(self)
+
     def expire(self) -> None:
-        self._expiry = None
         self.end("error", (ErrorCode.EXPIRED.value, "the session expired with no connection attached"))
 
     def end(
@@ -145,9 +169,7 @@ class SessionRuntime:
         shared backplane, leave it there for another node to adopt, with its
         waiting runs and queued streams, which that node goes on with;
         ``write=False``: and write nothing more there, it is another node's now)."""
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
+        self.until = 0.0
         session = self.session
         self.server.sessions.remove(self)
         session.on_actions = None
@@ -197,6 +219,8 @@ class SessionRuntime:
     def _task_done(self, stream_id: str, task: asyncio.Task[None]) -> None:
         if self.tasks.get(stream_id) is task:  # (a run's next step may have its own task already)
             del self.tasks[stream_id]
+        if not self.tasks and self.conn is None and self.until:
+            asyncio.get_running_loop().call_soon(self.settle)  # (after the stream's last frames are logged)
 
     def _timed_out(self, key: tuple[str, str]) -> None:
         self.timers.pop(key, None)
@@ -227,12 +251,12 @@ async def carry_out(conn: Attachable, actions: list[Any]) -> CloseConnection | N
             if session is not None:  # (awaited: replies leave in request order)
                 pending = conn.server.backplane.call(session, action)
                 if pending is not None:
-                    await pending
+                    await _answered(conn.live, pending)
         elif type(action) is AnswerCall:
             session = conn.proto.session
             if session is not None:  # (awaited, likewise)
                 try:
-                    verdict = await conn.server.backplane.answer_call(session, action)
+                    verdict = await _answered(conn.live, conn.server.backplane.answer_call(session, action))
                 except Exception as exc:
                     logger.warning("answering routed call %s failed: %r", action.msg.call, exc)
                     verdict = "down"
@@ -240,3 +264,17 @@ async def carry_out(conn: Attachable, actions: list[Any]) -> CloseConnection | N
         elif conn.live is not None:
             conn.live.apply([action])
     return close
+
+
+async def _answered(live: SessionRuntime | None, pending: Awaitable[T]) -> T:
+    """Await a backplane call; meanwhile the session is not parked (the answer
+    comes to this runtime's session, even if the client has left by then)."""
+    if live is None:
+        return await pending
+    live.calls += 1
+    try:
+        return await pending
+    finally:
+        live.calls -= 1
+        if not live.calls and live.conn is None and live.until:
+            asyncio.get_running_loop().call_soon(live.settle)

@@ -1,4 +1,4 @@
-"""This node's live sessions: opening, resuming, adopting and fencing them.
+"""This node's sessions: opening, resuming, parking, adopting and fencing them.
 
 :class:`Sessions` is a read-only mapping of session id to
 :class:`~wsserver.server.runtime.SessionRuntime`; it decides what a
@@ -6,17 +6,28 @@
 session after ``resume_failed``), builds new sessions with the identity's
 rate limits, and rebuilds the sessions a backplane hands over from a lost
 node.
+
+A finished session (detached, idle: :func:`~wsserver.core.dormant.can_park`)
+is *parked*: kept as one ``bytes`` (:mod:`wsserver.core.dormant`) until it
+is resumed, looked up, or expires. Looking a parked session up by id
+(``sessions[sid]``, ``get``) wakes it; :meth:`Sessions.active` and
+:meth:`Sessions.running` see only the sessions that are not parked.
+Detached sessions, parked or not, expire by a sweep over a heap of deadlines
+(:meth:`Sessions.expire_due`, every 0.25 s) instead of a timer each.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import secrets
 import time
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..cluster.backplane import AdoptedSession, Route
-from ..core.limits import ChannelRules, GenerationQuota, MessagingLimits, TokenBucket, TokenBudget
+from ..core import dormant
+from ..core.limits import ChannelRules, GenerationQuota, MessagingLimits, StreamLimits, TokenBucket, TokenBudget
 from ..core.protocol import Opened
 from ..core.session import ANONYMOUS, Session
 from ..core.runs import Run
@@ -30,50 +41,131 @@ from .runtime import Attachable, SessionRuntime
 
 if TYPE_CHECKING:
     from .app import Server
+    from .auth import Identity
 
 __all__ = ["Sessions"]
 
 
 class Sessions(Mapping[str, SessionRuntime]):
-    """Live sessions by id, attached or not."""
+    """This node's sessions by id: attached, detached or parked."""
 
     def __init__(self, server: Server) -> None:
         self._server = server
         self._live: dict[str, SessionRuntime] = {}
-        # dict's own get(): Mapping's generic one goes through __getitem__
-        # and an exception, and fan-out looks up every subscriber.
-        self.get = self._live.get  # type: ignore[method-assign]
+        #: Parked sessions and when each expires (loop time). Both dicts hold
+        #: only str, bytes and float: the garbage collector does not track them.
+        self._parked: dict[str, bytes] = {}
+        self._parked_until: dict[str, float] = {}
+        #: Bytes of the parked sessions' blobs (their payload, not the dict's own).
+        self.parked_bytes = 0
+        #: (expiry, session id) of detached sessions, soonest first; an entry
+        #: whose expiry is no longer the session's is stale (it was resumed).
+        self._expiries: list[tuple[float, str]] = []
+        #: The runtime of a session that is not parked, or None: dict's own
+        #: get(), since fan-out looks up every subscriber.
+        self.active = self._live.get
         cfg = server.config
         self.limits = MessagingLimits(
             max_subscriptions=cfg.max_subscriptions,
             max_data_bytes=cfg.max_data_bytes,
             publish_rate=cfg.publish_rate,
             publish_burst=cfg.publish_rate * 2,
+            inbox_messages=cfg.inbox_messages,
+            inbox_bytes=cfg.inbox_bytes,
         )
+        # (the conversation an interrupt continues: no larger than one a client could send)
+        self.stream_limits = StreamLimits(cfg.max_stream_bytes, cfg.recent_streams_bytes, cfg.max_size)
         self._quotas: dict[str, GenerationQuota] = {}
 
     def __getitem__(self, session_id: str) -> SessionRuntime:
-        return self._live[session_id]
+        """The session's runtime; a parked session is woken."""
+        live = self._live.get(session_id)
+        if live is None:
+            live = self.wake(session_id)
+            if live is None:
+                raise KeyError(session_id)
+        return live
 
     def __contains__(self, session_id: object) -> bool:
-        return session_id in self._live
+        return session_id in self._live or session_id in self._parked
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._live)
+        return itertools.chain(list(self._live), list(self._parked))
 
     def __len__(self) -> int:
-        return len(self._live)
+        return len(self._live) + len(self._parked)
+
+    def running(self) -> list[SessionRuntime]:
+        """The sessions that are not parked (attached, or detached with work to do)."""
+        return list(self._live.values())
+
+    @property
+    def parked(self) -> int:
+        return len(self._parked)
 
     def remove(self, live: SessionRuntime) -> None:
         if self._live.get(live.session.id) is live:
             del self._live[live.session.id]
 
-    def counts(self) -> tuple[int, int, int]:
-        """(attached, detached, running streams)."""
+    def counts(self) -> tuple[int, int, int, int, int]:
+        """(attached, detached incl. parked, running streams, parked, bytes parked)."""
         lives = self._live.values()
         attached = sum(1 for live in lives if live.conn is not None)
         streams = sum(len(live.session.streams) for live in lives)
-        return attached, len(self._live) - attached, streams
+        return attached, len(self) - attached, streams, len(self._parked), self.parked_bytes
+
+    # ---------------------------------------------------------------- parking
+
+    def park(self, live: SessionRuntime) -> bool:
+        """Keep a detached, idle session as bytes (False: it is not idle)."""
+        session = live.session
+        if live.conn is not None or live.tasks or self._live.get(session.id) is not live:
+            return False
+        if session.has_output:  # sequenced into the log and written, as while detached
+            session.take_output()
+            self._server.backplane.write_log_nowait(session)
+        if not dormant.can_park(session):
+            return False
+        session.out.on_output = None  # (the runtime's wake-up: no cycle left behind)
+        del self._live[session.id]
+        blob = self._parked[session.id] = dormant.park(session, quota=live.quota_key)
+        self._parked_until[session.id] = live.until
+        self.parked_bytes += len(blob)
+        return True
+
+    def wake(self, session_id: str) -> SessionRuntime | None:
+        """Rebuild a parked session (detached, its expiry unchanged); None if not parked."""
+        blob = self._parked.pop(session_id, None)
+        if blob is None:
+            return None
+        until = self._parked_until.pop(session_id)
+        self.parked_bytes -= len(blob)
+        parked = dormant.read(blob)
+        quota_key = parked.extra.get("quota") or parked.identity
+        session = self._build(session_id, parked.identity, quota_key, rules=parked.rules, public_id=parked.public_id)
+        dormant.restore(session, parked)
+        live = SessionRuntime(self._server, session, quota_key)
+        self._live[session_id] = live
+        live.start_detached(until)
+        return live
+
+    def expire_at(self, session_id: str, until: float) -> None:
+        """The detached session expires at loop time ``until`` (unless resumed)."""
+        heapq.heappush(self._expiries, (until, session_id))
+
+    def expire_due(self, now: float) -> None:
+        """End the detached sessions (parked or not) whose ``session_ttl`` has run out."""
+        expiries = self._expiries
+        while expiries and expiries[0][0] <= now:
+            until, session_id = heapq.heappop(expiries)
+            if self._parked_until.get(session_id) == until:
+                live = self.wake(session_id)
+            else:
+                live = self._live.get(session_id)
+                if live is None or live.until != until or live.conn is not None:
+                    continue  # resumed (or ended) since
+            if live is not None:
+                live.expire()
 
     # ------------------------------------------------------------------ hello
 
@@ -89,7 +181,7 @@ class Sessions(Mapping[str, SessionRuntime]):
         if hello.agent is not None and not valid_name(hello.agent):
             raise ProtocolError(ErrorCode.BAD_NAME, f"an agent name {NAME_RULE}", field="agent", ref=hello.id)
         identity = server.identify(hello, conn.identity)
-        live = self._live.get(hello.session) if hello.session else None
+        live = self.get(hello.session) if hello.session else None
         if live is not None and live.session.identity != identity.id:
             live = None  # another identity's session: as if unknown (no hint that it exists)
         if live is not None:
@@ -99,10 +191,12 @@ class Sessions(Mapping[str, SessionRuntime]):
             if hello.snapshot:
                 session.snapshot()
                 telemetry.resumes.labels("ok").inc()
+                self._back(session, identity)
                 return Opened(session, True)
             replay = session.replay_after(hello.last_seq or 0)
             if replay is not None:
                 telemetry.resumes.labels("ok").inc()
+                self._back(session, identity)
                 return Opened(session, True, after=replay)
             message = (
                 f"cannot resume after seq {hello.last_seq or 0}: the session's "
@@ -120,18 +214,30 @@ class Sessions(Mapping[str, SessionRuntime]):
                 "session or choose another name",
                 ref=hello.id,
             )
+        quota_key = identity.id if identity.id != ANONYMOUS else "ip:" + conn.ip
         session = self._new_session(
             reserved.session_id or secrets.token_urlsafe(16),  # 128 bits: unguessable
             identity.id,
             identity.rules,
             hello.agent,
-            "ip:" + conn.ip,
+            quota_key,
         )
-        live = SessionRuntime(server, session)
+        live = SessionRuntime(server, session, quota_key)
         self._live[session.id] = live
         server.backplane.session_opened(session)
         live.attach(conn)
         return Opened(session, False, before=before)
+
+    def _back(self, session: Session, identity: Identity) -> None:
+        """A resumed session, its replay taken: the resuming credential's
+        channel rights apply from now on, and the direct messages that waited
+        while it was away follow the replay."""
+        backplane = self._server.backplane
+        changed = session.members.rules != identity.rules
+        for call in session.members.restrict(identity.rules, session.streams.values()):
+            backplane.call(session, call)  # (unsubscribes: carried out at once by every backplane)
+        session.members.present()
+        backplane.session_resumed(session, rights_changed=changed)
 
     def _new_session(
         self,
@@ -139,32 +245,36 @@ class Sessions(Mapping[str, SessionRuntime]):
         identity: str,
         rules: ChannelRules | None,
         agent: str | None,
-        anonymous_key: str,
+        quota_key: str,
         public_id: str | None = None,
     ) -> Session:
+        session = self._build(session_id, identity, quota_key, agent=agent, rules=rules, public_id=public_id)
+        if agent is not None:
+            self._server.backplane.claim_agent(agent, session)
+        return session
+
+    def _build(self, session_id: str, identity: str, quota_key: str, **fields: Any) -> Session:
+        """A session with this server's settings and the identity's limits."""
         server = self._server
         cfg = server.config
-        quota = self._quota(identity if identity != ANONYMOUS else anonymous_key)
         session = Session(
             session_id,
             providers=server.providers,
             max_streams=cfg.max_streams,
+            stream_limits=self.stream_limits,
             max_log_messages=cfg.replay_max_messages,
             max_log_bytes=cfg.replay_max_bytes,
             coalesce=cfg.coalesce,
             channels=server.backplane,
-            agent=agent,
             limits=self.limits,
             identity=identity,
-            rules=rules,
             observer=server.telemetry,
-            quota=quota,
-            public_id=public_id,
+            quota=self._quota(quota_key),
+            account=quota_key,  # (per IP when anonymous)
+            **fields,
         )
         if server.backplane.shared:
             session.out.journal = []  # written to the backplane before it is sent
-        if agent is not None:
-            server.backplane.claim_agent(agent, session)
         return session
 
     def _quota(self, key: str) -> GenerationQuota | None:
@@ -199,13 +309,14 @@ class Sessions(Mapping[str, SessionRuntime]):
         predecessor if that one is still here (else it ends ``node_lost`` too);
         the session is detached until its client resumes (or it expires).
         """
+        quota_key = adopted.identity if adopted.identity != ANONYMOUS else "ip:?"
         session = self._new_session(
-            adopted.id, adopted.identity, adopted.rules, adopted.agent, "ip:?", public_id=adopted.public_id
+            adopted.id, adopted.identity, adopted.rules, adopted.agent, quota_key, public_id=adopted.public_id
         )
         answers = restore_log(session, adopted.seq, adopted.acked, adopted.first, adopted.frames)
         session.subscriptions.update(adopted.subscriptions)
         session.paused.update(adopted.subscriptions)
-        live = SessionRuntime(self._server, session)
+        live = SessionRuntime(self._server, session, quota_key)
         self._live[session.id] = live
         now = session.clock()
         lost = (ErrorCode.NODE_LOST.value, "the node running this stream was lost")
@@ -248,6 +359,11 @@ class Sessions(Mapping[str, SessionRuntime]):
         """Another node adopted this session (this one was declared lost): drop
         it here without touching the backplane. Returns its connection, whose
         client must be told to resume elsewhere."""
+        blob = self._parked.pop(session_id, None)
+        if blob is not None:
+            del self._parked_until[session_id]
+            self.parked_bytes -= len(blob)
+            return None
         live = self._live.pop(session_id, None)
         if live is None:
             return None
@@ -259,6 +375,15 @@ class Sessions(Mapping[str, SessionRuntime]):
         return conn
 
     def end_all(self, *, forget: bool) -> None:
-        """Stop every stream with ``error shutdown`` (``forget``: and end the sessions)."""
+        """Stop every stream with ``error shutdown`` (``forget``: and end the sessions).
+
+        Parked sessions have nothing running and nothing unwritten: kept on a
+        shared backplane, they are simply dropped here."""
+        for session_id in list(self._parked):
+            if forget:
+                self.wake(session_id)  # then ended below
+            else:
+                self.parked_bytes -= len(self._parked.pop(session_id))
+                del self._parked_until[session_id]
         for live in list(self._live.values()):
             live.end("error", (ErrorCode.SHUTDOWN.value, "the server is shutting down"), forget=forget)

@@ -41,7 +41,6 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 import orjson
-from websockets.asyncio.server import ServerConnection
 
 from ..cluster.backplane import LOCAL, Route
 from ..core.actions import CloseConnection
@@ -50,7 +49,7 @@ from ..wire.codec import TunnelClose, encode, seq_of
 from ..wire.errors import CloseCode, ErrorCode
 from ..wire.messages import Error
 from .auth import origin_allowed, token_from_request
-from .connection import hello_of
+from .connection import WebSocket, hello_of
 from .front import Front, HttpError, HttpRequest, response_head
 from .http import Refusal
 from .runtime import SessionRuntime, carry_out
@@ -184,6 +183,8 @@ class SseConnection:
                     if route.connect is not None:
                         await self._open_tunnel(route, text)
                         continue
+                    if server.hello_admitted(text, self.identity):  # only then may it claim an agent name
+                        route = await server.backplane.reserve_agent(hello)
                     self.reserved = route
             actions = proto.receive_text(text)
             telemetry.messages_in.labels(proto.last_type).inc()
@@ -370,12 +371,10 @@ class HttpTransport:
         return len(self.connections)
 
     def front(self, protocol: WsProtocol, ws_server: object, **kwargs: object) -> Front:
-        """``serve(create_connection=…)``: a Front that makes websockets' connection only if it needs one."""
-        front = Front(self, lambda: ServerConnection(protocol, ws_server, **kwargs))  # type: ignore[arg-type]
-        # websockets' select_subprotocol wrapper checks ``protocol is connection.protocol``
-        # on what create_connection returned (and passes it, not the ServerConnection, on).
-        front.protocol = protocol  # type: ignore[attr-defined]
-        return front
+        """``serve(create_connection=…)``: a Front that makes websockets' connection
+        (a :class:`~wsserver.server.connection.WebSocket`, which picks the
+        subprotocol itself) only if it needs one."""
+        return Front(self, lambda: WebSocket(protocol, ws_server, **kwargs))  # type: ignore[arg-type]
 
     # ---------------------------------------------------------------- answers
 

@@ -60,7 +60,7 @@ class StaticFiles:
         for prefix, root in self.roots.items():
             if path.startswith(prefix):
                 name = path[len(prefix) :]
-                if not _SAFE.match(name):  # no "..", no absolute paths, no dotfiles
+                if not _SAFE.fullmatch(name):  # no "..", no absolute paths, no dotfiles, no newline
                     return None
                 return self._read(root / name)
         return None

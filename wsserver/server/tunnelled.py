@@ -67,7 +67,7 @@ class TunnelledConnection:
                 self.close_with = await carry_out(self, proto.receive_binary(text))
             else:
                 hello = hello_of(text) if proto.state is ConnState.AWAITING_HELLO else None
-                if hello is not None:
+                if hello is not None and self.server.hello_admitted(text, self.identity):
                     self.reserved = await backplane.reserve_agent(hello)
                 self.close_with = await carry_out(self, proto.receive_text(text))
             if proto.has_output or self.close_with is not None:

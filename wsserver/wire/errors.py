@@ -60,6 +60,7 @@ class ErrorCode(enum.StrEnum):
     STREAM_EXISTS = "stream_exists"
     UNKNOWN_STREAM = "unknown_stream"
     PROVIDER_UNAVAILABLE = "provider_unavailable"
+    CONVERSATION_TOO_LARGE = "conversation_too_large"
     # A generate's conversation and tools (rich generations).
     BAD_TOOL_SCHEMA = "bad_tool_schema"
     DUPLICATE_TOOL = "duplicate_tool"
@@ -82,6 +83,7 @@ class ErrorCode(enum.StrEnum):
     BAD_NAME = "bad_name"
     AGENT_NAME_TAKEN = "agent_name_taken"
     UNKNOWN_AGENT = "unknown_agent"
+    INBOX_FULL = "inbox_full"
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
     MESSAGE_TOO_LARGE = "message_too_large"
     BACKPLANE_UNAVAILABLE = "backplane_unavailable"

@@ -499,6 +499,9 @@ class Error(_Server):
     ref: str | None = None
     stream: str | None = None
     field: str | None = None
+    #: The channel an error is about when no request names it (a subscription
+    #: dropped on resume because the new credential does not allow it).
+    channel: str | None = None
     supported: list[int] | None = None
     retry_after_ms: NonNegativeInt | None = None
 

@@ -98,6 +98,7 @@ export const ERROR_CODES = Object.freeze({
   STREAM_EXISTS: "stream_exists",
   UNKNOWN_STREAM: "unknown_stream",
   PROVIDER_UNAVAILABLE: "provider_unavailable",
+  CONVERSATION_TOO_LARGE: "conversation_too_large",
   // a generate's conversation and tools
   BAD_TOOL_SCHEMA: "bad_tool_schema",
   DUPLICATE_TOOL: "duplicate_tool",
@@ -119,6 +120,7 @@ export const ERROR_CODES = Object.freeze({
   BAD_NAME: "bad_name",
   AGENT_NAME_TAKEN: "agent_name_taken",
   UNKNOWN_AGENT: "unknown_agent",
+  INBOX_FULL: "inbox_full",
   TOO_MANY_SUBSCRIPTIONS: "too_many_subscriptions",
   MESSAGE_TOO_LARGE: "message_too_large",
   BACKPLANE_UNAVAILABLE: "backplane_unavailable",

@@ -29,6 +29,8 @@ export class WsServerError extends Error {
     this.stream = frame?.stream;
     this.field = frame?.field;
     this.supported = frame?.supported;
+    /** For a subscription the server dropped (forbidden after a resume with narrower rights). */
+    this.channel = frame?.channel;
   }
 }
 

@@ -82,6 +82,17 @@ describe("server-valid vectors are accepted", () => {
             assert.deepEqual(client.closeError.supported, frame.supported);
             return;
           }
+          if (frame.ref === undefined) {
+            // about no request (a subscription dropped on resume): reported as it came
+            const { ws, errors } = await connectedClient(Client);
+            ws().receive(frame);
+            await flush();
+            assert.equal(errors.length, 1);
+            assert.ok(errors[0] instanceof WsServerError);
+            assert.equal(errors[0].code, frame.code);
+            assert.equal(errors[0].channel, frame.channel);
+            return;
+          }
           const { client, ws } = await connectedClient(Client);
           const pending = client.request({ type: "cancel", stream: frame.stream ?? "x", id: frame.ref });
           ws().receive(frame);
