@@ -277,9 +277,13 @@ async def test_the_session_expires_with_a_clear_reason(make_server: Callable[...
         me, librarian = await waiting_run(server, "approval")
         session = server.sessions[me.session].session  # type: ignore[index]
         await me.drop()
-        await until(lambda: me.session not in server.sessions)
-        ends = [orjson.loads(f) for _, f in session.log if f.startswith(b'{"type":"stream.end"')]
-        (end,) = ends
+
+        def ends() -> list[dict[str, Any]]:
+            return [orjson.loads(f) for _, f in session.log if f.startswith(b'{"type":"stream.end"')]
+
+        # (gone from the registry first; the end's frames reach the log a loop turn later)
+        await until(lambda: me.session not in server.sessions and bool(ends()))
+        (end,) = ends()
         assert end["reason"] == "error" and end["error"]["code"] == "expired"
         assert end["error"]["message"] == (
             "the session expired with no connection attached, while the run waited for an approval of 'lookup'"

@@ -126,7 +126,7 @@ class Sessions(Mapping[str, SessionRuntime]):
             self._server.backplane.write_log_nowait(session)
         if not dormant.can_park(session):
             return False
-        session.out.on_output = None  # (the runtime's wake-up: no cycle left behind)
+        session.out.on_output = session.on_actions = None  # (the runtime's wake-ups: no cycle left behind)
         del self._live[session.id]
         blob = self._parked[session.id] = dormant.park(session, quota=live.quota_key)
         self._parked_until[session.id] = live.until
