@@ -110,6 +110,31 @@ class TestParkAndRestore:
         assert steered.messages == (*old.conversation(), steered.messages[-1])
         assert steered.tools == old.tools and steered.tool_choice == old.tool_choice
 
+    def test_an_ended_run_keeps_its_steps_thread_and_client_messages(self) -> None:
+        """A run cancelled in its second step: a steer after the rebuild
+        continues the whole run (the first step's call and result included)."""
+        s = make_session(coalesce=False)
+        weather = {"name": "get_weather", "parameters": {"type": "object"}}
+        a = start(s, stream="run", tools=[weather], max_steps=3, thread="t1")
+        s.stream_tool_call(a, "c1", "get_weather")
+        s.stream_tool_delta(a, "c1", '{"city": "Oslo"}')
+        s.step_end(a, "tool_calls")
+        feed(s, {"type": "tool_result", "stream": "run", "call": "c1", "content": "cold"})
+        s.take_actions()
+        s.stream_delta(a, "It is cold", 1)
+        s.stream_end(a, "cancelled")
+        s.take_output()
+        fresh, _ = rebuilt(s)
+        (old,) = s.book.recent
+        (new,) = fresh.book.recent
+        assert new.run is not None and old.run is not None
+        assert new.run.state() == old.run.state()
+        assert (new.thread, new.client_messages) == ("t1", old.client_messages)
+        assert new.conversation() == old.conversation()
+        assert [m.role for m in new.conversation()] == ["user", "assistant", "tool", "assistant"]
+        steered = feed(fresh, {"type": "interrupt", "stream": "run", "input": "and?", "new_stream": "t"})[0].stream
+        assert steered.messages == (*old.conversation(), steered.messages[-1]) and steered.thread == "t1"
+
     def test_the_publish_bucket_is_kept(self) -> None:
         s = make_session()
         s.members.bucket.tokens, s.members.bucket.stamp = 3.5, 99.0

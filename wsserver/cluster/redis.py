@@ -149,7 +149,6 @@ class RedisBackplane(Backplane):
         self.calls = RoutedCalls(self)
         #: This node's sessions by agent name (uniqueness across nodes is Redis's).
         self._agents: dict[str, Session] = {}
-        #: Direct messages handed to a session and not yet trimmed off its queue, by id.
         self._tasks: set[asyncio.Task[Any]] = set()
         self._watcher: asyncio.Task[None] | None = None
         self._recovering: asyncio.Task[None] | None = None
