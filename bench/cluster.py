@@ -64,6 +64,15 @@ class RedisServer:
                     raise
                 time.sleep(0.05)
 
+    def flush(self) -> None:
+        """Forget everything: the sessions a stopped server left for adoption
+        would otherwise be adopted by the next one, in the middle of its load."""
+        import redis
+
+        client = redis.Redis(host="127.0.0.1", port=self.port)
+        client.flushall()
+        client.close()
+
     def cpu(self) -> float:
         t = self.ps.cpu_times()
         return t.user + t.system
@@ -151,6 +160,7 @@ async def scenario_cluster(ctx: Ctx) -> dict[str, Any]:
                                                    ("stream-one", "stream-a", "paced-one", "paced-a", "fan-one",
                                                     "fan-ab")}
         for r in range(p["rounds"]):
+            redis.flush()  # (nothing left over from the round before)
             servers = await start_servers(specs, ctx.tmp, ctx.lifetime)
             one, a, b = servers["wsserver"], servers["node-a"], servers["node-b"]
             try:

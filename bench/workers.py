@@ -41,7 +41,8 @@ async def scenario_workers(ctx: Ctx) -> dict[str, Any]:
         }
         for r in range(p["rounds"]):
             order = keys if r % 2 == 0 else keys[::-1]
-            for key in order:  # one server at a time, fresh each round
+            for key in order:  # one server at a time, fresh each round (and a fresh Redis)
+                redis.flush()
                 servers = await start_servers([specs[key]], ctx.tmp, ctx.lifetime)
                 srv = servers[key]
                 try:
