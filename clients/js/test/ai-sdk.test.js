@@ -4,7 +4,7 @@
 // against the real server for text, finish, abort and error.
 
 import assert from "node:assert/strict";
-import { after, before, describe, test } from "node:test";
+import { describe, test } from "node:test";
 import {
   AbstractChat,
   lastAssistantMessageIsCompleteWithApprovalResponses,
@@ -15,7 +15,7 @@ import WebSocket from "ws";
 
 import { FrameMapper, WsServerChatTransport, answersFor, toWireMessages } from "../src/ai-sdk.js";
 import { Client, WsServerError } from "../src/index.js";
-import { startServer } from "./helpers/server.js";
+import { startServer, useServer } from "./helpers/server.js";
 
 /** Chunks -> the last UI message readUIMessageStream builds (errors collected). */
 async function uiMessage(chunks, errors = []) {
@@ -220,18 +220,11 @@ describe("toWireMessages", () => {
 });
 
 describe("end to end against the server", () => {
-  let server;
-  const clients = [];
-  before(async () => {
-    server = await startServer();
-  });
-  after(async () => {
-    await Promise.all(clients.map((c) => c.close()));
-    await server?.stop();
-  });
+  const fixture = useServer();
+  const { clients } = fixture;
 
   function transport(options = {}) {
-    const client = new Client(server.url, { WebSocket, heartbeatIntervalMs: 0, ...options.clientOptions });
+    const client = new Client(fixture.server.url, { WebSocket, heartbeatIntervalMs: 0, ...options.clientOptions });
     clients.push(client);
     return new WsServerChatTransport({ client, ...options });
   }
@@ -277,7 +270,7 @@ describe("end to end against the server", () => {
   });
 
   test("an agent run in useChat's own loop (AbstractChat): a client-side tool, an approval, another agent", async () => {
-    const librarian = new Client(server.url, { WebSocket, heartbeatIntervalMs: 0, agent: "ai-librarian" });
+    const librarian = new Client(fixture.server.url, { WebSocket, heartbeatIntervalMs: 0, agent: "ai-librarian" });
     clients.push(librarian);
     await librarian.connect();
     librarian.tools.register("lookup", (args) => ({ topic: args.topic, summary: "capital of Norway" }));

@@ -4,28 +4,19 @@
 
 import assert from "node:assert/strict";
 import { randomBytes } from "node:crypto";
-import { after, before, describe, test } from "node:test";
+import { describe, test } from "node:test";
 import WebSocket from "ws";
 
 import { Client, WsServerError } from "../src/index.js";
-import { startServer } from "./helpers/server.js";
+import { useServer } from "./helpers/server.js";
 
-let server;
-const clients = [];
-
-before(async () => {
-  server = await startServer();
-});
-
-after(async () => {
-  await Promise.all(clients.map((c) => c.close()));
-  await server?.stop();
-});
+const fixture = useServer();
+const { clients } = fixture;
 
 const unique = (name) => `${name}-${randomBytes(3).toString("hex")}`;
 
 async function agent(name) {
-  const client = new Client(server.url, {
+  const client = new Client(fixture.server.url, {
     WebSocket,
     heartbeatIntervalMs: 0,
     requestTimeoutMs: 10_000,

@@ -5,26 +5,17 @@
 // cancel while a run waits; a queued generate in a thread.
 
 import assert from "node:assert/strict";
-import { after, before, describe, test } from "node:test";
+import { describe, test } from "node:test";
 import WebSocket from "ws";
 
 import { Client, ERROR_CODES, WsServerError } from "../src/index.js";
-import { startServer } from "./helpers/server.js";
+import { useServer } from "./helpers/server.js";
 
-let server;
-const clients = [];
-
-before(async () => {
-  server = await startServer();
-});
-
-after(async () => {
-  await Promise.all(clients.map((c) => c.close()));
-  await server?.stop();
-});
+const fixture = useServer();
+const { clients } = fixture;
 
 function newClient(options = {}) {
-  const client = new Client(server.url, {
+  const client = new Client(fixture.server.url, {
     WebSocket, heartbeatIntervalMs: 0, requestTimeoutMs: 10_000, reconnectBaseMs: 10, reconnectCapMs: 50, ...options,
   });
   clients.push(client);

@@ -4,6 +4,7 @@
 // (what .ci/run creates). The server prints "listening on ws://HOST:PORT/".
 
 import { spawn } from "node:child_process";
+import { after, before } from "node:test";
 import { existsSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -71,4 +72,20 @@ export async function startServer(extraArgs = []) {
       clearTimeout(timer);
     },
   };
+}
+
+/**
+ * A server for the calling file's tests: started before them, stopped after
+ * them together with the clients the tests put into `clients`.
+ */
+export function useServer(extraArgs = []) {
+  const fixture = { server: null, clients: [] };
+  before(async () => {
+    fixture.server = await startServer(extraArgs);
+  });
+  after(async () => {
+    await Promise.all(fixture.clients.map((c) => c.close()));
+    await fixture.server?.stop();
+  });
+  return fixture;
 }
