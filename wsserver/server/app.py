@@ -25,7 +25,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
 from .. import __version__
-from ..cluster.backplane import LOCAL, AdoptedSession, Backplane
+from ..cluster.backplane import LOCAL, AdoptedSession, Backplane, Route
 from ..cluster.memory import MemoryBackplane
 from ..cluster.tunnel import TunnelEnd
 from ..config import ServerConfig
@@ -37,7 +37,7 @@ from ..wire.codec import encode
 from ..wire.errors import CloseCode, ErrorCode, ProtocolError
 from ..wire.messages import SUPPORTED_PROTOCOLS, Hello, Shutdown, decode_client
 from .auth import Authenticator, Identity
-from .connection import Connection
+from .connection import Connection, hello_of
 from .fanout import Fanout
 from .http import ECHO_PATH, HttpFront
 from .metrics import Telemetry
@@ -314,6 +314,19 @@ class Server:
         raise ProtocolError(
             ErrorCode.UNAUTHORIZED, "a valid credential is required", ref=hello.id, close=CloseCode.UNAUTHORIZED
         )
+
+    async def route_hello(self, text: str, identity: Identity | None) -> Route | None:
+        """Where a connection's first frame goes on a shared backplane, if it is
+        a ``hello``: to another node (``connect``: relay it there), or here
+        with what the backplane reserved for it (its agent name claimed only
+        by a hello :meth:`hello_admitted` lets in). None: not a hello."""
+        hello = hello_of(text)
+        if hello is None:
+            return None
+        route = await self.backplane.route(hello)
+        if route.connect is None and self.hello_admitted(text, identity):
+            route = await self.backplane.reserve_agent(hello)
+        return route
 
     def hello_admitted(self, text: str, identity: Identity | None) -> bool:
         """Whether a connection's first frame is a hello the protocol will let

@@ -211,14 +211,11 @@ class Connection:
                     self.close_with = CloseConnection(CloseCode.HELLO_TIMEOUT, "no hello in time")
                     return
                 if server.backplane.shared and isinstance(data, str):
-                    hello = hello_of(data)
-                    if hello is not None:
-                        route = await server.backplane.route(hello)
+                    route = await server.route_hello(data, self.identity)
+                    if route is not None:
                         if route.connect is not None:
                             await self._tunnel(route, data)
                             return
-                        if server.hello_admitted(data, self.identity):  # only then may it claim an agent name
-                            route = await server.backplane.reserve_agent(hello)
                         self.reserved = route
             else:
                 data = await ws.recv()

@@ -49,7 +49,7 @@ from ..wire.codec import TunnelClose, encode, seq_of
 from ..wire.errors import CloseCode, ErrorCode
 from ..wire.messages import Error
 from .auth import origin_allowed, token_from_request
-from .connection import WebSocket, hello_of
+from .connection import WebSocket
 from .front import Front, HttpError, HttpRequest, response_head
 from .http import Refusal
 from .runtime import SessionRuntime, carry_out
@@ -177,14 +177,11 @@ class SseConnection:
                 continue
             telemetry.bytes_in.inc(len(text))
             if awaiting and server.backplane.shared:
-                hello = hello_of(text)
-                if hello is not None:
-                    route = await server.backplane.route(hello)
+                route = await server.route_hello(text, self.identity)
+                if route is not None:
                     if route.connect is not None:
                         await self._open_tunnel(route, text)
                         continue
-                    if server.hello_admitted(text, self.identity):  # only then may it claim an agent name
-                        route = await server.backplane.reserve_agent(hello)
                     self.reserved = route
             actions = proto.receive_text(text)
             telemetry.messages_in.labels(proto.last_type).inc()
