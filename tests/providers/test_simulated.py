@@ -10,6 +10,7 @@ import orjson
 import pytest
 
 from tests.helpers import until
+from tests.providers.fake_upstream import calls_of
 from wsserver.wire.messages import ChatMessage, GenerateParams, ImagePart, TextPart, Tool, ToolCall, ToolChoiceName
 from wsserver.providers import (
     Finish,
@@ -18,7 +19,6 @@ from wsserver.providers import (
     SimulatedProvider,
     TextDelta,
     ToolCallDelta,
-    ToolCallStart,
     UsageReport,
     simulated_reply,
 )
@@ -140,18 +140,6 @@ async def rich(messages: list[ChatMessage], tools: list[Tool] | None = None, cho
 
 def user(text: str) -> list[ChatMessage]:
     return [ChatMessage(role="user", content=text)]
-
-
-def calls_of(events: list[Any]) -> dict[str, tuple[str, str]]:
-    """call id -> (tool name, the arguments' JSON joined)."""
-    found: dict[str, tuple[str, str]] = {}
-    for e in events:
-        if isinstance(e, ToolCallStart):
-            found[e.call] = (e.name, "")
-        elif isinstance(e, ToolCallDelta):
-            name, text = found[e.call]
-            found[e.call] = (name, text + e.text)
-    return found
 
 
 async def test_reasoning_comes_first_and_ends_with_a_fake_signature() -> None:
