@@ -59,6 +59,7 @@ def scrape(port: int) -> dict[str, Any]:
         text = resp.read().decode()
     gc: dict[str, dict[str, Any]] = {}
     sessions: dict[str, float] = {}
+    paced: dict[str, int] = {}  # the paced collector's gauges (--gc paced)
     for family in text_string_to_metric_families(text):
         for s in family.samples:
             gen = s.labels.get("generation")
@@ -76,11 +77,13 @@ def scrape(port: int) -> dict[str, Any]:
                 sessions["parked"] = s.value
             elif s.name == "wsserver_sessions_parked_bytes":
                 sessions["parked_bytes"] = s.value
+            elif s.name in ("wsserver_gc_old_objects", "wsserver_gc_full_collections"):
+                paced[s.name[len("wsserver_gc_"):]] = int(s.value)
     for g in gc.values():
         g["buckets"].sort()
         g["p50_le_s"] = _bucket_quantile(g["buckets"], g.get("count", 0), 0.5)
         g["p99_le_s"] = _bucket_quantile(g["buckets"], g.get("count", 0), 0.99)
-    return {"gc": gc, "sessions": sessions}
+    return {"gc": gc, "sessions": sessions, "paced": paced}
 
 
 async def raw_gc(port: int) -> dict[str, Any]:
@@ -191,6 +194,14 @@ async def churn_run(ctx: Ctx, srv: ServerProc, p: dict[str, Any], profile: Path 
         and sum(r["tokens"] for r in results) == started * p["tokens"],
         "loadavg": loadavg(),
     }
+
+
+def _paced_note(ours: dict[str, Any]) -> str:
+    paced = (ours.get("metrics") or {}).get("paced") or {}
+    if not paced:
+        return " wsserver ran Python's own collector (--gc python)."
+    return (f" wsserver paced its collector (--gc paced, the default): {paced.get('full_collections', 0)} full "
+            f"collection(s) in the run, {paced.get('old_objects', 0):,} objects in the oldest generation at the end.")
 
 
 def _merge(results: list[dict[str, Any]], t_key: str, v_key: str) -> tuple[array, array]:
@@ -318,7 +329,7 @@ async def scenario_service(ctx: Ctx) -> dict[str, Any]:
             f"parked) and {int(sessions.get('attached', 0)):,} attached (its /metrics, scraped after the last user "
             "left). GC pauses are measured inside each server "
             "with gc.callbacks (wsserver: wsserver_gc_pause_seconds, whose p50/p99 are bucket bounds; raw "
-            "websockets: its own timer, asked at the end); max is exact.",
+            "websockets: its own timer, asked at the end); max is exact." + _paced_note(ours),
             "Servers run one after the other, each fresh after a warm-up, with their default settings apart from "
             "the benchmark's (see the README).",
             "Bytes kept = wsserver_sessions_parked_bytes ÷ parked sessions (the log's frames and the session's "

@@ -150,6 +150,12 @@ class ServerConfig:
     log_format: str = _opt("text", "log format", choices=("text", "json"))
     log_content: bool = _opt(False, "log prompt and completion text (debugging only)")
     loop: str = _opt("auto", "event loop", choices=("auto", "asyncio", "uvloop"))
+    gc: str = _opt(
+        "paced",
+        "cyclic garbage collector: paced by the event loop (short pauses under connection churn; README"
+        " 'Garbage collection') or Python's own",
+        choices=("paced", "python"),
+    )
     log_level: str = _opt("info", "logging level", choices=("debug", "info", "warning", "error"))
     # Several nodes (README "Running several nodes").
     redis_url: str | None = _opt(

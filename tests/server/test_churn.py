@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import gc
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 from websockets.asyncio.client import connect
@@ -18,6 +18,15 @@ from wsserver.server import Server
 HI = [{"role": "user", "content": "x"}]
 #: Server-side objects of a connection (the test's own client objects are garbage too).
 SERVER_SIDE = {"ServerConnection", "WebSocket", "Front", "Connection", "ServerProtocol", "SessionRuntime", "Session"}
+
+
+@pytest.fixture
+async def server(make_server: Callable[..., Server]) -> AsyncIterator[Server]:
+    """With Python's own collector: these tests leave garbage where it is and
+    look at it themselves, which a paced server (``--gc paced``) would
+    collect meanwhile."""
+    async with make_server(gc="python") as srv:
+        yield srv
 
 
 @contextlib.contextmanager

@@ -39,6 +39,7 @@ from ..wire.messages import SUPPORTED_PROTOCOLS, Hello, Shutdown, decode_client
 from .auth import Authenticator, Identity
 from .connection import Connection, hello_of
 from .fanout import Fanout
+from .gcpace import GcPacer
 from .http import ECHO_PATH, HttpFront
 from .metrics import Telemetry
 from .runtime import Attachable
@@ -50,6 +51,12 @@ __all__ = ["Server", "default_providers"]
 
 logger = logging.getLogger("wsserver.server")
 events = logging.getLogger("wsserver.events")
+
+#: Connections the kernel may hold for accept() (it caps this at
+#: net.core.somaxconn). asyncio's default, 100, overflowed under bursts of new
+#: connections while the event loop was busy: each dropped SYN costs its
+#: client a retransmission 1 s later.
+LISTEN_BACKLOG = 1024
 
 #: How long cancelled generations may take to clean up at shutdown
 #: (providers close their upstream response in that time).
@@ -139,6 +146,9 @@ class Server:
         self.telemetry = Telemetry(log_content=cfg.log_content)
         self.telemetry.bind(self.sessions.counts)
         self.telemetry.bind_backplane(self.backplane)
+        #: Runs the garbage collector from the event loop (``--gc paced``).
+        self.gc_pacer = GcPacer() if cfg.gc == "paced" else None
+        self.telemetry.bind_gc(self.gc_pacer)
         self.draining = False
         self.welcome = {
             "heartbeat_ms": cfg.heartbeat_ms,
@@ -180,9 +190,12 @@ class Server:
             # every TCP connection starts at a Front: /v1/ is the HTTP transport, the rest websockets'
             create_connection=self.sse.front,  # type: ignore[arg-type]
             reuse_port=cfg.reuse_port or None,
+            backlog=LISTEN_BACKLOG,
         )
         self.spawn(self.fanout.watch())
         self.telemetry.gc.install()
+        if self.gc_pacer is not None:
+            self.gc_pacer.start()
         logger.info("listening on ws://%s:%d/", cfg.host, self.port)
 
     @property
@@ -240,6 +253,8 @@ class Server:
             task.cancel()
         self.sse.close_all(CloseCode.GOING_AWAY, "server shutdown")
         self.telemetry.gc.remove()
+        if self.gc_pacer is not None:
+            self.gc_pacer.stop()
         self._ws_server.close()
         await self._ws_server.wait_closed()
         self._ws_server = None

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 if TYPE_CHECKING:
     from ..cluster.backplane import Backplane
     from ..core.streams import Stream
+    from .gcpace import GcPacer
 
 __all__ = ["CONTENT_TYPE", "GcPauses", "JsonFormatter", "Telemetry"]
 
@@ -100,6 +101,16 @@ class Telemetry:
         self.streams_active.set_function(lambda: sessions()[2])
         self.sessions_parked.set_function(lambda: sessions()[3])
         self.sessions_parked_bytes.set_function(lambda: sessions()[4])
+
+    def bind_gc(self, pacer: GcPacer | None) -> None:
+        """Gauges of the paced collector (nothing with Python's own)."""
+        if pacer is None:
+            return
+        p, r = "wsserver_gc_", self.registry
+        Gauge(p + "old_objects", "Objects in the collector's oldest generation when last counted (every 2 s)",
+              registry=r).set_function(lambda: pacer.old_objects)
+        Gauge(p + "full_collections", "Full collections the paced collector ran (since start)",
+              registry=r).set_function(lambda: pacer.full_collections)
 
     def bind_backplane(self, backplane: Backplane) -> None:
         """Gauges of a shared backplane, read at scrape time (nothing when alone)."""
