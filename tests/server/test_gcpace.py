@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers import http_get, until
 from wsserver.server import Server, gcpace
-from wsserver.server.gcpace import CHECK_EVERY, FULL_FLOOR, GcPacer
+from wsserver.server.gcpace import CHECK_EVERY, FULL_FLOOR, PER_CONNECTION, GcPacer
 
 
 class FakeGc:
@@ -57,16 +57,28 @@ def test_each_tick_collects_the_young_generations(fake_gc: FakeGc) -> None:
 
 def test_no_full_collection_below_the_floor(fake_gc: FakeGc) -> None:
     pacer = GcPacer()
-    fake_gc.old = FULL_FLOOR - 1  # however much it grew since the last one
+    fake_gc.old = FULL_FLOOR  # however much it grew since the last one
     ticks(pacer, 5 * CHECK_EVERY)
     assert 2 not in fake_gc.collected
-    assert pacer.old_objects == FULL_FLOOR - 1  # counted, for the gauge
+    assert pacer.old_objects == FULL_FLOOR  # counted, for the gauge
     assert pacer.full_collections == 0
+
+
+def test_the_floor_grows_with_the_open_connections(fake_gc: FakeGc) -> None:
+    """A heap that grew because connections opened is not garbage."""
+    open_now = [1000]
+    pacer = GcPacer(lambda: open_now[0])
+    fake_gc.old = FULL_FLOOR + PER_CONNECTION * 1000
+    ticks(pacer, 3 * CHECK_EVERY)
+    assert 2 not in fake_gc.collected
+    open_now[0] = 999  # the same heap, one connection fewer: past the floor
+    ticks(pacer, CHECK_EVERY)
+    assert fake_gc.collected.count(2) == 1
 
 
 def test_full_collection_when_the_oldest_generation_doubled(fake_gc: FakeGc) -> None:
     pacer = GcPacer()
-    fake_gc.old = FULL_FLOOR
+    fake_gc.old = FULL_FLOOR + 1
     fake_gc.left_after_full = 150_000  # all alive: the full collection frees nothing
     ticks(pacer, CHECK_EVERY)
     assert fake_gc.collected.count(2) == 1

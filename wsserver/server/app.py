@@ -147,7 +147,7 @@ class Server:
         self.telemetry.bind(self.sessions.counts)
         self.telemetry.bind_backplane(self.backplane)
         #: Runs the garbage collector from the event loop (``--gc paced``).
-        self.gc_pacer = GcPacer() if cfg.gc == "paced" else None
+        self.gc_pacer = GcPacer(self.open_connections) if cfg.gc == "paced" else None
         self.telemetry.bind_gc(self.gc_pacer)
         self.draining = False
         self.welcome = {
@@ -206,6 +206,10 @@ class Server:
     @property
     def url(self) -> str:
         return f"ws://{self.config.host}:{self.port}/"
+
+    def open_connections(self) -> int:
+        """WebSocket connections and HTTP-transport streams open now."""
+        return len(self.connections) + len(self.sse)
 
     @property
     def accepting(self) -> bool:
