@@ -18,15 +18,16 @@ generations 0 and 1 together every :data:`TICK_S` (what was made since the
 last tick and is still alive: each stream's pending sleep and read, and the
 connections opened since; at 500 live streams and 100 new connections/s,
 5.9 ms on average and 13 ms at most), so that an object is scanned once,
-then moved to the oldest generation; and the whole heap only when the oldest generation has
-grown to :data:`FULL_GROWTH` times what the last full collection left, and
-past a floor of :data:`FULL_FLOOR` objects plus :data:`PER_CONNECTION` for
-each open connection (counted every :data:`CHECK_EVERY`-th tick): a heap
-that grows because connections open is not garbage, and scanning it then
-(as a floor alone did, at 1,000 paced streams: 60-125 ms) finds nothing.
-Garbage cycles are collected as before, only later; what can pile up
-between two full collections is bounded by the heap's size when the last
-one ran (as in Go's collector, ``GOGC=100``) or by the floor. The server's own objects do not make cycles when a
+then moved to the oldest generation; and the whole heap only when the
+oldest generation has grown to :data:`FULL_GROWTH` times what the last full
+collection left, and past a floor of :data:`FULL_FLOOR` objects plus
+:data:`PER_CONNECTION` for each open connection (counted every
+:data:`CHECK_EVERY`-th tick): a heap that grows because connections open is
+not garbage, and scanning it then (as a floor alone did, at 1,000 paced
+streams: 60-125 ms) finds nothing. Garbage cycles are collected as before,
+only later; what can pile up between two full collections is bounded by
+the heap's size when the last one ran (as in Go's collector, ``GOGC=100``)
+or by the floor. The server's own objects do not make cycles when a
 connection closes (see :class:`~wsserver.server.connection.WebSocket`), so
 under steady load the oldest generation stays the size of the live
 connections, and full collections, whose pause grows with it, are rare.
