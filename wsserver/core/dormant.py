@@ -33,6 +33,7 @@ from typing import Any
 
 import orjson
 
+from ..wire.codec import wire_json
 from ..wire.messages import ChatMessage
 from .limits import ChannelRules
 from .runs import Run
@@ -145,15 +146,11 @@ def _ended(stream: Stream) -> dict[str, Any]:
         "id": stream.id,
         "steered_from": stream.steered_from,
         "reason": stream.reason,
-        "answer": stream.message().model_dump(mode="json", by_alias=True, exclude_none=True)["content"],
+        "answer": wire_json(stream.message())["content"],
         "thread": stream.thread,
-        "client": None if stream.client_messages is None else [_dump(m) for m in stream.client_messages],
+        "client": None if stream.client_messages is None else [wire_json(m) for m in stream.client_messages],
         "run": None if stream.run is None else stream.run.state(),
     }
-
-
-def _dump(message: ChatMessage) -> dict[str, Any]:
-    return message.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def _stream(record: dict[str, Any], now: float) -> Stream:

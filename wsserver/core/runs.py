@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from ..wire.codec import wire_json
 from ..wire.errors import ErrorCode
 from ..wire.messages import (
     ChatMessage,
@@ -177,16 +178,15 @@ class Run:
 
     def state(self) -> dict[str, Any]:
         """As JSON, for the backplane (an adopting node rebuilds the run)."""
-        dump = lambda m: m.model_dump(mode="json", by_alias=True, exclude_none=True)  # noqa: E731
         out: dict[str, Any] = {
             "max_steps": self.max_steps,
             "step": self.step,
-            "added": [dump(m) for m in self.added],
+            "added": [wire_json(m) for m in self.added],
             "decisions": self.decisions,
             "usage": [self.input_tokens, self.output_tokens, self.estimated],
         }
         if self.message is not None:
-            out["message"] = dump(self.message)
+            out["message"] = wire_json(self.message)
             out["calls"] = [c.state() for c in (self.calls or {}).values()]
         return out
 

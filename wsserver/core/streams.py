@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from pydantic import ValidationError
 
+from ..wire.codec import wire_json
 from ..wire.messages import (
     ChatMessage,
     OnBusy,
@@ -478,12 +479,12 @@ def request_record(stream: Stream) -> dict[str, Any]:
     record: dict[str, Any] = {
         "provider": stream.provider,
         "model": stream.model,
-        "messages": [m.model_dump(mode="json", by_alias=True, exclude_none=True) for m in stream.messages],
-        "params": stream.params.model_dump(mode="json", by_alias=True, exclude_none=True),
+        "messages": [wire_json(m) for m in stream.messages],
+        "params": wire_json(stream.params),
         "channel": stream.channel,
     }
     if stream.tools:
-        record["tools"] = [t.model_dump(mode="json", by_alias=True, exclude_none=True) for t in stream.tools]
+        record["tools"] = [wire_json(t) for t in stream.tools]
     if stream.tool_choice is not None:
         choice = stream.tool_choice
         record["tool_choice"] = choice if isinstance(choice, str) else choice.model_dump(mode="json")

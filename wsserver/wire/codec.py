@@ -45,6 +45,7 @@ __all__ = [
     "seq_of",
     "tunnel_close",
     "tunnel_frames",
+    "wire_json",
 ]
 
 
@@ -58,6 +59,13 @@ def encode(msg: BaseModel) -> bytes:
     if type(msg) is Message:
         fields["data"] = msg.data
     return orjson.dumps(fields)
+
+
+def wire_json(model: BaseModel) -> dict[str, Any]:
+    """A message model as the JSON data a client would send (field aliases,
+    absent fields left out): what is kept of it elsewhere (a backplane, a
+    parked session) and validated again when read back."""
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 def compact(frame: bytes) -> bytes:
