@@ -3,7 +3,8 @@
 :class:`SessionRuntime` wraps one :class:`~wsserver.core.session.Session`
 (the pure core) with what takes time: a task per running generation (a
 step of an agent run), the timers of calls a run waits on, the connection
-attached to it (if any), and its expiry (``session_ttl``) while none is. :func:`carry_out` carries out the actions the core returns after one
+attached to it (if any), and its expiry (``session_ttl``) while none is.
+:func:`carry_out` carries out the actions the core returns after one
 client message; the actions of transitions a stream makes by itself (a run's
 next step, a call to route, a queued stream that starts) are pulled from the
 core when its ``on_actions`` wake-up says so.
@@ -150,9 +151,15 @@ class SessionRuntime:
                 until = loop.time() + self.server.config.session_ttl
                 sessions.expire_at(session.id, until)
             self.until = until
-            loop.call_soon(self.settle)
+            self.settle_soon()
         if session.has_output:
             self.wake()
+
+    def settle_soon(self) -> None:
+        """While detached: try :meth:`settle` at the end of this loop turn
+        (after the last frames of what just ended are logged)."""
+        if self.until and self.conn is None:
+            asyncio.get_running_loop().call_soon(self.settle)
 
     def settle(self) -> None:
         """Detached and idle (no stream running, no backplane call under way): parked, kept as bytes."""
@@ -219,8 +226,8 @@ class SessionRuntime:
     def _task_done(self, stream_id: str, task: asyncio.Task[None]) -> None:
         if self.tasks.get(stream_id) is task:  # (a run's next step may have its own task already)
             del self.tasks[stream_id]
-        if not self.tasks and self.conn is None and self.until:
-            asyncio.get_running_loop().call_soon(self.settle)  # (after the stream's last frames are logged)
+        if not self.tasks:
+            self.settle_soon()
 
     def _timed_out(self, key: tuple[str, str]) -> None:
         self.timers.pop(key, None)
@@ -276,5 +283,5 @@ async def _answered(live: SessionRuntime | None, pending: Awaitable[T]) -> T:
         return await pending
     finally:
         live.calls -= 1
-        if not live.calls and live.conn is None and live.until:
-            asyncio.get_running_loop().call_soon(live.settle)
+        if not live.calls:
+            live.settle_soon()
