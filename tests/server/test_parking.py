@@ -161,3 +161,14 @@ async def test_a_session_is_not_parked_while_a_backplane_call_of_its_own_is_unde
         await c.hello(session=sid, last_seq=0)
         ok = (await c.recv_until(lambda f: f.get("ref") == "s1"))[-1]
     assert ok["type"] == "ok"
+
+
+async def test_listing_the_session_ids_leaves_them_parked(server: Server) -> None:
+    """A node that missed a heartbeat asks Redis who owns its sessions: that
+    needs their ids only, not 12,000 sessions rebuilt from their bytes."""
+    sid, _ = await one_user(server)
+    await until(lambda: server.sessions.parked == 1)
+    assert server.local_session_ids() == [sid]
+    assert server.sessions.parked == 1
+    assert [s.id for s in server.local_sessions()] == [sid]  # the sessions themselves: woken
+    assert server.sessions.parked == 0

@@ -71,7 +71,7 @@ class NodeWatch:
                     # Another node may have declared this one lost (a pause
                     # longer than node_timeout) and adopted its sessions:
                     # those are not ours to write any more.
-                    sids = [session.id for session in events.local_sessions()]
+                    sids = events.local_session_ids()
                     for sid, owner in (await bp.owners(sids)).items():
                         if owner is not None and owner != bp.node:
                             logger.error("session %s was adopted by node %s; dropping it here", sid, owner)

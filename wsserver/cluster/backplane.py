@@ -114,7 +114,10 @@ class ClusterEvents(Protocol):
         """This node's live session with that id."""
 
     def local_sessions(self) -> list[Session]:
-        """Every live session of this node."""
+        """Every session of this node (a parked one is woken: rebuilt from its bytes)."""
+
+    def local_session_ids(self) -> list[str]:
+        """The ids of this node's sessions (parked ones stay parked)."""
 
     def adopt(self, adopted: AdoptedSession) -> Session:
         """Run a lost node's session here (detached until its client resumes)."""

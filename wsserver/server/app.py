@@ -389,6 +389,9 @@ class Server:
     def local_sessions(self) -> list[Session]:
         return [live.session for live in self.sessions.values()]  # (parked ones are woken)
 
+    def local_session_ids(self) -> list[str]:
+        return list(self.sessions)
+
     def adopt(self, adopted: AdoptedSession) -> Session:
         return self.sessions.adopt(adopted)
 
