@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import subprocess
 import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from tests.helpers import http_get, until
+from tests.helpers import PY, clean_env, http_get, until
 from wsserver.server import Server, gcpace
 from wsserver.server.gcpace import CHECK_EVERY, FULL_FLOOR, PER_CONNECTION, GcPacer
 
@@ -163,3 +164,13 @@ async def test_gauges_of_the_paced_collector(make_server: Callable[..., Server],
         )
         assert float(lines["wsserver_gc_old_objects"]) > 0
         assert float(lines["wsserver_gc_full_collections"]) == pacer.full_collections
+
+
+@pytest.mark.parametrize("where", ["flag", "env"])
+def test_an_unknown_gc_mode_stops_start_up_naming_the_setting(where: str) -> None:
+    args, env = (["--gc", "bogus"], clean_env()) if where == "flag" else ([], clean_env(WSSERVER_GC="bogus"))
+    out = subprocess.run([*PY, "serve", *args], capture_output=True, text=True, timeout=30, env=env)
+    assert out.returncode != 0
+    assert ("--gc" if where == "flag" else "WSSERVER_GC") in out.stderr
+    assert "bogus" in out.stderr and "paced" in out.stderr
+    assert "Traceback" not in out.stderr
